@@ -1,0 +1,67 @@
+"""The learner's knobs (ARCHITECTURE §6): one strict pydantic model, every field with a default.
+
+The daemon's own settings (broker, node id, paths) wrap this model; a ConfigPatch from an operator
+is validated against it as a whole before anything changes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from agent.drift import DriftConfig, RollingErrorConfig
+from agent.ensemble import ClassAwareOperatorConfig, OperatorConfig
+from agent.errors import ConfigError
+from agent.kt.pool import DiscardConfig, DynamicDiscardConfig
+
+
+class LearnerConfig(BaseModel):
+    """What the per-batch pipeline and knowledge transfer do; all changeable at run time."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    z: float = Field(0.5, gt=0.0, le=1.0, description="fraction of each parameter tensor a helper sends")
+    reservoir_batches: int = Field(1, ge=1, le=64, description="B: request batches a helper keeps for on-demand sensitivity")
+    picker: Literal["on_demand", "continuous"] = Field("on_demand", description="sensitivity from the reservoir, or a running per-class map")
+    selection: Literal["sensitivity", "random"] = Field(
+        "sensitivity", description="how a helper picks parameters; 'random' is the control (same Z, random positions)"
+    )
+    drift: DriftConfig = Field(default_factory=RollingErrorConfig, description="drift detector and its settings")
+    operator: OperatorConfig = Field(default_factory=ClassAwareOperatorConfig, description="ensemble operator")
+    kt_apply: Literal["boost", "zero_filled", "replace", "average", "off"] = Field(
+        "boost",
+        description="use of received parameters: boosted helper model (CLUE), zero-filled helper, write into the target, average into it, or no KT (isolated)",
+    )
+    discard: DiscardConfig = Field(default_factory=DynamicDiscardConfig, description="when helpers leave the pool")
+    pool_max: int = Field(4, ge=1, le=64, description="most helpers pooled at once")
+    k: int = Field(3, ge=1, le=32, description="helper candidates asked of the MdS")
+    value_codec: Literal["float32", "float16", "int8"] = Field("float16", description="how transferred weights are encoded")
+    value_delta: bool = Field(False, description="send weights as deltas from the shared base weights (quantise better)")
+    lr: float = Field(1e-3, gt=0.0, le=1.0, description="online Adam learning rate, one step per labelled batch")
+    help_cooldown: int = Field(10, ge=0, le=100_000, description="batches before the same classes may be asked for again")
+    history_window: int = Field(5, ge=1, le=1000, description="batches in the recent class histogram used to name classes to ask for")
+
+
+def patched(config: LearnerConfig, values: dict[str, Any]) -> LearnerConfig:
+    """A new config with ``values`` applied (nested models replaced whole), validated as a whole.
+
+    Raises ConfigError naming every invalid field; ``config`` itself never changes.
+    """
+    merged = config.model_dump()
+    for key, value in values.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            nested = dict(merged[key])
+            if "type" in value and value["type"] != nested.get("type"):
+                nested = {}
+            nested.update(value)
+            merged[key] = nested
+        else:
+            merged[key] = value
+    try:
+        return LearnerConfig.model_validate(merged)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"invalid config patch: {problems}") from exc

@@ -1,0 +1,489 @@
+"""Knowledge-transfer blob codec: significant parameters to bytes and back.
+
+A blob is one zstd frame (content size and checksum written) around one msgpack map::
+
+    {v: 1, arch_id, lineage, classes: [int], z: float, delta: bool,
+     tensors: [{name, shape: [int], enc: "bitmask" | "varint", idx: bin, n: int,
+                dtype: "f4" | "f2" | "i1", scale: float (only with "i1"), val: bin}]}
+
+Index encodings (the encoder picks the shorter per tensor):
+
+- ``bitmask``: ``np.packbits`` over all ``numel`` flat positions, little bit order (position
+  ``p`` is bit ``p % 8`` of byte ``p // 8``); ``ceil(numel / 8)`` bytes, padding bits zero.
+- ``varint``: unsigned LEB128 of ``gap - 1`` for each position, where ``gap`` is the distance from
+  the previous position and the first is measured from -1 (so the first number is the first
+  position itself). Every byte string of complete varints is thus strictly increasing.
+
+Values are little-endian. With ``delta`` the values are ``weight - base`` at the same positions,
+and the receiver adds its own copy of the base back. Worst-case error of each value codec, per
+value ``v`` actually coded (the delta in delta mode), is what :func:`value_error_bound` returns:
+
+=========  ===================================================================================
+float32    exact
+float16    ``|v| * 2**-11`` (``2**-25`` absolute below float16's normal range); a tensor with a
+           value that overflows float16 is sent as float32 instead (per-tensor ``dtype``)
+int8       per-tensor ``scale = max|v| / 127``, ``q = round(v / scale)``; error ``scale / 2``
+           plus one float32 rounding of the rebuilt value
+=========  ===================================================================================
+
+Delta mode adds at most ``2**-23 * (|delta| + |weight|)``: the delta is rounded to float32 for the
+float32 codec, and the rebuilt weight is rounded to float32 once more.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import msgpack
+import numpy as np
+import torch
+import zstandard
+
+from agent.errors import KtRejected
+from agent.kt.significant import SignificantParams, TensorSlice
+
+ValueCodec = Literal["float32", "float16", "int8"]
+
+FORMAT_VERSION = 1
+
+_TOP_KEYS = frozenset({"v", "arch_id", "lineage", "classes", "z", "delta", "tensors"})
+_TENSOR_KEYS = frozenset({"name", "shape", "enc", "idx", "n", "dtype", "val"})
+_DTYPES = {"f4": np.dtype("<f4"), "f2": np.dtype("<f2"), "i1": np.dtype("i1")}
+# 9 LEB128 bytes carry 63 bits: every int64 position fits, and nothing longer is ever needed.
+_VARINT_MAX_BYTES = 9
+_F16_RELATIVE = 2.0**-11
+_F16_SUBNORMAL_ABS = 2.0**-25
+# One float32 rounding of the rebuilt value, with slack for the float64 steps before it.
+_F32_ROUNDING = 2.0**-23
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+@dataclass(frozen=True)
+class BlobLimits:
+    """Caps the decoder enforces on an untrusted blob before and while reading it.
+
+    ``max_blob_bytes`` bounds the compressed input and ``max_decoded_bytes`` what zstd may
+    produce; the others bound the msgpack structure.
+    """
+
+    max_blob_bytes: int = 64 << 20
+    max_decoded_bytes: int = 256 << 20
+    max_tensors: int = 1024
+    max_ndim: int = 8
+    max_name_len: int = 256
+    max_classes: int = 4096
+
+    def __post_init__(self) -> None:
+        for field, value in vars(self).items():
+            if not _is_int(value) or value <= 0:
+                raise ValueError(f"BlobLimits.{field} must be a positive int, got {value!r}")
+
+
+def value_error_bound(codec: ValueCodec, values: torch.Tensor) -> torch.Tensor:
+    """Worst-case absolute error, per element, of sending ``values`` (one tensor) with ``codec``.
+
+    >>> v = torch.tensor([1.0, -0.5, 0.25])
+    >>> value_error_bound("float32", v).tolist()
+    [0.0, 0.0, 0.0]
+    >>> value_error_bound("float16", v).tolist()
+    [0.00048828125, 0.000244140625, 0.0001220703125]
+    """
+    v = values.detach().cpu().to(torch.float64).reshape(-1)
+    if codec == "float32":
+        return torch.zeros_like(v)
+    if codec == "float16":
+        if not _fits_float16(v.numpy()):
+            return torch.zeros_like(v)
+        return torch.clamp(v.abs() * _F16_RELATIVE, min=_F16_SUBNORMAL_ABS)
+    if codec == "int8":
+        scale = _int8_scale(v.numpy())
+        return 0.5 * scale + _F32_ROUNDING * (v.abs() + scale)
+    raise ValueError(f"unknown value codec {codec!r}")
+
+
+def encode_blob(
+    sig: SignificantParams,
+    *,
+    value_codec: ValueCodec = "float16",
+    base: Mapping[str, torch.Tensor] | None = None,
+    level: int = 3,
+) -> bytes:
+    """Serialise ``sig`` into one zstd-compressed msgpack blob (format in the module docstring).
+
+    With ``base``, the values sent are ``sig`` values minus ``base[name]`` at the same flat
+    positions; both sides must hold identical base weights. Raises ``ValueError`` for input
+    that breaks the ``SignificantParams`` invariants (unsorted indices, non-finite values, …).
+
+    >>> sl = TensorSlice("w", (2, 3), torch.tensor([0, 4]), torch.tensor([0.5, -1.0]))
+    >>> sig = SignificantParams("arch", "lin", (0, 1), 0.5, (sl,))
+    >>> blob = encode_blob(sig, value_codec="float32")
+    >>> back = decode_blob(blob, arch_id="arch", lineage="lin", shapes={"w": (2, 3)}, num_classes=2)
+    >>> back.tensors[0].indices.tolist(), back.tensors[0].values.tolist()
+    ([0, 4], [0.5, -1.0])
+    """
+    if value_codec not in ("float32", "float16", "int8"):
+        raise ValueError(f"unknown value codec {value_codec!r}")
+    if not isinstance(sig.arch_id, str) or not isinstance(sig.lineage, str):
+        raise ValueError("arch_id and lineage must be str")
+    classes = list(sig.classes)
+    if not all(_is_int(c) and c >= 0 for c in classes) or len(set(classes)) != len(classes):
+        raise ValueError(f"classes must be distinct non-negative ints, got {sig.classes!r}")
+    z = sig.z
+    if isinstance(z, bool) or not isinstance(z, (int, float)) or not 0.0 < z <= 1.0:
+        raise ValueError(f"z must be a number in (0, 1], got {z!r}")
+    names = [t.name for t in sig.tensors]
+    if len(set(names)) != len(names):
+        raise ValueError("tensor names must be unique")
+    tensors = [_encode_tensor(t, value_codec, base) for t in sig.tensors]
+    doc = {
+        "v": FORMAT_VERSION,
+        "arch_id": sig.arch_id,
+        "lineage": sig.lineage,
+        "classes": classes,
+        "z": float(z),
+        "delta": base is not None,
+        "tensors": tensors,
+    }
+    packed = msgpack.packb(doc, use_bin_type=True)
+    cctx = zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
+    return cctx.compress(packed)
+
+
+def decode_blob(
+    data: bytes,
+    *,
+    arch_id: str,
+    lineage: str,
+    shapes: Mapping[str, tuple[int, ...]],
+    num_classes: int,
+    base: Mapping[str, torch.Tensor] | None = None,
+    limits: BlobLimits = BlobLimits(),
+) -> SignificantParams:
+    """Parse and verify an untrusted blob against the local model; values come back absolute.
+
+    ``arch_id``, ``lineage``, ``shapes`` (parameter name -> exact shape) and ``num_classes``
+    describe the local model; ``base`` is needed for delta blobs. Every defect of the blob
+    raises :class:`KtRejected` naming what was wrong, chained to the underlying error if any;
+    a ``base`` tensor whose size disagrees with ``shapes`` is a caller bug (``ValueError``).
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise KtRejected(f"blob must be bytes, got {type(data).__name__}")
+    data = bytes(data)
+    if len(data) > limits.max_blob_bytes:
+        raise KtRejected(f"blob is {len(data)} bytes, over the {limits.max_blob_bytes} cap")
+    raw = _decompress(data, limits.max_decoded_bytes)
+    str_cap = max(limits.max_name_len, len(arch_id.encode()), len(lineage.encode()), 16)
+    try:
+        doc = msgpack.unpackb(
+            raw,
+            raw=False,
+            strict_map_key=True,
+            max_bin_len=limits.max_decoded_bytes,
+            max_str_len=str_cap,
+            max_array_len=max(limits.max_tensors, limits.max_ndim, limits.max_classes),
+            max_map_len=len(_TENSOR_KEYS) + 1,
+            max_ext_len=0,
+        )
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise KtRejected(f"blob is not valid msgpack: {exc}") from exc
+    return _verify(doc, arch_id, lineage, shapes, num_classes, base, limits)
+
+
+def bytes_per_param(blob: bytes, sig: SignificantParams) -> float:
+    """Wire bytes per transferred parameter (whole blob, headers included)."""
+    if sig.count == 0:
+        raise ValueError("no parameters transferred")
+    return len(blob) / sig.count
+
+
+def _fits_float16(v: np.ndarray) -> bool:
+    with np.errstate(over="ignore"):
+        return bool(np.isfinite(v.astype(np.float16)).all())
+
+
+def _int8_scale(v: np.ndarray) -> float:
+    peak = float(np.abs(v).max()) if v.size else 0.0
+    # An all-zero tensor still needs a valid (finite, positive) scale on the wire.
+    return peak / 127.0 if peak > 0.0 else 1.0
+
+
+def _encode_tensor(
+    t: TensorSlice, codec: ValueCodec, base: Mapping[str, torch.Tensor] | None
+) -> dict[str, Any]:
+    name = t.name
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"tensor name must be a non-empty str, got {name!r}")
+    shape = tuple(t.shape)
+    if not all(_is_int(d) and d >= 0 for d in shape):
+        raise ValueError(f"tensor {name!r}: shape must be non-negative ints, got {t.shape!r}")
+    numel = math.prod(shape)
+    idx_t, val_t = t.indices, t.values
+    if idx_t.dtype != torch.int64 or idx_t.dim() != 1:
+        raise ValueError(f"tensor {name!r}: indices must be 1-D int64")
+    if val_t.dtype != torch.float32 or val_t.dim() != 1:
+        raise ValueError(f"tensor {name!r}: values must be 1-D float32")
+    if idx_t.numel() != val_t.numel():
+        raise ValueError(f"tensor {name!r}: {idx_t.numel()} indices but {val_t.numel()} values")
+    idx = idx_t.detach().cpu().numpy()
+    vals = val_t.detach().cpu().numpy().astype(np.float64)
+    if idx.size and (idx[0] < 0 or idx[-1] >= numel or (np.diff(idx) <= 0).any()):
+        raise ValueError(f"tensor {name!r}: indices must be strictly increasing in [0, {numel})")
+    if not np.isfinite(vals).all():
+        raise ValueError(f"tensor {name!r}: values must be finite")
+    if base is not None:
+        if name not in base:
+            raise ValueError(f"tensor {name!r}: missing from base")
+        flat = base[name].detach().cpu().reshape(-1)
+        if flat.numel() != numel:
+            raise ValueError(f"tensor {name!r}: base has {flat.numel()} elements, not {numel}")
+        vals = vals - flat[idx_t].to(torch.float64).numpy()
+        with np.errstate(over="ignore"):
+            delta_fits = bool(np.isfinite(vals.astype(np.float32)).all())
+        if not delta_fits:
+            raise ValueError(f"tensor {name!r}: delta to base is not finite in float32")
+
+    gaps = (np.diff(idx, prepend=-1) - 1).astype(np.uint64)
+    lengths = _varint_lengths(gaps)
+    bitmask_len = (numel + 7) // 8
+    if bitmask_len <= int(lengths.sum()):
+        mask = np.zeros(numel, dtype=bool)
+        mask[idx] = True
+        enc, idx_bytes = "bitmask", np.packbits(mask, bitorder="little").tobytes()
+    else:
+        enc, idx_bytes = "varint", _varint_encode(gaps, lengths)
+    out: dict[str, Any] = {"name": name, "shape": list(shape), "enc": enc, "idx": idx_bytes,
+                           "n": int(idx.size)}
+    out.update(_encode_values(vals, codec))
+    return out
+
+
+def _encode_values(v: np.ndarray, codec: ValueCodec) -> dict[str, Any]:
+    if codec == "int8":
+        scale = _int8_scale(v)
+        q = np.clip(np.rint(v / scale), -127, 127).astype(np.int8)
+        return {"dtype": "i1", "scale": scale, "val": q.tobytes()}
+    if codec == "float16" and _fits_float16(v):
+        return {"dtype": "f2", "val": v.astype("<f2").tobytes()}
+    return {"dtype": "f4", "val": v.astype("<f4").tobytes()}
+
+
+def _varint_lengths(u: np.ndarray) -> np.ndarray:
+    lengths = np.ones(u.shape, dtype=np.int64)
+    for k in range(1, _VARINT_MAX_BYTES):
+        lengths += u >= np.uint64(1 << (7 * k))
+    return lengths
+
+
+def _varint_encode(u: np.ndarray, lengths: np.ndarray) -> bytes:
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
+    out = np.empty(int(ends[-1]) if ends.size else 0, dtype=np.uint8)
+    for k in range(int(lengths.max()) if lengths.size else 0):
+        sel = lengths > k
+        chunk = ((u[sel] >> np.uint64(7 * k)) & np.uint64(0x7F)).astype(np.uint8)
+        chunk |= np.where(lengths[sel] > k + 1, 0x80, 0).astype(np.uint8)
+        out[starts[sel] + k] = chunk
+    return out.tobytes()
+
+
+def _varint_decode(buf: bytes, n: int, numel: int, name: str) -> np.ndarray:
+    b = np.frombuffer(buf, dtype=np.uint8)
+    if b.size and b[-1] & 0x80:
+        raise KtRejected(f"tensor {name!r}: varint indices end mid-number")
+    ends = np.flatnonzero(b < 0x80)
+    if ends.size != n:
+        raise KtRejected(f"tensor {name!r}: varint indices hold {ends.size} numbers, n says {n}")
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    starts = np.concatenate(([0], ends[:-1] + 1))
+    lengths = ends - starts + 1
+    if lengths.max() > _VARINT_MAX_BYTES:
+        raise KtRejected(f"tensor {name!r}: varint longer than {_VARINT_MAX_BYTES} bytes")
+    if ((lengths > 1) & (b[ends] == 0)).any():
+        raise KtRejected(f"tensor {name!r}: varint not in shortest form")
+    u = np.zeros(n, dtype=np.uint64)
+    for k in range(int(lengths.max())):
+        sel = lengths > k
+        u[sel] |= (b[starts[sel] + k] & 0x7F).astype(np.uint64) << np.uint64(7 * k)
+    # Bounded in float64 first so the integer cumsum below cannot wrap around.
+    if float(u.sum(dtype=np.float64)) + n >= 2.0**62:
+        raise KtRejected(f"tensor {name!r}: varint positions run past numel {numel}")
+    positions = (np.cumsum(u + np.uint64(1)) - np.uint64(1)).astype(np.int64)
+    if positions[-1] >= numel:
+        raise KtRejected(f"tensor {name!r}: varint positions run past numel {numel}")
+    return positions
+
+
+def _bitmask_decode(buf: bytes, n: int, numel: int, name: str) -> np.ndarray:
+    want = (numel + 7) // 8
+    if len(buf) != want:
+        raise KtRejected(f"tensor {name!r}: bitmask is {len(buf)} bytes, expected {want}")
+    b = np.frombuffer(buf, dtype=np.uint8)
+    if numel % 8 and b[-1] >> (numel % 8):
+        raise KtRejected(f"tensor {name!r}: bitmask padding bits are not zero")
+    positions = np.flatnonzero(np.unpackbits(b, bitorder="little")).astype(np.int64)
+    if positions.size != n:
+        raise KtRejected(f"tensor {name!r}: bitmask has {positions.size} bits set, n says {n}")
+    return positions
+
+
+def _decompress(data: bytes, cap: int) -> bytes:
+    try:
+        declared = zstandard.frame_content_size(data)
+        has_checksum = zstandard.get_frame_parameters(data).has_checksum
+    except zstandard.ZstdError as exc:
+        raise KtRejected(f"blob is not a zstd frame: {exc}") from exc
+    if not has_checksum:
+        raise KtRejected("blob's zstd frame carries no checksum")
+    if declared > cap:
+        raise KtRejected(f"blob declares {declared} decoded bytes, over the {cap} cap")
+    dctx = zstandard.ZstdDecompressor()
+    try:
+        if declared < 0:
+            # No declared size: measure through a reader that never holds more than cap + 1.
+            if len(dctx.stream_reader(data).read(cap + 1)) > cap:
+                raise KtRejected(f"blob decodes to more than the {cap} byte cap")
+        # The output is now known to fit; a decompressobj stops at the frame's end, verifies the
+        # checksum and tells truncation (no eof) and trailing bytes (unused_data) apart.
+        dobj = dctx.decompressobj()
+        out = dobj.decompress(data)
+    except zstandard.ZstdError as exc:
+        raise KtRejected(f"blob's zstd frame is corrupt: {exc}") from exc
+    if not dobj.eof:
+        raise KtRejected("blob's zstd frame is truncated")
+    if dobj.unused_data:
+        raise KtRejected(f"blob has {len(dobj.unused_data)} bytes after its zstd frame")
+    return out
+
+
+def _keys(d: dict[str, Any], expected: frozenset[str], what: str) -> None:
+    keys = set(d)
+    if keys != expected:
+        missing = sorted(expected - keys)
+        unknown = sorted(keys - expected, key=repr)
+        parts = [f"missing keys {missing}"] if missing else []
+        parts += [f"unknown keys {unknown}"] if unknown else []
+        raise KtRejected(f"{what}: {', '.join(parts)}")
+
+
+def _verify(
+    doc: object,
+    arch_id: str,
+    lineage: str,
+    shapes: Mapping[str, tuple[int, ...]],
+    num_classes: int,
+    base: Mapping[str, torch.Tensor] | None,
+    limits: BlobLimits,
+) -> SignificantParams:
+    if not isinstance(doc, dict):
+        raise KtRejected(f"blob top level is {type(doc).__name__}, not a map")
+    _keys(doc, _TOP_KEYS, "blob")
+    v = doc["v"]
+    if not _is_int(v) or v != FORMAT_VERSION:
+        raise KtRejected(f"blob format version {v!r} is not {FORMAT_VERSION}")
+    if doc["arch_id"] != arch_id:
+        raise KtRejected(f"blob arch_id {doc['arch_id']!r} is not the local {arch_id!r}")
+    if doc["lineage"] != lineage:
+        raise KtRejected(f"blob lineage {doc['lineage']!r} is not the local {lineage!r}")
+    classes = doc["classes"]
+    if not isinstance(classes, list) or len(classes) > limits.max_classes:
+        raise KtRejected(f"blob classes must be a list of at most {limits.max_classes}")
+    if not all(_is_int(c) and 0 <= c < num_classes for c in classes):
+        raise KtRejected(f"blob classes must be ints in [0, {num_classes}), got {classes!r}")
+    if len(set(classes)) != len(classes):
+        raise KtRejected(f"blob classes repeat: {classes!r}")
+    z = doc["z"]
+    if not isinstance(z, float) or not 0.0 < z <= 1.0:
+        raise KtRejected(f"blob z must be a float in (0, 1], got {z!r}")
+    delta = doc["delta"]
+    if not isinstance(delta, bool):
+        raise KtRejected(f"blob delta must be a bool, got {delta!r}")
+    if delta and base is None:
+        raise KtRejected("blob carries deltas but no base weights were given")
+    tensors = doc["tensors"]
+    if not isinstance(tensors, list) or len(tensors) > limits.max_tensors:
+        raise KtRejected(f"blob tensors must be a list of at most {limits.max_tensors}")
+    seen: set[str] = set()
+    slices = []
+    for i, t in enumerate(tensors):
+        sl = _verify_tensor(t, i, shapes, base if delta else None, limits)
+        if sl.name in seen:
+            raise KtRejected(f"tensor {sl.name!r} appears twice")
+        seen.add(sl.name)
+        slices.append(sl)
+    return SignificantParams(arch_id, lineage, tuple(classes), z, tuple(slices))
+
+
+def _verify_tensor(
+    t: object,
+    i: int,
+    shapes: Mapping[str, tuple[int, ...]],
+    base: Mapping[str, torch.Tensor] | None,
+    limits: BlobLimits,
+) -> TensorSlice:
+    if not isinstance(t, dict):
+        raise KtRejected(f"tensor #{i} is {type(t).__name__}, not a map")
+    name = t.get("name")
+    if not isinstance(name, str) or not 0 < len(name) <= limits.max_name_len:
+        raise KtRejected(f"tensor #{i}: name must be a str of 1..{limits.max_name_len} chars")
+    dtype = t.get("dtype")
+    expected = _TENSOR_KEYS | {"scale"} if dtype == "i1" else _TENSOR_KEYS
+    _keys(t, expected, f"tensor {name!r}")
+    if name not in shapes:
+        raise KtRejected(f"tensor {name!r} is not a parameter of the local model")
+    shape = t["shape"]
+    if not isinstance(shape, list) or len(shape) > limits.max_ndim:
+        raise KtRejected(f"tensor {name!r}: shape must be a list of at most {limits.max_ndim}")
+    local = tuple(int(d) for d in shapes[name])
+    if not all(_is_int(d) for d in shape) or tuple(shape) != local:
+        raise KtRejected(f"tensor {name!r}: shape {shape!r} is not the local {list(local)}")
+    numel = math.prod(local)
+    n = t["n"]
+    if not _is_int(n) or not 0 <= n <= numel:
+        raise KtRejected(f"tensor {name!r}: n must be an int in [0, {numel}], got {n!r}")
+    idx_bytes, val_bytes = t["idx"], t["val"]
+    if not isinstance(idx_bytes, bytes) or not isinstance(val_bytes, bytes):
+        raise KtRejected(f"tensor {name!r}: idx and val must be bin")
+    enc = t["enc"]
+    if enc == "bitmask":
+        positions = _bitmask_decode(idx_bytes, n, numel, name)
+    elif enc == "varint":
+        positions = _varint_decode(idx_bytes, n, numel, name)
+    else:
+        raise KtRejected(f"tensor {name!r}: unknown index encoding {enc!r}")
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
+        raise KtRejected(f"tensor {name!r}: dtype {dtype!r} is not one of {sorted(_DTYPES)}")
+    np_dtype = _DTYPES[dtype]
+    if len(val_bytes) != n * np_dtype.itemsize:
+        raise KtRejected(
+            f"tensor {name!r}: val is {len(val_bytes)} bytes, expected {n * np_dtype.itemsize}"
+        )
+    coded = np.frombuffer(val_bytes, dtype=np_dtype).astype(np.float64)
+    scale = 1.0  # only int8 values carry a scale; multiplying float values by 1.0 is exact
+    if dtype == "i1":
+        scale = t["scale"]
+        if not isinstance(scale, float) or not math.isfinite(scale) or scale <= 0.0:
+            raise KtRejected(f"tensor {name!r}: int8 scale must be a finite float > 0")
+    base_vals = None
+    if base is not None:
+        if name not in base:
+            raise KtRejected(f"tensor {name!r}: delta given but no base weights for it")
+        flat = base[name].detach().cpu().reshape(-1)
+        if flat.numel() != numel:
+            raise ValueError(f"base[{name!r}] has {flat.numel()} elements, shapes says {numel}")
+        base_vals = flat[torch.from_numpy(positions)].to(torch.float64).numpy()
+    # Hostile scales or values may overflow here; the finiteness check below catches them.
+    with np.errstate(over="ignore", invalid="ignore"):
+        coded *= scale
+        if base_vals is not None:
+            coded += base_vals
+        values = coded.astype(np.float32)
+    if not np.isfinite(values).all():
+        raise KtRejected(f"tensor {name!r}: values are not all finite")
+    return TensorSlice(name, local, torch.from_numpy(positions), torch.from_numpy(values))

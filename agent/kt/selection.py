@@ -1,0 +1,85 @@
+"""Choosing the significant parameters: top Z of each tensor by score, or a random control mask."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from agent.kt.significant import SignificantParams, TensorSlice
+
+
+def _check_z(z: float) -> None:
+    if not (isinstance(z, (int, float)) and math.isfinite(z) and 0.0 < z <= 1.0):
+        raise ValueError(f"z must be a fraction in (0, 1], got {z!r}")
+
+
+def keep_count(numel: int, z: float) -> int:
+    """How many of ``numel`` entries a fraction ``z`` keeps: ceil, and at least one."""
+    _check_z(z)
+    return max(1, min(numel, math.ceil(z * numel - 1e-9)))
+
+
+def top_fraction(score: torch.Tensor, z: float) -> torch.Tensor:
+    """Flat positions of the ``keep_count`` highest scores, sorted ascending.
+
+    Partial selection with ``kthvalue`` (no full sort). Ties at the threshold go to the lowest
+    positions, so the result is deterministic.
+
+    >>> top_fraction(torch.tensor([0.1, 0.9, 0.5, 0.9]), 0.5).tolist()
+    [1, 3]
+    """
+    flat = score.reshape(-1)
+    n = flat.numel()
+    k = keep_count(n, z)
+    if k == n:
+        return torch.arange(n, device=flat.device)
+    threshold = torch.kthvalue(flat.float().cpu(), n - k + 1).values.to(flat.device)
+    above = flat > threshold
+    need = k - int(above.sum())
+    at = (flat == threshold).nonzero().reshape(-1)[:need]
+    mask = above
+    mask[at] = True
+    return mask.nonzero().reshape(-1)
+
+
+def select(scores: Mapping[str, torch.Tensor], z: float) -> dict[str, torch.Tensor]:
+    """Top ``z`` of each parameter tensor by score: name → sorted flat positions (int64)."""
+    _check_z(z)
+    return {name: top_fraction(s, z) for name, s in scores.items()}
+
+
+def random_mask(
+    shapes: Mapping[str, tuple[int, ...]], z: float, generator: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """The control: as many positions per tensor as ``select`` keeps, drawn uniformly at random."""
+    _check_z(z)
+    out = {}
+    for name, shape in shapes.items():
+        n = math.prod(shape)
+        out[name] = torch.randperm(n, generator=generator)[: keep_count(n, z)].sort().values
+    return out
+
+
+def significant_params(
+    model: nn.Module,
+    positions: Mapping[str, torch.Tensor],
+    *,
+    arch_id: str,
+    lineage: str,
+    classes: Sequence[int],
+    z: float,
+) -> SignificantParams:
+    """Gather the model's weights at the chosen positions into a transferable bundle."""
+    tensors = []
+    for name, p in model.named_parameters():
+        if name not in positions:
+            continue
+        idx = positions[name].to(torch.int64).cpu()
+        values = p.detach().reshape(-1).cpu()[idx].to(torch.float32).clone()
+        tensors.append(TensorSlice(name=name, shape=tuple(p.shape), indices=idx, values=values))
+    return SignificantParams(
+        arch_id=arch_id, lineage=lineage, classes=tuple(int(c) for c in classes), z=float(z), tensors=tuple(tensors)
+    )

@@ -1,0 +1,361 @@
+"""The learner: the one place where predict → retrain → drift → help → boost → discard happens.
+
+The in-process experiment calls it directly; the daemon wires the same object to MQTT. It owns the
+target model, its optimiser, the class histograms, the reservoir (or sensitivity map) it answers
+helpers' requests from, the drift detector and the helper pool. It never touches the network:
+a help request is returned to the caller, and a KT blob is handed back in as bytes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from agent.config import LearnerConfig, patched
+from agent.drift import DriftDetector, NoveltyTrigger, RollingErrorDrift, build_detector, classes_to_request
+from agent.ensemble import EnsembleOperator, build_operator
+from agent.errors import KtRejected
+from agent.kt import booster, codec
+from agent.kt.pool import HelperPool, PooledHelper, build_discard_policy
+from agent.kt.selection import random_mask, select, significant_params
+from agent.kt.sensitivity import Reservoir, SensitivityMap, sensitivity
+from agent.kt.significant import SignificantParams
+from agent.models import arch_id as compute_arch_id
+from agent.models import lineage as compute_lineage
+from agent.models import param_shapes
+
+
+@dataclass(frozen=True)
+class HelpRequest:
+    """The learner wants knowledge for ``classes``; the caller finds a helper and returns a blob."""
+
+    classes: tuple[int, ...]
+    z: float
+    value_codec: str
+    batch_index: int
+    reason: str
+
+
+@dataclass
+class BatchResult:
+    """What one request batch produced."""
+
+    batch_index: int
+    y_hat: torch.Tensor
+    served_error: float | None = None
+    target_error: float | None = None
+    class_errors: dict[int, float] = field(default_factory=dict)
+    helpers: tuple[str, ...] = ()
+    drift: bool = False
+    help: HelpRequest | None = None
+    discarded: tuple[str, ...] = ()
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Installed:
+    """What accepting a KT blob did."""
+
+    helper_id: str | None
+    classes: tuple[int, ...]
+    count: int
+    evicted: tuple[str, ...]
+    seconds: float
+
+
+class Learner:
+    """Online learner of one node, with CLUE's knowledge transfer as helper and as target."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        num_classes: int,
+        config: LearnerConfig | None = None,
+        base_state: Mapping[str, torch.Tensor] | None = None,
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+    ) -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+        self.num_classes = num_classes
+        self.config = config or LearnerConfig()
+        self.arch_id = compute_arch_id(model)
+        base = {k: v.detach().to("cpu").clone() for k, v in (base_state or model.state_dict()).items()}
+        self.lineage = compute_lineage(base)
+        self._base_params = {name: base[name] for name, _ in model.named_parameters()}
+        self._shapes = param_shapes(model)
+        self._rng = torch.Generator().manual_seed(seed)
+        self._helper_ids = itertools.count()
+        self.batch_index = 0
+        self.longrun_hist = np.zeros(num_classes, dtype=np.int64)
+        self._build_components()
+
+    # -- configuration ---------------------------------------------------------------------------
+
+    def _build_components(self) -> None:
+        cfg = self.config
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
+        self.detector: DriftDetector = build_detector(cfg.drift, num_classes=self.num_classes)
+        self.operator: EnsembleOperator = build_operator(cfg.operator)
+        self.pool = HelperPool(build_discard_policy(cfg.discard), max_size=cfg.pool_max, window=cfg.discard.window)
+        self.reservoir = Reservoir(cfg.reservoir_batches)
+        self.sensitivity_map = (
+            SensitivityMap(self.model, self.num_classes) if cfg.picker == "continuous" else None
+        )
+        self._recent_hist: deque[np.ndarray] = deque(maxlen=cfg.history_window)
+        self._recent_class_err: deque[tuple[np.ndarray, np.ndarray]] = deque(maxlen=cfg.history_window)
+        self._target_errors: deque[float] = deque(maxlen=max(64, cfg.drift.model_dump().get("baseline_window", 10) + 16))
+        self._asked: dict[tuple[int, ...], int] = {}
+
+    def apply_config(self, values: Mapping[str, Any]) -> LearnerConfig:
+        """Validate ``values`` against the whole config and apply them atomically, between batches.
+
+        Raises ConfigError (old config kept) when anything is invalid. Components whose settings
+        changed are rebuilt; the model, its histogram and the pooled helpers are kept.
+        """
+        new = patched(self.config, dict(values))
+        old = self.config
+        self.config = new
+        if new.lr != old.lr:
+            for group in self.optimizer.param_groups:
+                group["lr"] = new.lr
+        if new.drift != old.drift:
+            self.detector = build_detector(new.drift, num_classes=self.num_classes)
+        if new.operator != old.operator:
+            self.operator = build_operator(new.operator)
+        if new.discard != old.discard or new.pool_max != old.pool_max:
+            helpers = list(self.pool)
+            self.pool = HelperPool(build_discard_policy(new.discard), max_size=new.pool_max, window=new.discard.window)
+            for h in sorted(helpers, key=lambda h: h.installed_at)[-new.pool_max :]:
+                self.pool.add(h)
+        if new.reservoir_batches != old.reservoir_batches:
+            self.reservoir.resize(new.reservoir_batches)
+        if new.picker != old.picker:
+            self.sensitivity_map = SensitivityMap(self.model, self.num_classes) if new.picker == "continuous" else None
+        if new.history_window != old.history_window:
+            self._recent_hist = deque(self._recent_hist, maxlen=new.history_window)
+            self._recent_class_err = deque(self._recent_class_err, maxlen=new.history_window)
+        return new
+
+    # -- serving and learning --------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _probabilities(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        self.model.eval()
+        target = torch.softmax(self.model(x), dim=1)
+        helpers = [torch.softmax(h.model(x), dim=1) for h in self.pool]
+        return target, helpers
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Served class probabilities (N, C): the operator over the target and every pooled helper."""
+        x = x.to(self.device)
+        target, helpers = self._probabilities(x)
+        return self.operator.combine(target, helpers, [h.classes for h in self.pool])
+
+    def process_batch(self, x: torch.Tensor, y: torch.Tensor | None = None) -> BatchResult:
+        """Serve one request batch and, when it is labelled, learn from it.
+
+        Order (ARCHITECTURE §3): predict with the ensemble, retrain the target, update the
+        histograms and the reservoir, check drift, and check whether helpers can go.
+        """
+        t0 = time.perf_counter()
+        x = x.to(self.device)
+        index = self.batch_index
+        self.batch_index += 1
+        target_p, helper_ps = self._probabilities(x)
+        helpers = list(self.pool)
+        served = self.operator.combine(target_p, helper_ps, [h.classes for h in helpers])
+        y_hat = served.argmax(dim=1)
+        result = BatchResult(batch_index=index, y_hat=y_hat.cpu(), helpers=tuple(h.helper_id for h in helpers))
+        t1 = time.perf_counter()
+        result.timings["predict"] = t1 - t0
+
+        self.reservoir.add(x)
+        if y is None:
+            return result
+        y = y.to(self.device)
+        if y.shape != (x.shape[0],) or y.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"labels must be int of shape ({x.shape[0]},), got {y.dtype} {tuple(y.shape)}")
+        if int(y.min()) < 0 or int(y.max()) >= self.num_classes:
+            raise ValueError(f"labels outside [0, {self.num_classes})")
+        y = y.long()
+        wrong = (y_hat != y).float()
+        target_wrong = (target_p.argmax(dim=1) != y).float()
+        result.served_error = float(wrong.mean())
+        result.target_error = float(target_wrong.mean())
+        labels = y.cpu().numpy()
+        counts = np.bincount(labels, minlength=self.num_classes)
+        err_counts = np.bincount(labels, weights=wrong.cpu().numpy(), minlength=self.num_classes)
+        result.class_errors = {int(c): float(err_counts[c] / counts[c]) for c in np.flatnonzero(counts)}
+        for h, p in zip(helpers, helper_ps):
+            mask = torch.isin(y, torch.as_tensor(h.classes, device=self.device))
+            if bool(mask.any()):
+                self.pool.record_error(h.helper_id, float((p.argmax(dim=1)[mask] != y[mask]).float().mean()))
+
+        self._train_step(x, y)
+        t2 = time.perf_counter()
+        result.timings["train"] = t2 - t1
+        if self.sensitivity_map is not None:
+            self.sensitivity_map.update(self.model, x)
+            result.timings["sensitivity_map"] = time.perf_counter() - t2
+
+        recent_longrun = self.longrun_hist.copy()
+        self.longrun_hist += counts
+        self._recent_hist.append(counts)
+        self._recent_class_err.append((counts, err_counts))
+        self._target_errors.append(result.target_error)
+        self.detector.update(result.target_error, labels)
+        result.drift = self.detector.drift_detected
+        if result.drift and self.config.kt_apply != "off":
+            result.help = self._help_request(index, recent_longrun)
+        rolling = self._target_rolling_error()
+        result.discarded = tuple(self.pool.discard_check(batch_index=index, target_rolling_error=rolling))
+        return result
+
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(self.model(x), y)
+        loss.backward()
+        self.optimizer.step()
+
+    def _target_rolling_error(self) -> float | None:
+        window = self.config.drift.model_dump().get("window", 3)
+        if len(self._target_errors) < window:
+            return None
+        return float(np.mean(list(self._target_errors)[-window:]))
+
+    def _pre_drift_error(self) -> float:
+        """Mean target error over the batches before the drift window: the level a helper must restore."""
+        window = self.config.drift.model_dump().get("window", 3)
+        errors = list(self._target_errors)
+        before = errors[-(window + 10) : -window] or errors[:1]
+        return float(np.mean(before))
+
+    def _help_request(self, index: int, longrun_before: np.ndarray) -> HelpRequest | None:
+        if isinstance(self.detector, NoveltyTrigger) and self.detector.novel_classes:
+            classes = tuple(sorted(self.detector.novel_classes))
+            reason = "novelty"
+        else:
+            recent = np.sum(self._recent_hist, axis=0)
+            counts = np.sum([c for c, _ in self._recent_class_err], axis=0)
+            errs = np.sum([e for _, e in self._recent_class_err], axis=0)
+            class_err = np.divide(errs, counts, out=np.zeros(self.num_classes), where=counts > 0)
+            # Classes that are new or sharply risen say what changed; a class that is merely hard
+            # (high error all along) is asked for only when nothing new explains the drift.
+            classes = tuple(classes_to_request(longrun_before, recent))
+            if not classes:
+                classes = tuple(classes_to_request(longrun_before, recent, class_err))
+            reason = self.detector.name
+        classes = tuple(c for c in classes if c not in self.pool.classes())
+        if not classes:
+            return None
+        last = self._asked.get(classes)
+        if last is not None and index - last < self.config.help_cooldown:
+            return None
+        self._asked[classes] = index
+        self._pending_baseline = self._pre_drift_error()
+        return HelpRequest(
+            classes=classes, z=self.config.z, value_codec=self.config.value_codec, batch_index=index, reason=reason
+        )
+
+    # -- as helper -------------------------------------------------------------------------------
+
+    def significant_for(self, classes: Sequence[int], z: float) -> SignificantParams:
+        """The significant parameters of this node's model for ``classes`` (or the random control)."""
+        if self.config.selection == "random":
+            positions = random_mask(self._shapes, z, self._rng)
+        else:
+            if self.sensitivity_map is not None and self.sensitivity_map.updates > 0:
+                scores = self.sensitivity_map.lookup(classes)
+            else:
+                if len(self.reservoir) == 0:
+                    raise KtRejected("this node has seen no request batch yet, so it has nothing to pick from")
+                scores = sensitivity(self.model, self.reservoir.batches(), classes)
+            positions = select(scores, z)
+        return significant_params(
+            self.model, positions, arch_id=self.arch_id, lineage=self.lineage, classes=classes, z=z
+        )
+
+    def kt_blob(self, classes: Sequence[int], z: float, value_codec: str | None = None) -> bytes:
+        """Answer a KT request: the codec's blob of the significant parameters for ``classes``."""
+        bad = [c for c in classes if not 0 <= int(c) < self.num_classes]
+        if not classes or bad or len(set(classes)) != len(classes):
+            raise KtRejected(f"requested classes {list(classes)} are not distinct classes in [0, {self.num_classes})")
+        if not 0.0 < z <= 1.0:
+            raise KtRejected(f"requested z={z} is outside (0, 1]")
+        sig = self.significant_for(tuple(int(c) for c in classes), float(z))
+        base = self._base_params if self.config.value_delta else None
+        return codec.encode_blob(sig, value_codec=value_codec or self.config.value_codec, base=base)
+
+    # -- as target -------------------------------------------------------------------------------
+
+    def decode_blob(self, blob: bytes) -> SignificantParams:
+        """Validate a received blob against this node's model; raises KtRejected, changes nothing."""
+        return codec.decode_blob(
+            blob,
+            arch_id=self.arch_id,
+            lineage=self.lineage,
+            shapes=self._shapes,
+            num_classes=self.num_classes,
+            base=self._base_params,
+        )
+
+    def accept_kt_blob(self, blob: bytes, *, source: str = "") -> Installed:
+        """Decode, validate and use a KT blob per ``kt_apply``; on any rejection nothing changes."""
+        t0 = time.perf_counter()
+        sig = self.decode_blob(blob)
+        return self.install(sig, source=source, started=t0)
+
+    def install(self, sig: SignificantParams, *, source: str = "", started: float | None = None) -> Installed:
+        """Use already-validated significant parameters: pool a helper, or change the target."""
+        t0 = started if started is not None else time.perf_counter()
+        mode = self.config.kt_apply
+        helper_id = None
+        evicted: list[str] = []
+        if mode in ("boost", "zero_filled"):
+            build = booster.boosted_helper if mode == "boost" else booster.zero_filled_helper
+            helper_id = f"h{next(self._helper_ids)}"
+            baseline = getattr(self, "_pending_baseline", None)
+            evicted = self.pool.add(
+                PooledHelper(
+                    helper_id=helper_id,
+                    model=build(self.model, sig),
+                    classes=sig.classes,
+                    installed_at=self.batch_index,
+                    baseline_error=baseline if baseline is not None else self._pre_drift_error(),
+                    source=source,
+                )
+            )
+        elif mode == "replace":
+            booster.apply_replace(self.model, sig)
+        elif mode == "average":
+            booster.apply_average(self.model, sig)
+        else:
+            raise KtRejected("knowledge transfer is off on this node (kt_apply = 'off')")
+        return Installed(
+            helper_id=helper_id,
+            classes=sig.classes,
+            count=sig.count,
+            evicted=tuple(evicted),
+            seconds=time.perf_counter() - t0,
+        )
+
+    # -- metadata --------------------------------------------------------------------------------
+
+    def histogram(self) -> np.ndarray:
+        """Long-run class counts of the labels this node has learnt from."""
+        return self.longrun_hist.copy()
+
+    def rolling_error(self) -> float | None:
+        return self._target_rolling_error()

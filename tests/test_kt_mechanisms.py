@@ -1,0 +1,212 @@
+"""Sensitivity, selection and boosting: the pure KT mechanisms, checked on exact small cases."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from agent.kt import booster
+from agent.kt.selection import keep_count, random_mask, select, significant_params, top_fraction
+from agent.kt.sensitivity import Reservoir, SensitivityMap, sensitivity
+from agent.models import arch_id, build_model, lineage, param_shapes
+
+
+def _loop_sensitivity(model, x, classes):
+    """The definition, one class and one autograd call at a time: the reference."""
+    out = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
+    for c in classes:
+        model.zero_grad()
+        torch.softmax(model(x), dim=1)[:, c].sum().backward()
+        for name, p in model.named_parameters():
+            out[name] += p.grad.abs() / len(classes)
+    return out
+
+
+@pytest.mark.parametrize("arch,shape", [("mlp4", (16, 784)), ("intrusion_dnn", (16, 122))])
+def test_sensitivity_matches_definition(arch, shape):
+    model = build_model(arch, 10 if arch == "mlp4" else 5, seed=0)
+    x = torch.rand(*shape, generator=torch.Generator().manual_seed(0))
+    got = sensitivity(model, [x[:8], x[8:]], classes=[1, 3])
+    want = _loop_sensitivity(model, x, [1, 3])
+    for name in want:
+        assert torch.allclose(got[name], want[name], atol=1e-6, rtol=1e-4), name
+
+
+def test_sensitivity_with_batchnorm_leaves_running_stats_alone():
+    model = build_model("mobilenet_s", 10, seed=0).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    s = sensitivity(model, [torch.rand(4, 1, 28, 28)], classes=[0])
+    assert model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert set(s) == set(dict(model.named_parameters()))
+
+
+def test_sensitivity_bad_inputs():
+    model = build_model("mlp4", 10, seed=0)
+    x = torch.rand(4, 784)
+    with pytest.raises(ValueError, match="outside"):
+        sensitivity(model, [x], classes=[10])
+    with pytest.raises(ValueError, match="duplicates"):
+        sensitivity(model, [x], classes=[1, 1])
+    with pytest.raises(ValueError, match="at least one requested"):
+        sensitivity(model, [x], classes=[])
+    with pytest.raises(ValueError, match="stored batch"):
+        sensitivity(model, [], classes=[1])
+
+
+def test_last_layer_sensitivity_concentrates_on_requested_rows():
+    model = build_model("mlp4", 10, seed=0)
+    s = sensitivity(model, [torch.rand(32, 784)], classes=[8, 9])
+    rows = s["net.7.weight"].sum(dim=1)
+    assert rows[8] > rows[:8].max() and rows[9] > rows[:8].max()
+
+
+def test_sensitivity_map_tracks_the_on_demand_ranking():
+    model = build_model("mlp4", 10, seed=0)
+    x = torch.rand(64, 784, generator=torch.Generator().manual_seed(1))
+    smap = SensitivityMap(model, 10, decay=0.0)
+    with pytest.raises(ValueError, match="no batch"):
+        smap.lookup([1])
+    smap.update(model, x)
+    got, want = smap.lookup([2, 5]), sensitivity(model, [x], [2, 5])
+    for name in want:
+        assert torch.allclose(got[name], want[name], rtol=2e-3, atol=1e-6)
+    assert smap.nbytes == 10 * sum(p.numel() for p in model.parameters()) * 2
+
+
+def test_reservoir_keeps_last_b():
+    r = Reservoir(2)
+    for i in range(4):
+        r.add(torch.full((1,), float(i)))
+    assert [float(t) for t in r.batches()] == [2.0, 3.0]
+    r.resize(1)
+    assert [float(t) for t in r.batches()] == [3.0]
+    with pytest.raises(ValueError):
+        Reservoir(0)
+
+
+@pytest.mark.parametrize("z,expected", [(0.25, [1]), (0.5, [1, 3]), (0.75, [1, 2, 3]), (1.0, [0, 1, 2, 3])])
+def test_top_fraction_exact(z, expected):
+    assert top_fraction(torch.tensor([0.1, 0.9, 0.5, 0.9]), z).tolist() == expected
+
+
+def test_top_fraction_ties_go_to_lowest_positions():
+    assert top_fraction(torch.ones(10), 0.3).tolist() == [0, 1, 2]
+    score = torch.tensor([[0.0, 2.0], [2.0, 2.0]])
+    assert top_fraction(score, 0.5).tolist() == [1, 2]
+
+
+def test_select_matches_full_sort_on_random_scores():
+    g = torch.Generator().manual_seed(0)
+    scores = {"a": torch.rand(37, 11, generator=g), "b": torch.rand(5, generator=g)}
+    for z in (0.01, 0.2, 0.5, 0.99):
+        picked = select(scores, z)
+        for name, s in scores.items():
+            k = keep_count(s.numel(), z)
+            want = torch.sort(torch.argsort(s.reshape(-1), descending=True, stable=True)[:k]).values
+            assert picked[name].tolist() == want.tolist()
+
+
+@pytest.mark.parametrize("z", [0.0, -0.1, 1.01, math.nan, math.inf])
+def test_z_out_of_range(z):
+    with pytest.raises(ValueError, match="z must be"):
+        select({"a": torch.rand(4)}, z)
+
+
+def test_random_mask_same_count_as_select():
+    shapes = {"a": (10, 10), "b": (7,)}
+    m = random_mask(shapes, 0.3, torch.Generator().manual_seed(0))
+    assert [len(v) for v in m.values()] == [30, 3]
+    assert all(torch.equal(v, v.sort().values) and len(set(v.tolist())) == len(v) for v in m.values())
+
+
+def _pair():
+    target = build_model("mlp4", 10, seed=0)
+    helper = build_model("mlp4", 10, seed=0)
+    with torch.no_grad():
+        for p in helper.parameters():
+            p.add_(1.0)
+    return target, helper
+
+
+def _sig(helper, z, classes=(8, 9)):
+    scores = sensitivity(helper, [torch.rand(16, 784)], classes)
+    return significant_params(helper, select(scores, z), arch_id=arch_id(helper), lineage=lineage(helper), classes=classes, z=z)
+
+
+def test_boost_with_z_one_gives_the_helpers_weights():
+    target, helper = _pair()
+    boosted = booster.boosted_helper(target, _sig(helper, 1.0))
+    assert all(torch.equal(a, b) for a, b in zip(boosted.parameters(), helper.parameters()))
+    assert not any(p.requires_grad for p in boosted.parameters()) and not boosted.training
+
+
+def test_boost_writes_only_selected_positions_and_leaves_target_untouched():
+    target, helper = _pair()
+    before = [p.clone() for p in target.parameters()]
+    sig = _sig(helper, 0.3)
+    boosted = booster.boosted_helper(target, sig)
+    assert all(torch.equal(a, b) for a, b in zip(before, target.parameters()))
+    by_name = sig.by_name()
+    for (name, p), t0 in zip(boosted.named_parameters(), before):
+        changed = (p != t0).reshape(-1).nonzero().reshape(-1)
+        assert changed.tolist() == by_name[name].indices.tolist()
+
+
+def test_zero_filled_helper_is_zero_elsewhere():
+    target, helper = _pair()
+    sig = _sig(helper, 0.2)
+    zf = booster.zero_filled_helper(target, sig)
+    for name, p in zf.named_parameters():
+        t = sig.by_name()[name]
+        flat = p.reshape(-1)
+        assert torch.equal(flat[t.indices], t.values)
+        mask = torch.ones_like(flat, dtype=torch.bool)
+        mask[t.indices] = False
+        assert not flat[mask].any()
+
+
+def test_replace_and_average_change_the_target_in_place():
+    target, helper = _pair()
+    sig = _sig(helper, 0.5)
+    t = sig.tensors[0]
+    original = dict(target.named_parameters())[t.name].detach().reshape(-1)[t.indices].clone()
+    booster.apply_average(target, sig, alpha=0.5)
+    now = dict(target.named_parameters())[t.name].detach().reshape(-1)[t.indices]
+    assert torch.allclose(now, (original + t.values) / 2)
+    booster.apply_replace(target, sig)
+    assert torch.equal(dict(target.named_parameters())[t.name].detach().reshape(-1)[t.indices], t.values)
+
+
+def test_booster_refuses_wrong_shapes():
+    target, helper = _pair()
+    sig = _sig(helper, 0.5)
+    other = nn.Sequential(nn.Flatten(), nn.Linear(784, 3))
+    with pytest.raises((KeyError, ValueError)):
+        booster.boosted_helper(other, sig)
+
+
+def test_sensitive_transfer_beats_random_at_same_z():
+    """On a helper that learnt classes the target never saw, Z=0.5 by sensitivity carries them; random does not."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(10, 784, generator=g)
+    def data(classes, n):
+        y = torch.tensor(classes)[torch.randint(len(classes), (n,), generator=g)]
+        return centres[y] + 0.8 * torch.randn(n, 784, generator=g), y
+    base = build_model("mlp4", 10, seed=0)
+    target, helper = build_model("mlp4", 10), build_model("mlp4", 10)
+    target.load_state_dict(base.state_dict()); helper.load_state_dict(base.state_dict())
+    for model, classes in ((target, list(range(8))), (helper, list(range(10)))):
+        opt = torch.optim.Adam(model.parameters(), 1e-3)
+        for _ in range(30):
+            x, y = data(classes, 64)
+            opt.zero_grad(); nn.functional.cross_entropy(model(x), y).backward(); opt.step()
+    x, y = data([8, 9], 400)
+    sig = _sig(helper, 0.5)
+    rnd = random_mask(param_shapes(helper), 0.5, torch.Generator().manual_seed(0))
+    rsig = significant_params(helper, rnd, arch_id="a", lineage="l", classes=(8, 9), z=0.5)
+    acc = lambda m: float((m(x).argmax(1) == y).float().mean())
+    assert acc(target) < 0.05
+    assert acc(booster.boosted_helper(target, sig)) > acc(booster.boosted_helper(target, rsig)) + 0.3
