@@ -40,7 +40,7 @@ class LearnerConfig(BaseModel):
     value_delta: bool = Field(False, description="send weights as deltas from the shared base weights (quantise better)")
     lr: float = Field(1e-3, gt=0.0, le=1.0, description="online Adam learning rate, one step per labelled batch")
     help_cooldown: int = Field(10, ge=0, le=100_000, description="batches before the same classes may be asked for again")
-    history_window: int = Field(5, ge=1, le=1000, description="batches in the recent class histogram used to name classes to ask for")
+    history_window: int = Field(3, ge=1, le=1000, description="recent batches whose class histogram, against the long run, names the classes to ask for")
 
 
 def patched(config: LearnerConfig, values: dict[str, Any]) -> LearnerConfig:

@@ -247,15 +247,15 @@ class Learner:
             classes = tuple(sorted(self.detector.novel_classes))
             reason = "novelty"
         else:
-            recent = np.sum(self._recent_hist, axis=0)
-            counts = np.sum([c for c, _ in self._recent_class_err], axis=0)
-            errs = np.sum([e for _, e in self._recent_class_err], axis=0)
-            class_err = np.divide(errs, counts, out=np.zeros(self.num_classes), where=counts > 0)
-            # Classes that are new or sharply risen say what changed; a class that is merely hard
-            # (high error all along) is asked for only when nothing new explains the drift.
-            classes = tuple(classes_to_request(longrun_before, recent))
+            # Classes that are new or sharply risen in any recent batch say what changed (batch by
+            # batch, so a window straddling the onset does not dilute them); a class that is merely
+            # hard (high error all along) is asked for only when nothing new explains the drift.
+            classes = tuple(sorted({c for h in self._recent_hist for c in classes_to_request(longrun_before, h)}))
             if not classes:
-                classes = tuple(classes_to_request(longrun_before, recent, class_err))
+                counts = np.sum([c for c, _ in self._recent_class_err], axis=0)
+                errs = np.sum([e for _, e in self._recent_class_err], axis=0)
+                class_err = np.divide(errs, counts, out=np.full(self.num_classes, np.nan), where=counts > 0)
+                classes = tuple(classes_to_request(longrun_before, counts, class_err))
             reason = self.detector.name
         classes = tuple(c for c in classes if c not in self.pool.classes())
         if not classes:

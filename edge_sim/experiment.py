@@ -45,8 +45,8 @@ class ExperimentSettings:
 
     nodes: int = 5
     batch_size: int = 200
-    batches: int = 60
-    drift_at: int = 20
+    batches: int = 100
+    drift_at: int = 40
     new_share: float = 0.25
     initial_classes: int = 8
     helpers: Literal["overlapping", "non_overlapping"] = "overlapping"
@@ -61,7 +61,7 @@ class ExperimentSettings:
     value_codec: Literal["float32", "float16", "int8"] = "float16"
     recovery_tolerance: float = 0.02
     post_drift_batches: int = 30
-    threads: int = 2
+    threads: int = 1
 
 
 @dataclass

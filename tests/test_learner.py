@@ -1,0 +1,218 @@
+"""The learner: one per-batch pipeline, KT as helper and as target, atomic config changes."""
+
+import copy
+
+import pytest
+import torch
+
+from agent.config import LearnerConfig
+from agent.errors import ConfigError, KtRejected
+from agent.kt import codec
+from agent.learner import Learner
+from agent.models import build_model
+
+
+class Blobs:
+    """Gaussian class clusters in 784-d: learnable in a few batches, so tests stay fast."""
+
+    def __init__(self, seed=0):
+        self.g = torch.Generator().manual_seed(seed)
+        self.centres = torch.randn(10, 784, generator=self.g)
+
+    def batch(self, classes, n=100):
+        y = torch.tensor(classes)[torch.randint(len(classes), (n,), generator=self.g)]
+        return self.centres[y] + 1.5 * torch.randn(n, 784, generator=self.g), y
+
+
+def _fleet(n=2, **cfg):
+    base = build_model("mlp4", 10, seed=0).state_dict()
+    learners = []
+    for i in range(n):
+        model = build_model("mlp4", 10)
+        model.load_state_dict(copy.deepcopy(base))
+        learners.append(Learner(model, num_classes=10, config=LearnerConfig(**cfg), base_state=base, seed=i))
+    return learners
+
+
+def _weights(learner):
+    return {k: v.clone() for k, v in learner.model.state_dict().items()}
+
+
+def _same(a, b):
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_unlabelled_batch_serves_without_learning():
+    (node,) = _fleet(1)
+    before = _weights(node)
+    x, _ = Blobs().batch(range(8))
+    result = node.process_batch(x)
+    assert result.y_hat.shape == (100,) and result.served_error is None
+    assert _same(before, _weights(node))
+    assert node.histogram().sum() == 0
+
+
+def test_labelled_batch_learns_and_counts():
+    (node,) = _fleet(1)
+    before = _weights(node)
+    x, y = Blobs().batch(range(8))
+    result = node.process_batch(x, y)
+    assert 0.0 <= result.served_error <= 1.0 and result.target_error == result.served_error
+    assert not _same(before, _weights(node))
+    assert node.histogram().sum() == 100 and node.histogram()[8:].sum() == 0
+    assert set(result.class_errors) == set(y.tolist())
+
+
+@pytest.mark.parametrize(
+    "labels", [torch.full((100,), 10), torch.full((100,), -1), torch.zeros(99, dtype=torch.int64), torch.zeros(100)]
+)
+def test_bad_labels_rejected(labels):
+    (node,) = _fleet(1)
+    before = _weights(node)
+    x, _ = Blobs().batch(range(8))
+    with pytest.raises(ValueError):
+        node.process_batch(x, labels)
+    assert _same(before, _weights(node))
+
+
+def _drift_until_help(target, helper, blobs):
+    for _ in range(15):
+        helper.process_batch(*blobs.batch(range(10)))
+        target.process_batch(*blobs.batch(range(8)))
+    for _ in range(10):
+        helper.process_batch(*blobs.batch(range(10)))
+        result = target.process_batch(*blobs.batch(list(range(8)) + [8, 9] * 2))
+        if result.help is not None:
+            return result
+    raise AssertionError("no help request after the drift")
+
+
+def test_drift_leads_to_help_request_and_helper_install():
+    target, helper = _fleet(2)
+    blobs = Blobs()
+    result = _drift_until_help(target, helper, blobs)
+    assert result.drift and set(result.help.classes) == {8, 9}
+    blob = helper.kt_blob(result.help.classes, result.help.z, result.help.value_codec)
+    installed = target.accept_kt_blob(blob, source="node-1")
+    assert installed.helper_id is not None and installed.classes == (8, 9)
+    assert len(target.pool) == 1
+    x, y = blobs.batch([8, 9])
+    served = target.process_batch(x, y)
+    assert served.helpers == (installed.helper_id,)
+    assert served.served_error < served.target_error
+
+
+def test_same_request_not_repeated_within_cooldown():
+    target, helper = _fleet(2, help_cooldown=50, kt_apply="replace")
+    blobs = Blobs()
+    first = _drift_until_help(target, helper, blobs)
+    again = [target.process_batch(*blobs.batch(list(range(8)) + [8, 9] * 2)).help for _ in range(5)]
+    assert first.help is not None and all(h is None or h.classes != first.help.classes for h in again)
+
+
+def _hostile_blobs(helper):
+    good = helper.kt_blob((8, 9), 0.5, "float32")
+    foreign = Learner(build_model("mlp4", 5, seed=0), num_classes=5)
+    foreign.process_batch(torch.rand(10, 784), torch.arange(10) % 5)
+    other_lineage = Learner(build_model("mlp4", 10, seed=99), num_classes=10)
+    other_lineage.process_batch(*Blobs().batch(range(10)))
+    return {
+        "truncated": good[: len(good) // 2],
+        "garbage": b"\x28\xb5\x2f\xfd" + b"\x00" * 64,
+        "empty": b"",
+        "flipped": good[:100] + bytes([good[100] ^ 0xFF]) + good[101:],
+        "other arch": foreign.kt_blob((1,), 0.5),
+        "other lineage": other_lineage.kt_blob((8, 9), 0.5),
+        "nan values": _with_nan(good),
+    }
+
+
+def _with_nan(blob):
+    import msgpack
+    import numpy as np
+    import zstandard
+
+    doc = msgpack.unpackb(zstandard.ZstdDecompressor().decompress(blob), raw=False)
+    t = doc["tensors"][0]
+    vals = np.frombuffer(t["val"], dtype="<f4").copy()
+    vals[0] = np.nan
+    t["val"] = vals.tobytes()
+    return zstandard.ZstdCompressor(write_checksum=True).compress(msgpack.packb(doc, use_bin_type=True))
+
+
+def test_hostile_blobs_change_nothing():
+    target, helper = _fleet(2)
+    blobs = Blobs()
+    _drift_until_help(target, helper, blobs)
+    before = _weights(target)
+    pool_before = target.pool.ids()
+    for name, blob in _hostile_blobs(helper).items():
+        with pytest.raises(KtRejected):
+            target.accept_kt_blob(blob)
+        assert _same(before, _weights(target)), name
+        assert target.pool.ids() == pool_before, name
+
+
+def test_helper_refuses_bad_requests():
+    (node,) = _fleet(1)
+    with pytest.raises(KtRejected, match="no request batch"):
+        node.kt_blob((1,), 0.5)
+    node.process_batch(*Blobs().batch(range(10)))
+    for classes, z in [((10,), 0.5), ((1, 1), 0.5), ((), 0.5), ((1,), 0.0), ((1,), 1.5)]:
+        with pytest.raises(KtRejected):
+            node.kt_blob(classes, z)
+
+
+@pytest.mark.parametrize("mode", ["replace", "average"])
+def test_replace_and_average_modify_target_and_pool_nothing(mode):
+    target, helper = _fleet(2, kt_apply=mode)
+    blobs = Blobs()
+    _drift_until_help(target, helper, blobs)
+    before = _weights(target)
+    installed = target.accept_kt_blob(helper.kt_blob((8, 9), 0.5))
+    assert installed.helper_id is None and len(target.pool) == 0
+    assert not _same(before, _weights(target))
+
+
+def test_random_selection_sends_same_count():
+    target, helper = _fleet(2)
+    helper.process_batch(*Blobs().batch(range(10)))
+    sens = helper.significant_for((8, 9), 0.3)
+    helper.apply_config({"selection": "random"})
+    rnd = helper.significant_for((8, 9), 0.3)
+    assert sens.count == rnd.count
+    assert any(not torch.equal(a.indices, b.indices) for a, b in zip(sens.tensors, rnd.tensors))
+
+
+def test_continuous_picker_answers_from_the_map():
+    (node,) = _fleet(1, picker="continuous")
+    with pytest.raises(KtRejected):
+        node.kt_blob((8,), 0.5)
+    node.process_batch(*Blobs().batch(range(10)))
+    assert node.sensitivity_map.updates == 1
+    assert node.significant_for((8,), 0.5).count > 0
+
+
+def test_config_patch_is_atomic():
+    (node,) = _fleet(1)
+    old = node.config
+    with pytest.raises(ConfigError, match="z"):
+        node.apply_config({"z": 1.5, "pool_max": 2, "bogus": 1})
+    with pytest.raises(ConfigError):
+        node.apply_config({"z": 1.5})
+    assert node.config is old
+    new = node.apply_config({"z": 0.3, "drift": {"window": 5}, "operator": {"type": "mean"}, "lr": 0.01})
+    assert node.config.z == 0.3 and node.config.drift.window == 5 and node.operator.name == "mean"
+    assert node.optimizer.param_groups[0]["lr"] == 0.01
+    assert new is node.config
+
+
+def test_config_change_keeps_pooled_helpers_up_to_new_bound():
+    target, helper = _fleet(2)
+    blobs = Blobs()
+    _drift_until_help(target, helper, blobs)
+    for _ in range(3):
+        target.accept_kt_blob(helper.kt_blob((8, 9), 0.5))
+    assert len(target.pool) == 3
+    target.apply_config({"pool_max": 1})
+    assert len(target.pool) == 1
