@@ -31,8 +31,8 @@ from mds.similarity import eligible_mask, top_k
 MODES: dict[str, dict[str, Any]] = {
     "isolated": {"kt_apply": "off"},
     "clue_mean": {"kt_apply": "boost", "operator": {"type": "mean"}},
-    "clue_class_aware": {"kt_apply": "boost", "operator": {"type": "class_aware", "w": 0.9}},
-    "random_mask": {"kt_apply": "boost", "operator": {"type": "class_aware", "w": 0.9}, "selection": "random"},
+    "clue_class_aware": {"kt_apply": "boost", "operator": {"type": "class_aware"}},
+    "random_mask": {"kt_apply": "boost", "operator": {"type": "class_aware"}, "selection": "random"},
     "zero_filled": {"kt_apply": "zero_filled", "operator": {"type": "mean"}},
     "replace": {"kt_apply": "replace"},
     "average": {"kt_apply": "average"},
@@ -59,6 +59,7 @@ class ExperimentSettings:
     window: int = 3
     margin: float = 0.1
     value_codec: Literal["float32", "float16", "int8"] = "float16"
+    class_aware_w: float = 0.9
     recovery_tolerance: float = 0.02
     post_drift_batches: int = 30
     threads: int = 1
@@ -181,6 +182,8 @@ def _learner_config(settings: ExperimentSettings, mode: str) -> LearnerConfig:
         "drift": {"type": "rolling_error", "window": settings.window, "margin": settings.margin},
     }
     base.update(MODES[mode])
+    if base.get("operator", {}).get("type") == "class_aware":
+        base["operator"] = {"type": "class_aware", "w": settings.class_aware_w}
     return LearnerConfig.model_validate(base)
 
 
