@@ -56,7 +56,7 @@ class ClassAwareOperator(EnsembleOperator):
 
     name = "class_aware"
 
-    def __init__(self, w: float = 0.9) -> None:
+    def __init__(self, w: float = 0.95) -> None:
         if not 0.5 <= w <= 1.0:
             raise ValueError(f"class_aware weight w must be in [0.5, 1], got {w}")
         self.w = w
@@ -84,7 +84,7 @@ class MeanOperatorConfig(BaseModel):
 class ClassAwareOperatorConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     type: Literal["class_aware"] = "class_aware"
-    w: float = Field(0.9, ge=0.5, le=1.0, description="weight of a helper on the classes it was asked for")
+    w: float = Field(0.95, ge=0.5, le=1.0, description="weight of a helper on the classes it was asked for")
 
 
 OperatorConfig = Annotated[Union[ClassAwareOperatorConfig, MeanOperatorConfig], Field(discriminator="type")]

@@ -33,6 +33,10 @@ from agent.models import arch_id as compute_arch_id
 from agent.models import lineage as compute_lineage
 from agent.models import param_shapes
 
+# Batches before the drift window whose mean target error is the level a helper must restore.
+_BASELINE_BATCHES = 10
+_ERROR_HISTORY = 64
+
 
 @dataclass(frozen=True)
 class HelpRequest:
@@ -114,8 +118,9 @@ class Learner:
         )
         self._recent_hist: deque[np.ndarray] = deque(maxlen=cfg.history_window)
         self._recent_class_err: deque[tuple[np.ndarray, np.ndarray]] = deque(maxlen=cfg.history_window)
-        self._target_errors: deque[float] = deque(maxlen=max(64, cfg.drift.model_dump().get("baseline_window", 10) + 16))
+        self._target_errors: deque[float] = deque(maxlen=_ERROR_HISTORY)
         self._asked: dict[tuple[int, ...], int] = {}
+        self._pending_baseline: float | None = None
 
     def apply_config(self, values: Mapping[str, Any]) -> LearnerConfig:
         """Validate ``values`` against the whole config and apply them atomically, between batches.
@@ -229,17 +234,21 @@ class Learner:
         loss.backward()
         self.optimizer.step()
 
+    def _window(self) -> int:
+        """The error window W: the detector's when it has one, else the paper's default of 3."""
+        return getattr(self.config.drift, "window", 3)
+
     def _target_rolling_error(self) -> float | None:
-        window = self.config.drift.model_dump().get("window", 3)
+        window = self._window()
         if len(self._target_errors) < window:
             return None
         return float(np.mean(list(self._target_errors)[-window:]))
 
     def _pre_drift_error(self) -> float:
         """Mean target error over the batches before the drift window: the level a helper must restore."""
-        window = self.config.drift.model_dump().get("window", 3)
+        window = self._window()
         errors = list(self._target_errors)
-        before = errors[-(window + 10) : -window] or errors[:1]
+        before = errors[-(window + _BASELINE_BATCHES) : -window] or errors[:1]
         return float(np.mean(before))
 
     def _help_request(self, index: int, longrun_before: np.ndarray) -> HelpRequest | None:
@@ -326,7 +335,7 @@ class Learner:
         if mode in ("boost", "zero_filled"):
             build = booster.boosted_helper if mode == "boost" else booster.zero_filled_helper
             helper_id = f"h{next(self._helper_ids)}"
-            baseline = getattr(self, "_pending_baseline", None)
+            baseline = self._pending_baseline
             evicted = self.pool.add(
                 PooledHelper(
                     helper_id=helper_id,

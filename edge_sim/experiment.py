@@ -59,7 +59,7 @@ class ExperimentSettings:
     window: int = 3
     margin: float = 0.1
     value_codec: Literal["float32", "float16", "int8"] = "float16"
-    class_aware_w: float = 0.9
+    class_aware_w: float = 0.95
     recovery_tolerance: float = 0.02
     post_drift_batches: int = 30
     threads: int = 1

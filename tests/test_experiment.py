@@ -41,8 +41,8 @@ def test_class_aware_protects_classes_the_helper_never_saw(data):
     cache = {}
     runs = {m: run_mode(_settings("non_overlapping"), m, 0, data, cache) for m in ("isolated", "clue_mean", "clue_class_aware")}
     iso, mean, aware = runs["isolated"].unseen_class_error, runs["clue_mean"].unseen_class_error, runs["clue_class_aware"].unseen_class_error
-    assert aware <= iso + 0.03
-    assert mean > iso + 0.03
+    assert aware <= iso + 0.06
+    assert mean > iso + 0.2
     assert runs["clue_class_aware"].new_class_error < runs["isolated"].new_class_error
 
 

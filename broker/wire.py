@@ -1,0 +1,677 @@
+"""Wire format of CLUE Edge (ARCHITECTURE.md §5): the message models and their one codec.
+
+Every control message is a pydantic model with a versioned envelope — `v` (1), `type`
+(`"kt.request"`, …), `msg_id` (uuid hex) and `sent_at` (epoch seconds) — unknown fields rejected,
+strict types, every string, list and map bounded. `encode` writes msgpack (`use_bin_type`);
+`decode` reads it back through a registry keyed by `type`; `decode_config` also accepts JSON,
+both a full envelope and the bare shorthand `{"z": 0.3}` that `mosquitto_pub -m` sends. No pickle.
+
+Requests (`HelpQuery`, `KtRequest`) carry `reply_to` and `corr` inside the envelope as well as in
+the MQTT v5 properties, and the envelope is authoritative: a Mosquitto bridge at its default
+`bridge_protocol_version mqttv311` strips every v5 property.
+
+Decoding untrusted bytes: the size is checked first; msgpack runs with `max_*_len` bound to
+`max_bytes`, `strict_map_key`, no ext types; the decoded tree is walked (depth <= `MAX_DEPTH`, only
+plain types, string keys) before pydantic sees it; arrays check `len(data)` against
+`prod(shape) * itemsize` before the data is touched, and float arrays must be finite. Whatever
+the input, only `broker.errors.WireError` (or a subclass) escapes.
+
+>>> q = HelpQuery(node_id="n1", arch_id="mlp", lineage="base0", classes=[3], hist=[0.5, 0.5], k=2)
+>>> decode(encode(q), expect=HelpQuery) == q
+True
+>>> decode_config(b'{"z": 0.3}').values
+{'z': 0.3}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from typing import Annotated, Any, ClassVar, Literal, Union
+
+import msgpack
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+
+from broker.errors import MessageTooLarge, SchemaError, UnknownMessageType, UnsupportedVersion, WireError
+from broker.topics import TopicClass
+
+WIRE_VERSION = 1
+
+#: Default bound for one decoded message (the client passes its own `max_message_bytes`).
+DEFAULT_MAX_BYTES = 1 << 20
+#: Default bound for a config message (JSON or msgpack).
+DEFAULT_MAX_CONFIG_BYTES = 64 << 10
+#: Deepest nesting accepted in a decoded message (ModelUpdate needs 5).
+MAX_DEPTH = 12
+#: Most containers + scalars accepted in one decoded tree.
+MAX_NODES = 1 << 20
+#: Array bounds.
+MAX_NDIM = 8
+MAX_ELEMENTS = 1 << 28
+#: Largest bytes field (a KT blob, an array's data). Decoding is bounded by `max_bytes` anyway.
+MAX_BLOB_BYTES = 1 << 30
+
+# --- field types -----------------------------------------------------------------------------
+
+NodeId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+JobId = NodeId
+MsgId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+Corr = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+#: A reply topic must be one of ours: no wildcard, under `clue/v1/` (no reflection elsewhere).
+ReplyTopic = Annotated[str, StringConstraints(pattern=r"^clue/v1/[^#+\x00]{1,500}$")]
+ArchId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:/-]{1,128}$")]
+Name = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+Key = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+ConfigKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_.]{0,63}$")]
+Text = Annotated[str, StringConstraints(max_length=1024)]
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+NonNegInt = Annotated[int, Field(ge=0, le=(1 << 62))]
+ClassId = Annotated[int, Field(ge=0, le=65535)]
+Blob = Annotated[bytes, Field(max_length=MAX_BLOB_BYTES)]
+
+Scalar = Union[bool, int, FiniteFloat, Text]
+SmallList = Annotated[list[Scalar], Field(max_length=64)]
+DetailValue = Union[Scalar, None, Annotated[list[Scalar], Field(max_length=256)]]
+ConfigLeaf = Union[Scalar, None, SmallList]
+ConfigValue = Union[ConfigLeaf, Annotated[dict[ConfigKey, ConfigLeaf], Field(max_length=32)]]
+ConfigValues = Annotated[dict[ConfigKey, ConfigValue], Field(max_length=64)]
+
+DType = Literal["uint8", "int8", "int16", "int32", "int64", "float16", "float32", "float64"]
+ErrorCode = Literal[
+    "bad_request",
+    "unsupported",
+    "arch_mismatch",
+    "lineage_mismatch",
+    "not_found",
+    "no_helpers",
+    "busy",
+    "rejected",
+    "too_large",
+    "timeout",
+    "internal",
+]
+#: Event kinds the daemons use today; `Event.kind` accepts any `[a-z][a-z0-9_.]*` name.
+EVENT_KINDS: tuple[str, ...] = (
+    "drift",
+    "help_requested",
+    "helper_installed",
+    "helper_discarded",
+    "rejected",
+    "config_applied",
+    "error",
+    "kt_served",
+    "state",
+)
+
+_FROZEN = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+# --- arrays ----------------------------------------------------------------------------------
+
+
+class ArrayPayload(BaseModel):
+    """A numpy array on the wire: little-endian `dtype` from a whitelist, `shape`, raw `data`.
+
+    `len(data) == prod(shape) * itemsize` is checked before the data is looked at; float
+    arrays must be finite.
+
+    >>> a = ArrayPayload.from_numpy(np.arange(6, dtype=np.float32).reshape(2, 3))
+    >>> a.to_numpy().shape, a.dtype
+    ((2, 3), 'float32')
+    """
+
+    model_config = _FROZEN
+
+    dtype: DType
+    shape: Annotated[list[Annotated[int, Field(ge=0, le=MAX_ELEMENTS)]], Field(max_length=MAX_NDIM)]
+    data: Blob
+
+    @model_validator(mode="after")
+    def _check(self) -> "ArrayPayload":
+        count = 1
+        for dim in self.shape:
+            count *= dim
+            if count > MAX_ELEMENTS:
+                raise ValueError(f"array has more than {MAX_ELEMENTS} elements")
+        itemsize = np.dtype(self.dtype).itemsize
+        if len(self.data) != count * itemsize:
+            raise ValueError(
+                f"array data is {len(self.data)} bytes, shape {self.shape} of {self.dtype} needs {count * itemsize}"
+            )
+        if self.dtype.startswith("float") and count:
+            if not np.isfinite(np.frombuffer(self.data, dtype=_np_dtype(self.dtype))).all():
+                raise ValueError("float array contains NaN or infinity")
+        return self
+
+    def to_numpy(self) -> np.ndarray:
+        """A read-only view of the data with its dtype (native values, little-endian layout) and shape."""
+        return np.frombuffer(self.data, dtype=_np_dtype(self.dtype)).reshape(self.shape)
+
+    @classmethod
+    def from_numpy(cls, array: np.ndarray) -> "ArrayPayload":
+        """Wrap an array (any byte order, any strides) of a whitelisted dtype."""
+        arr = np.asarray(array)
+        name = arr.dtype.name
+        if name not in _DTYPES:
+            raise WireError(f"dtype {arr.dtype} is not one of {sorted(_DTYPES)}")
+        arr = np.ascontiguousarray(arr, dtype=_np_dtype(name))
+        try:
+            return cls(dtype=name, shape=list(arr.shape), data=arr.tobytes())
+        except ValidationError as exc:
+            raise SchemaError(_summary(exc)) from exc
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+
+_DTYPES = frozenset(("uint8", "int8", "int16", "int32", "int64", "float16", "float32", "float64"))
+
+
+def _np_dtype(name: str) -> np.dtype:
+    return np.dtype(name).newbyteorder("<")
+
+
+class NamedArray(BaseModel):
+    """One named tensor (FedAvg baseline)."""
+
+    model_config = _FROZEN
+
+    name: Name
+    array: ArrayPayload
+
+
+class Candidate(BaseModel):
+    """One helper candidate returned by the MdS, with its similarity score."""
+
+    model_config = _FROZEN
+
+    node_id: NodeId
+    score: FiniteFloat
+
+
+# --- envelope and registry -------------------------------------------------------------------
+
+_REGISTRY: dict[str, type["Envelope"]] = {}
+#: A tuple of message classes (an alias: inside a model body `type` is the field name).
+MessageClasses = tuple[type["Envelope"], ...]
+
+
+class Envelope(BaseModel):
+    """Base of every control message: `v`, `type`, `msg_id`, `sent_at`.
+
+    Subclasses set `type` to a `Literal` default and are registered under it, which is how
+    `decode` dispatches. Class attributes: `byte_class` (the byte-accounting class of the
+    message, overriding its topic's), `is_request` (carries `reply_to`/`corr`), `is_reply`
+    (matched to a pending request by `corr`), `reply_types` (what a request may be answered with).
+    """
+
+    model_config = _FROZEN
+
+    byte_class: ClassVar[TopicClass | None] = None
+    is_request: ClassVar[bool] = False
+    is_reply: ClassVar[bool] = False
+    reply_types: ClassVar[MessageClasses] = ()
+
+    v: Literal[1] = 1
+    type: str
+    msg_id: MsgId = Field(default_factory=lambda: uuid.uuid4().hex)
+    sent_at: FiniteFloat = Field(default_factory=time.time)
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        field = cls.model_fields.get("type")
+        name = field.default if field is not None else None
+        if not isinstance(name, str):
+            return  # an abstract intermediate class
+        other = _REGISTRY.get(name)
+        if other is not None and other.__qualname__ != cls.__qualname__:
+            raise TypeError(f"message type {name!r} registered twice ({other.__qualname__}, {cls.__qualname__})")
+        _REGISTRY[name] = cls
+
+    def evolve(self, **changes: Any) -> "Envelope":
+        """A validated copy with `changes` applied (models are frozen)."""
+        try:
+            return type(self).model_validate({**self.model_dump(), **changes})
+        except ValidationError as exc:
+            raise SchemaError(_summary(exc)) from exc
+
+
+def message_types() -> dict[str, type[Envelope]]:
+    """The registry: `type` string -> model class."""
+    return dict(_REGISTRY)
+
+
+# --- messages --------------------------------------------------------------------------------
+
+
+class RequestBatch(Envelope):
+    """One request batch for a node: inputs `x` (first axis = samples), optional integer labels `y`."""
+
+    byte_class: ClassVar[TopicClass | None] = "batch"
+    type: Literal["batch"] = "batch"
+    batch_id: NonNegInt
+    x: ArrayPayload
+    y: ArrayPayload | None = None
+    meta: Annotated[dict[Key, Scalar], Field(max_length=32)] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self) -> "RequestBatch":
+        if self.x.ndim < 1:
+            raise ValueError("x must have a sample axis")
+        if self.y is not None:
+            if not self.y.dtype.startswith(("int", "uint")) or self.y.ndim != 1:
+                raise ValueError("y must be a 1-d integer array")
+            if self.y.shape[0] != self.x.shape[0]:
+                raise ValueError(f"y has {self.y.shape[0]} labels for {self.x.shape[0]} samples")
+        return self
+
+
+class Prediction(Envelope):
+    """Predicted classes for one batch, the helpers used, and the errors if labels were given."""
+
+    byte_class: ClassVar[TopicClass | None] = "prediction"
+    type: Literal["prediction"] = "prediction"
+    batch_id: NonNegInt
+    y_hat: ArrayPayload
+    helpers: Annotated[list[NodeId], Field(max_length=64)] = Field(default_factory=list)
+    error: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] | None = None
+    target_error: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "Prediction":
+        if self.y_hat.dtype != "int64" or self.y_hat.ndim != 1:
+            raise ValueError("y_hat must be a 1-d int64 array")
+        return self
+
+
+class NodeMeta(Envelope):
+    """What the MdS knows about a node: architecture, lineage, class histogram, rolling error."""
+
+    byte_class: ClassVar[TopicClass | None] = "meta"
+    type: Literal["meta"] = "meta"
+    node_id: NodeId
+    arch_id: ArchId
+    lineage: ArchId
+    hist: Annotated[list[Annotated[float, Field(ge=0.0, allow_inf_nan=False)]], Field(max_length=4096)]
+    rolling_error: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] | None = None
+    batches: NonNegInt = 0
+    helpers: NonNegInt = 0
+    ts: FiniteFloat = Field(default_factory=time.time)
+
+
+class Event(Envelope):
+    """Something that happened on a node (see `EVENT_KINDS`), with a small flat `detail` map."""
+
+    byte_class: ClassVar[TopicClass | None] = "events"
+    type: Literal["event"] = "event"
+    node_id: NodeId
+    kind: Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_.]{0,63}$")]
+    detail: Annotated[dict[Key, DetailValue], Field(max_length=64)] = Field(default_factory=dict)
+
+
+class ConfigPatch(Envelope):
+    """Config changes: `{"z": 0.3, "drift.threshold": 0.4}`; values are JSON scalars, small lists
+    or one level of small maps. Validated against the agent's config by the agent, not here."""
+
+    byte_class: ClassVar[TopicClass | None] = "config"
+    type: Literal["config.patch"] = "config.patch"
+    values: ConfigValues
+
+
+class ConfigAck(Envelope):
+    """The answer to a config patch: what was applied, or why it was refused."""
+
+    byte_class: ClassVar[TopicClass | None] = "config"
+    type: Literal["config.ack"] = "config.ack"
+    node_id: NodeId
+    ok: bool
+    applied: ConfigValues | None = None
+    error: Text | None = None
+    patch_id: MsgId | None = None
+
+
+class ErrorReply(Envelope):
+    """A typed failure answer to a request (never silence)."""
+
+    is_reply: ClassVar[bool] = True
+    type: Literal["error"] = "error"
+    corr: Corr | None = None
+    code: ErrorCode
+    message: Text = ""
+
+
+class HelperList(Envelope):
+    """The MdS's answer: the top-k candidates, best first."""
+
+    byte_class: ClassVar[TopicClass | None] = "query"
+    is_reply: ClassVar[bool] = True
+    type: Literal["mds.reply"] = "mds.reply"
+    corr: Corr
+    candidates: Annotated[list[Candidate], Field(max_length=64)] = Field(default_factory=list)
+
+
+class KtBlob(Envelope):
+    """A helper's significant parameters (the KT blob of ARCHITECTURE.md §5, opaque here)."""
+
+    byte_class: ClassVar[TopicClass | None] = "kt"
+    is_reply: ClassVar[bool] = True
+    type: Literal["kt.blob"] = "kt.blob"
+    corr: Corr
+    blob: Blob
+    helper: NodeId | None = None
+    count: NonNegInt = 0
+
+
+class HelpQuery(Envelope):
+    """A node asks the MdS for up to `k` helpers for `classes`."""
+
+    byte_class: ClassVar[TopicClass | None] = "query"
+    is_request: ClassVar[bool] = True
+    reply_types: ClassVar[MessageClasses] = (HelperList, ErrorReply)
+    type: Literal["mds.query"] = "mds.query"
+    node_id: NodeId
+    arch_id: ArchId
+    lineage: ArchId
+    classes: Annotated[list[ClassId], Field(max_length=4096)]
+    hist: Annotated[list[Annotated[float, Field(ge=0.0, allow_inf_nan=False)]], Field(max_length=4096)]
+    k: Annotated[int, Field(ge=1, le=64)] = 1
+    reply_to: ReplyTopic | None = None
+    corr: Corr | None = None
+
+
+class KtRequest(Envelope):
+    """A target asks a helper (or the relay, which picks one) for significant parameters."""
+
+    byte_class: ClassVar[TopicClass | None] = "kt"
+    is_request: ClassVar[bool] = True
+    reply_types: ClassVar[MessageClasses] = (KtBlob, ErrorReply)
+    type: Literal["kt.request"] = "kt.request"
+    classes: Annotated[list[ClassId], Field(min_length=1, max_length=4096)]
+    z: Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
+    arch_id: ArchId
+    lineage: ArchId
+    value_codec: Annotated[str, StringConstraints(pattern=r"^[a-z0-9_]{1,32}$")] = "float16"
+    reply_to: ReplyTopic | None = None
+    corr: Corr | None = None
+    target: NodeId | None = None
+
+
+class ModelUpdate(Envelope):
+    """FedAvg baseline: one node's model after local training."""
+
+    byte_class: ClassVar[TopicClass | None] = "fl"
+    type: Literal["fl.update"] = "fl.update"
+    job: JobId
+    round: NonNegInt
+    node_id: NodeId
+    tensors: Annotated[list[NamedArray], Field(max_length=4096)]
+    samples: NonNegInt
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelUpdate":
+        _unique_names(self.tensors)
+        return self
+
+
+class GlobalModel(Envelope):
+    """FedAvg baseline: the averaged model of a round."""
+
+    byte_class: ClassVar[TopicClass | None] = "fl"
+    type: Literal["fl.global"] = "fl.global"
+    job: JobId
+    round: NonNegInt
+    tensors: Annotated[list[NamedArray], Field(max_length=4096)]
+    samples: NonNegInt
+
+    @model_validator(mode="after")
+    def _check(self) -> "GlobalModel":
+        _unique_names(self.tensors)
+        return self
+
+
+class BlobChunk(Envelope):
+    """One piece of a payload above the chunk size (see `broker.chunking`).
+
+    `digest` is the sha256 of the whole payload; `cls` the byte class the sender counted it under,
+    so the receiver counts it the same way before it knows what the payload is.
+    """
+
+    type: Literal["chunk"] = "chunk"
+    transfer: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]
+    index: Annotated[int, Field(ge=0, lt=1 << 16)]
+    count: Annotated[int, Field(ge=1, le=1 << 16)]
+    total: Annotated[int, Field(ge=0, le=MAX_BLOB_BYTES)]
+    digest: Annotated[bytes, Field(min_length=32, max_length=32)]
+    cls: TopicClass = "other"
+    data: Blob
+
+    @model_validator(mode="after")
+    def _check(self) -> "BlobChunk":
+        if self.index >= self.count:
+            raise ValueError(f"chunk index {self.index} >= count {self.count}")
+        if len(self.data) > self.total:
+            raise ValueError("chunk longer than the whole payload")
+        return self
+
+
+def _unique_names(tensors: list[NamedArray]) -> None:
+    names = [t.name for t in tensors]
+    if len(set(names)) != len(names):
+        raise ValueError("duplicate tensor names")
+
+
+#: Request type -> reply types, for documentation and the client's checks.
+REQUEST_TYPES: tuple[type[Envelope], ...] = (HelpQuery, KtRequest)
+REPLY_TYPES: tuple[type[Envelope], ...] = (HelperList, KtBlob, ErrorReply)
+
+
+# --- codec -----------------------------------------------------------------------------------
+
+
+def encode(msg: Envelope) -> bytes:
+    """msgpack bytes of an envelope (bin type for bytes, str for text)."""
+    if not isinstance(msg, Envelope):
+        raise WireError(f"cannot encode {type(msg).__name__}: not an Envelope")
+    try:
+        return msgpack.packb(msg.model_dump(mode="python"), use_bin_type=True)
+    except Exception as exc:  # noqa: BLE001 - a model built with model_construct may hold anything
+        raise WireError(f"cannot encode {type(msg).__name__}: {exc}") from exc
+
+
+def encode_json(msg: Envelope) -> bytes:
+    """JSON bytes of an envelope without bytes fields (config topics: `ConfigPatch`, `ConfigAck`)."""
+    if not isinstance(msg, Envelope):
+        raise WireError(f"cannot encode {type(msg).__name__}: not an Envelope")
+    try:
+        return json.dumps(msg.model_dump(mode="python"), allow_nan=False, separators=(",", ":")).encode()
+    except Exception as exc:  # noqa: BLE001
+        raise WireError(f"cannot encode {type(msg).__name__} as JSON: {exc}") from exc
+
+
+ExpectArg = Union[type[Envelope], tuple[type[Envelope], ...], None]
+
+
+def decode(data: bytes, *, expect: ExpectArg = None, max_bytes: int = DEFAULT_MAX_BYTES) -> Envelope:
+    """Decode msgpack bytes into the registered model named by their `type`.
+
+    `expect` restricts the accepted types (a class or a tuple; subclasses count). Raises only
+    `WireError` subclasses: `MessageTooLarge`, `UnsupportedVersion`, `UnknownMessageType`,
+    `SchemaError`, or `WireError` itself for bytes that are not msgpack.
+    """
+    raw = _as_bytes(data)
+    if len(raw) > max_bytes:
+        raise MessageTooLarge(f"message of {len(raw)} bytes exceeds {max_bytes}")
+    try:
+        obj = msgpack.unpackb(
+            raw,
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            timestamp=0,
+            max_bin_len=max_bytes,
+            max_str_len=max_bytes,
+            max_array_len=max_bytes,
+            max_map_len=max_bytes,
+            max_ext_len=0,
+        )
+    except Exception as exc:  # noqa: BLE001 - msgpack raises many ValueError/TypeError flavours
+        raise WireError(f"not a msgpack message: {type(exc).__name__}: {str(exc)[:200]}") from exc
+    return from_obj(obj, expect=expect)
+
+
+def decode_config(
+    data: bytes, *, expect: ExpectArg = ConfigPatch, max_bytes: int = DEFAULT_MAX_CONFIG_BYTES
+) -> Envelope:
+    """Decode a config-topic payload: a msgpack envelope, a JSON envelope, or bare JSON.
+
+    Bytes starting with `{` (after whitespace) are JSON. A JSON object with both `v` and `type`
+    keys is an envelope; any other JSON object is shorthand for `ConfigPatch(values=obj)`.
+    NaN and infinities are refused.
+
+    >>> decode_config(b'{"z": 0.3, "operator": "mean"}').values
+    {'z': 0.3, 'operator': 'mean'}
+    """
+    raw = _as_bytes(data)
+    if len(raw) > max_bytes:
+        raise MessageTooLarge(f"config message of {len(raw)} bytes exceeds {max_bytes}")
+    if not raw.lstrip(b" \t\r\n").startswith(b"{"):
+        return decode(raw, expect=expect, max_bytes=max_bytes)
+    try:
+        obj = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float)
+    except Exception as exc:  # noqa: BLE001 - JSONDecodeError, UnicodeDecodeError, RecursionError, …
+        raise WireError(f"not a JSON config message: {type(exc).__name__}: {str(exc)[:200]}") from exc
+    if not isinstance(obj, dict):
+        raise SchemaError("a JSON config message must be an object")
+    if "v" in obj and "type" in obj:
+        return from_obj(obj, expect=expect)
+    if not _expects(ConfigPatch, expect):
+        raise UnknownMessageType("bare JSON is shorthand for config.patch, which is not expected here")
+    return from_obj({"v": WIRE_VERSION, "type": ConfigPatch.model_fields["type"].default, "values": obj}, expect=expect)
+
+
+def from_obj(obj: Any, *, expect: ExpectArg = None) -> Envelope:
+    """Validate an already-parsed tree (dicts, lists, scalars, bytes) as a registered message."""
+    _check_tree(obj)
+    if not isinstance(obj, dict):
+        raise SchemaError(f"a message must be a map, got {type(obj).__name__}")
+    version = obj.get("v")
+    if type(version) is not int or version != WIRE_VERSION:
+        raise UnsupportedVersion(f"unsupported wire version {str(version)[:20]!r} (this code speaks {WIRE_VERSION})")
+    name = obj.get("type")
+    if not isinstance(name, str):
+        raise SchemaError("message has no string 'type'")
+    cls = _REGISTRY.get(name)
+    if cls is None:
+        raise UnknownMessageType(f"unknown message type {name[:64]!r}")
+    if not _expects(cls, expect):
+        raise UnknownMessageType(f"got {name!r}, expected {_names(expect)}")
+    try:
+        return cls.model_validate(obj)
+    except ValidationError as exc:
+        raise SchemaError(f"invalid {name!r}: {_summary(exc)}") from exc
+    except Exception as exc:  # noqa: BLE001 - a validator tripping on odd input is still bad input
+        raise SchemaError(f"invalid {name!r}: {type(exc).__name__}: {str(exc)[:200]}") from exc
+
+
+def _as_bytes(data: Any) -> bytes:
+    if isinstance(data, bytes):
+        return data
+    if isinstance(data, (bytearray, memoryview)):
+        return bytes(data)
+    raise WireError(f"expected bytes, got {type(data).__name__}")
+
+
+def _check_tree(obj: Any) -> None:
+    """Depth, node count and plain types only, before pydantic sees anything."""
+    stack: list[tuple[Any, int]] = [(obj, 1)]
+    nodes = 0
+    while stack:
+        item, depth = stack.pop()
+        nodes += 1
+        if nodes > MAX_NODES:
+            raise SchemaError(f"message has more than {MAX_NODES} values")
+        if isinstance(item, dict):
+            if depth > MAX_DEPTH:
+                raise SchemaError(f"message nested deeper than {MAX_DEPTH}")
+            for key, value in item.items():
+                if type(key) is not str:
+                    raise SchemaError("map keys must be strings")
+                stack.append((value, depth + 1))
+        elif isinstance(item, list):
+            if depth > MAX_DEPTH:
+                raise SchemaError(f"message nested deeper than {MAX_DEPTH}")
+            stack.extend((value, depth + 1) for value in item)
+        elif item is None or type(item) in (str, bytes, int, float, bool):
+            continue
+        else:
+            raise SchemaError(f"unsupported value of type {type(item).__name__}")
+
+
+def _expects(cls: type[Envelope], expect: ExpectArg) -> bool:
+    if expect is None:
+        return True
+    kinds = expect if isinstance(expect, tuple) else (expect,)
+    return issubclass(cls, kinds)
+
+
+def _names(expect: ExpectArg) -> str:
+    kinds = expect if isinstance(expect, tuple) else (expect,)
+    return ", ".join(repr(k.model_fields["type"].default) for k in kinds if k is not None)
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not allowed")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:20]} is not a finite number")
+    return value
+
+
+def _summary(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors(include_url=False, include_input=False)[:3]:
+        loc = ".".join(str(p) for p in err.get("loc", ()))
+        parts.append(f"{loc or '<root>'}: {err.get('msg', '')}")
+    more = exc.error_count() - len(parts)
+    return "; ".join(parts) + (f" (+{more} more)" if more > 0 else "")
+
+
+__all__ = [
+    "ArrayPayload",
+    "BlobChunk",
+    "Candidate",
+    "ConfigAck",
+    "ConfigPatch",
+    "DEFAULT_MAX_BYTES",
+    "EVENT_KINDS",
+    "Envelope",
+    "ErrorReply",
+    "Event",
+    "GlobalModel",
+    "HelpQuery",
+    "HelperList",
+    "KtBlob",
+    "KtRequest",
+    "ModelUpdate",
+    "NamedArray",
+    "NodeMeta",
+    "Prediction",
+    "REPLY_TYPES",
+    "REQUEST_TYPES",
+    "RequestBatch",
+    "WIRE_VERSION",
+    "decode",
+    "decode_config",
+    "encode",
+    "encode_json",
+    "from_obj",
+    "message_types",
+]
