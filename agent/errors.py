@@ -11,3 +11,7 @@ class KtRejected(ClueError):
 
 class ConfigError(ClueError):
     """A configuration or config patch is invalid; the old configuration stays in force."""
+
+
+class CheckpointError(ClueError):
+    """A checkpoint file is corrupt, truncated, or for another model; the learner was not changed."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,6 +102,8 @@ class Learner:
         self._helper_ids = itertools.count()
         self.batch_index = 0
         self.longrun_hist = np.zeros(num_classes, dtype=np.int64)
+        # Another engine (onnxruntime) may serve the probabilities; the torch model stays the truth.
+        self.inference: Callable[[Learner, torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]] | None = None
         self._build_components()
 
     # -- configuration ---------------------------------------------------------------------------
@@ -156,6 +158,8 @@ class Learner:
 
     @torch.no_grad()
     def _probabilities(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        if self.inference is not None:
+            return self.inference(self, x)
         self.model.eval()
         target = torch.softmax(self.model(x), dim=1)
         helpers = [torch.softmax(h.model(x), dim=1) for h in self.pool]
@@ -175,9 +179,20 @@ class Learner:
         """
         t0 = time.perf_counter()
         x = x.to(self.device)
+        if not torch.is_floating_point(x) or x.shape[0] == 0:
+            raise ValueError(f"inputs must be a non-empty float tensor, got {x.dtype} {tuple(x.shape)}")
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("inputs contain NaN or infinite values")
+        if y is not None:
+            y = y.to(self.device)
+            if y.shape != (x.shape[0],) or y.dtype not in (torch.int64, torch.int32):
+                raise ValueError(f"labels must be int of shape ({x.shape[0]},), got {y.dtype} {tuple(y.shape)}")
+            if int(y.min()) < 0 or int(y.max()) >= self.num_classes:
+                raise ValueError(f"labels outside [0, {self.num_classes})")
+        # Predict before touching any state: an input the model cannot take fails here, changing nothing.
+        target_p, helper_ps = self._probabilities(x)
         index = self.batch_index
         self.batch_index += 1
-        target_p, helper_ps = self._probabilities(x)
         helpers = list(self.pool)
         served = self.operator.combine(target_p, helper_ps, [h.classes for h in helpers])
         y_hat = served.argmax(dim=1)
@@ -188,11 +203,6 @@ class Learner:
         self.reservoir.add(x)
         if y is None:
             return result
-        y = y.to(self.device)
-        if y.shape != (x.shape[0],) or y.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"labels must be int of shape ({x.shape[0]},), got {y.dtype} {tuple(y.shape)}")
-        if int(y.min()) < 0 or int(y.max()) >= self.num_classes:
-            raise ValueError(f"labels outside [0, {self.num_classes})")
         y = y.long()
         wrong = (y_hat != y).float()
         target_wrong = (target_p.argmax(dim=1) != y).float()

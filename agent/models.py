@@ -151,3 +151,36 @@ def param_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def save_weights(path, state: dict[str, torch.Tensor]) -> None:
+    """Write a state dict as an uncompressed ``.npz`` (no pickle): how a fleet's base model ships."""
+    import numpy as np
+
+    with open(path, "wb") as fh:
+        np.savez(fh, **{name: t.detach().cpu().numpy() for name, t in state.items()})
+
+
+def load_weights(path, model: nn.Module) -> None:
+    """Load ``.npz`` weights into ``model``, checking names, shapes and finiteness first."""
+    import numpy as np
+
+    expected = model.state_dict()
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {name: npz[name] for name in npz.files}
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: not a readable .npz weights file: {exc}") from exc
+    if set(arrays) != set(expected):
+        missing, extra = sorted(set(expected) - set(arrays)), sorted(set(arrays) - set(expected))
+        raise ValueError(f"{path}: weights do not fit {getattr(model, 'arch_name', type(model).__name__)} (missing {missing[:5]}, unexpected {extra[:5]})")
+    state = {}
+    for name, ref in expected.items():
+        arr = arrays[name]
+        if tuple(arr.shape) != tuple(ref.shape):
+            raise ValueError(f"{path}: {name} has shape {arr.shape}, the model needs {tuple(ref.shape)}")
+        t = torch.from_numpy(arr).to(ref.dtype)
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{path}: {name} holds NaN or infinite values")
+        state[name] = t
+    model.load_state_dict(state)

@@ -404,6 +404,12 @@ class MqttClient:
         return self._connected.is_set()
 
     @property
+    def loop_alive(self) -> bool:
+        """paho's network thread is running (for a watchdog: connected or reconnecting, not dead)."""
+        thread = getattr(self._paho, "_thread", None) if self._paho is not None else None
+        return thread is not None and thread.is_alive()
+
+    @property
     def inbox(self) -> "queue.Queue[InboxItem]":
         """The bounded queue of `Inbound` and `ErrorEvent` items."""
         return self._inbox

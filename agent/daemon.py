@@ -1,0 +1,492 @@
+"""``clue-agent``: the edge daemon. It wires one Learner to the bus (ARCHITECTURE §3).
+
+The paho thread only decodes, validates and enqueues (``MqttClient``). One worker thread owns the
+model and handles, in arrival order: request batches, KT requests (as a helper), MdS and KT
+replies (as a target), config patches. No lock around the model is needed and the order of work
+is reproducible. The KT conversation of a target is a small state machine advanced by the worker
+(query the MdS → ask the best candidate → on timeout or a rejected blob, the next one), so the
+agent keeps serving batches while it waits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import copy
+import logging
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from agent.checkpoint import load_checkpoint, save_checkpoint
+from agent.errors import CheckpointError, ClueError, ConfigError, KtRejected
+from agent.learner import HelpRequest, Learner
+from agent.logs import configure_logging
+from agent.models import build_model, load_weights
+from agent.notify import Notifier, Watchdog
+from agent.runtime import EnsembleRuntime, resolve_device
+from agent.settings import AgentSettings, DaemonKnobs, credential_path, load_settings, split_patch
+from broker import topics
+from broker.client import ErrorEvent, Inbound, MqttClient, Responder
+from broker.errors import BusError, RemoteError, RequestRejected, RequestTimeout
+from broker.wire import (
+    ArrayPayload,
+    ConfigAck,
+    ConfigPatch,
+    Event,
+    HelperList,
+    HelpQuery,
+    KtBlob,
+    KtRequest,
+    NodeMeta,
+    Prediction,
+    RequestBatch,
+    decode_config,
+)
+
+log = logging.getLogger("clue.agent")
+
+EXIT_OK = 0
+EXIT_CRASH = 1
+#: sysexits' EX_CONFIG: systemd's ``RestartPreventExitStatus=78`` stops restart loops on bad config.
+EXIT_CONFIG = 78
+
+
+@dataclass
+class HelpFlow:
+    """One knowledge transfer in progress, as a target."""
+
+    request: HelpRequest
+    detected_at: float
+    detected_batch: int
+    stage: str
+    future: concurrent.futures.Future
+    candidates: list[str] = field(default_factory=list)
+    tried: list[str] = field(default_factory=list)
+    helper: str | None = None
+
+
+class AgentDaemon:
+    """One edge node: a Learner, its MQTT client, its checkpoints and its systemd integration."""
+
+    def __init__(self, settings: AgentSettings, *, config_file: Path | None = None, notifier: Notifier | None = None) -> None:
+        self.settings = settings
+        self.config_file = config_file
+        self.node_id = settings.node_id
+        self.knobs: DaemonKnobs = settings.daemon
+        self.notifier = notifier or Notifier()
+        torch.set_num_threads(settings.torch_threads)
+        self.device = resolve_device(settings.device)
+        model = build_model(settings.arch, settings.num_classes, seed=settings.model_seed)
+        if settings.base_weights is not None:
+            try:
+                load_weights(settings.base_weights, model)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from exc
+        base = copy.deepcopy(model.state_dict())
+        self.learner = Learner(
+            model, num_classes=settings.num_classes, config=settings.learner, base_state=base,
+            device=self.device, seed=settings.model_seed,
+        )
+        self.resumed = False
+        ckpt = settings.checkpoint_path()
+        if ckpt.exists():
+            load_checkpoint(ckpt, self.learner)
+            self.resumed = True
+        if settings.runtime == "onnx":
+            self.learner.inference = EnsembleRuntime(providers=settings.onnx_providers, intra_op_num_threads=settings.torch_threads)
+        self.client = self._make_client(settings)
+        self.responder = Responder(self.client, self._serve_kt)
+        self._stop = threading.Event()
+        self._reload = threading.Event()
+        self._worker: threading.Thread | None = None
+        self.heartbeat = time.monotonic()
+        self._help: HelpFlow | None = None
+        self._last_meta = -1e9
+        self._meta_dirty = True
+        self._batches_since_ckpt = 0
+        self._status = ""
+        self.crashed: BaseException | None = None
+
+    @staticmethod
+    def _make_client(settings: AgentSettings) -> MqttClient:
+        return MqttClient.from_url(
+            settings.broker,
+            client_id=settings.node_id,
+            status_node_id=settings.node_id,
+            username=settings.username,
+            password_file=credential_path(settings.password_file),
+            tls_ca=settings.tls_ca,
+            tls_cert=settings.tls_cert,
+            tls_key=credential_path(settings.tls_key),
+            tls_key_password_file=credential_path(settings.tls_key_password_file),
+            max_message_bytes=max(settings.max_batch_bytes, 1 << 20),
+        )
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Subscribe, connect (in the background) and start the worker; returns at once."""
+        nid = self.node_id
+        for topic in (topics.node_batch(nid), topics.node_kt(nid), topics.node_config(nid), topics.fleet_config()):
+            self.client.subscribe(topic, 1)
+        self.client.start()
+        self._worker = threading.Thread(target=self._run_worker, name=f"clue-agent-{nid}", daemon=True)
+        self._worker.start()
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """True once connected and subscribed; then tells systemd READY=1."""
+        if not self.client.wait_connected(timeout) or not self.client.wait_subscribed(timeout or 10.0):
+            return False
+        self.notifier.ready()
+        self._set_status("serving" if not self.resumed else f"serving (resumed at batch {self.learner.batch_index})")
+        self._event("started", resumed=self.resumed, batch=self.learner.batch_index, arch_id=self.learner.arch_id, lineage=self.learner.lineage)
+        return True
+
+    def worker_alive(self) -> bool:
+        """The worker thread is running and has looped recently (for the systemd watchdog)."""
+        return self._worker is not None and self._worker.is_alive() and time.monotonic() - self.heartbeat < 30.0
+
+    def mqtt_alive(self) -> bool:
+        return self.client.loop_alive
+
+    def wait_stopped(self, timeout: float) -> bool:
+        """True once a stop was requested (signal, or the worker died)."""
+        return self._stop.wait(timeout)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def request_reload(self) -> None:
+        self._reload.set()
+
+    def stop(self) -> None:
+        """Stop the worker, write a checkpoint, disconnect cleanly (status goes offline)."""
+        self.notifier.stopping()
+        self._stop.set()
+        if self._worker is not None:
+            self._worker.join(timeout=30)
+        self.checkpoint()
+        self.client.stop()
+
+    def checkpoint(self) -> None:
+        self.settings.state_dir.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(self.settings.checkpoint_path(), self.learner)
+        self._batches_since_ckpt = 0
+
+    def _set_status(self, text: str) -> None:
+        if text != self._status:
+            self._status = text
+            self.notifier.status(text)
+
+    # -- the worker ------------------------------------------------------------------------------
+
+    def _run_worker(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self.heartbeat = time.monotonic()
+                if self._reload.is_set():
+                    self._reload.clear()
+                    self._reload_config_file()
+                item = self.client.get(timeout=0.05)
+                if item is not None:
+                    self._handle(item)
+                self._advance_help()
+                self._maybe_publish_meta()
+        except BaseException as exc:  # the worker dying must stop the daemon, not hang it
+            log.exception("worker crashed")
+            self.crashed = exc
+            self._stop.set()
+
+    def _handle(self, item: Inbound | ErrorEvent) -> None:
+        if isinstance(item, ErrorEvent):
+            reason = f"{item.context} error on {item.topic or 'the connection'}: {item.error}"
+            if item.topic in (topics.node_config(self.node_id), topics.fleet_config()):
+                self._ack(ok=False, error=str(item.error)[:1000])
+                self._event("config_refused", error=str(item.error)[:1000])
+            elif item.context in ("decode", "chunk", "size"):
+                self._reject(reason, context=item.context)
+            else:
+                self._event("error", context=item.context, topic=item.topic or "", error=str(item.error)[:500])
+            return
+        leaf = None
+        if item.topic == topics.fleet_config():
+            leaf = "config"
+        else:
+            try:
+                _, leaf = topics.parse_node_topic(item.topic)
+            except BusError:
+                leaf = None
+        if leaf == "config":
+            self._on_config(item)
+        elif isinstance(item.message, RequestBatch):
+            self._on_batch(item.message)
+        elif isinstance(item.message, KtRequest):
+            self.responder.handle(item)
+        elif item.message is not None and not item.message.is_reply:
+            self._reject(f"unexpected {item.message.type} message on {item.topic}")
+
+    def _event(self, kind: str, **detail: Any) -> None:
+        clean = {k: (float(v) if isinstance(v, (np.floating,)) else v) for k, v in detail.items()}
+        try:
+            self.client.publish_message(topics.node_events(self.node_id), Event(node_id=self.node_id, kind=kind, detail=clean))
+        except BusError as exc:
+            log.warning("could not publish %s event: %s", kind, exc)
+
+    def _reject(self, reason: str, **detail: Any) -> None:
+        log.warning("rejected: %s", reason)
+        self._event("rejected", reason=reason[:1000], **detail)
+
+    # -- request batches -------------------------------------------------------------------------
+
+    def _on_batch(self, msg: RequestBatch) -> None:
+        try:
+            x = torch.from_numpy(np.array(msg.x.to_numpy(), dtype=np.float32))
+            y = torch.from_numpy(np.array(msg.y.to_numpy(), dtype=np.int64)) if msg.y is not None else None
+            result = self.learner.process_batch(x, y)
+        except (ValueError, RuntimeError, BusError) as exc:
+            self._reject(f"batch {msg.batch_id}: {exc}", batch_id=msg.batch_id)
+            return
+        self._meta_dirty = True
+        for helper_id in result.discarded:
+            self._event("helper_discarded", helper=helper_id, batch=result.batch_index)
+        if result.drift:
+            self._set_status(f"drift at batch {result.batch_index}")
+        # The drift event goes out before the prediction, so a lock-step feeder that sees the
+        # prediction already knows a transfer is under way.
+        if result.help is not None and self._help is None:
+            self._start_help(result.help)
+        self.client.publish_message(
+            topics.node_prediction(self.node_id),
+            Prediction(
+                batch_id=msg.batch_id,
+                y_hat=ArrayPayload.from_numpy(result.y_hat.numpy().astype(np.int64)),
+                helpers=list(result.helpers),
+                error=result.served_error,
+                target_error=result.target_error,
+            ),
+            qos=1,
+        )
+        self._batches_since_ckpt += 1
+        if self._batches_since_ckpt >= self.knobs.checkpoint_every:
+            self.checkpoint()
+
+    # -- knowledge transfer as a target ----------------------------------------------------------
+
+    def _start_help(self, help: HelpRequest) -> None:
+        self._event("drift", batch=help.batch_index, classes=list(help.classes), reason=help.reason)
+        now = time.perf_counter()
+        if self.knobs.kt_mode == "relay":
+            future = self._send_kt(topics.relay_kt(), help, target=self.node_id)
+            self._help = HelpFlow(help, now, help.batch_index, "kt", future, tried=["relay"])
+            self._event("help_requested", via="relay", classes=list(help.classes))
+            return
+        query = HelpQuery(
+            node_id=self.node_id, arch_id=self.learner.arch_id, lineage=self.learner.lineage,
+            classes=list(help.classes), hist=[float(v) for v in self.learner.histogram()], k=self.learner.config.k,
+        )
+        future = self.client.send_request(topics.mds_query(), query, timeout=self.knobs.mds_timeout, retries=1)
+        self._help = HelpFlow(help, now, help.batch_index, "query", future)
+        self._set_status(f"asking the MdS for classes {list(help.classes)}")
+
+    def _send_kt(self, topic: str, help: HelpRequest, *, target: str | None = None) -> concurrent.futures.Future:
+        request = KtRequest(
+            classes=list(help.classes), z=help.z, arch_id=self.learner.arch_id, lineage=self.learner.lineage,
+            value_codec=help.value_codec, target=target,
+        )
+        return self.client.send_request(topic, request, timeout=self.knobs.kt_timeout, retries=0)
+
+    def _advance_help(self) -> None:
+        flow = self._help
+        if flow is None or not flow.future.done():
+            return
+        try:
+            reply = flow.future.result()
+        except (RequestTimeout, RemoteError, BusError) as exc:
+            reply = exc
+        if flow.stage == "query":
+            if not isinstance(reply, HelperList) or not reply.candidates:
+                self._event("help_failed", stage="query", error=str(reply)[:500] if not isinstance(reply, HelperList) else "no candidates")
+                self._help = None
+                self._set_status("serving (no helper found)")
+                return
+            flow.candidates = [c.node_id for c in reply.candidates]
+            self._next_candidate(flow)
+            return
+        if isinstance(reply, KtBlob):
+            try:
+                installed = self.learner.accept_kt_blob(reply.blob, source=flow.helper or "relay")
+            except KtRejected as exc:
+                self._reject(f"KT blob from {flow.helper or 'relay'}: {exc}")
+                self._next_candidate(flow)
+                return
+            self._event(
+                "helper_installed",
+                helper=flow.helper or "relay",
+                helper_id=installed.helper_id,
+                classes=list(installed.classes),
+                params=installed.count,
+                bytes=len(reply.blob),
+                batches=self.learner.batch_index - flow.detected_batch - 1,
+                ms=(time.perf_counter() - flow.detected_at) * 1000.0,
+                pool=len(self.learner.pool),
+            )
+            self._meta_dirty = True
+            self._help = None
+            self._set_status(f"serving with {len(self.learner.pool)} helper(s)")
+            return
+        self._event("kt_failed", helper=flow.helper or "relay", error=str(reply)[:500])
+        self._next_candidate(flow)
+
+    def _next_candidate(self, flow: HelpFlow) -> None:
+        remaining = [c for c in flow.candidates if c not in flow.tried]
+        if not remaining:
+            self._event("help_failed", stage="kt", tried=flow.tried)
+            self._help = None
+            self._set_status("serving (no helper answered)")
+            return
+        flow.helper = remaining[0]
+        flow.tried.append(flow.helper)
+        flow.stage = "kt"
+        flow.future = self._send_kt(topics.node_kt(flow.helper), flow.request)
+        self._event("help_requested", helper=flow.helper, classes=list(flow.request.classes))
+        self._set_status(f"asking {flow.helper} for classes {list(flow.request.classes)}")
+
+    # -- knowledge transfer as a helper ----------------------------------------------------------
+
+    def _serve_kt(self, request: KtRequest, item: Inbound) -> KtBlob:
+        if request.arch_id != self.learner.arch_id:
+            raise RequestRejected("arch_mismatch", f"this node runs architecture {self.learner.arch_id}")
+        if request.lineage != self.learner.lineage:
+            raise RequestRejected("lineage_mismatch", f"this node descends from base {self.learner.lineage}")
+        if request.value_codec not in ("float32", "float16", "int8"):
+            raise RequestRejected("unsupported", f"value codec {request.value_codec!r} is not supported")
+        try:
+            blob = self.learner.kt_blob(request.classes, request.z, request.value_codec)
+        except KtRejected as exc:
+            raise RequestRejected("rejected", str(exc)) from exc
+        self._event("kt_served", classes=list(request.classes), z=request.z, bytes=len(blob))
+        # Over the relay the helper answers the relay; naming itself is harmless there because
+        # the relay strips the id, and in direct mode the target asked this node by name.
+        return KtBlob(corr=request.corr or item.corr or "none", blob=blob, helper=None)
+
+    # -- metadata --------------------------------------------------------------------------------
+
+    def _maybe_publish_meta(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and (not self._meta_dirty or now - self._last_meta < self.knobs.meta_interval):
+            return
+        rolling = self.learner.rolling_error()
+        meta = NodeMeta(
+            node_id=self.node_id, arch_id=self.learner.arch_id, lineage=self.learner.lineage,
+            hist=[float(v) for v in self.learner.histogram()], rolling_error=rolling,
+            batches=self.learner.batch_index, helpers=len(self.learner.pool),
+        )
+        self.client.set_retained(topics.node_meta(self.node_id), meta)
+        self._last_meta = now
+        self._meta_dirty = False
+
+    # -- configuration ---------------------------------------------------------------------------
+
+    def _on_config(self, item: Inbound) -> None:
+        if not item.payload:
+            return  # a cleared retained config
+        patch_id = None
+        try:
+            patch = decode_config(item.payload)
+            if not isinstance(patch, ConfigPatch):
+                raise ConfigError(f"expected a config patch, got {patch.type}")
+            patch_id = patch.msg_id
+            self.apply_patch(patch.values)
+        except (ConfigError, BusError) as exc:
+            log.warning("config refused: %s", exc)
+            self._ack(ok=False, error=str(exc)[:1000], patch_id=patch_id)
+            self._event("config_refused", error=str(exc)[:1000])
+            return
+        self._ack(ok=True, applied=self.config_values(), patch_id=patch.msg_id)
+        self._event("config_applied", keys=sorted(patch.values)[:64])
+
+    def apply_patch(self, values: dict[str, Any]) -> None:
+        """Validate the whole patch, then apply it between batches; ConfigError keeps the old config."""
+        new_learner, new_knobs = split_patch(values, self.learner.config, self.knobs)
+        if new_learner != self.learner.config:
+            self.learner.apply_config(new_learner.model_dump())
+        self.knobs = new_knobs
+
+    def config_values(self) -> dict[str, Any]:
+        values = self.learner.config.model_dump(mode="json")
+        values.update(self.knobs.model_dump(mode="json"))
+        return values
+
+    def _ack(self, *, ok: bool, applied: dict | None = None, error: str | None = None, patch_id: str | None = None) -> None:
+        ack = ConfigAck(node_id=self.node_id, ok=ok, applied=applied, error=error, patch_id=patch_id)
+        self.client.publish_message(topics.node_config_ack(self.node_id), ack)
+
+    def _reload_config_file(self) -> None:
+        self.notifier.reloading()
+        try:
+            fresh = load_settings(self.config_file, node_id=self.node_id)
+            values = fresh.learner.model_dump()
+            values.update(fresh.daemon.model_dump())
+            self.apply_patch(values)
+            self._event("config_applied", source="reload")
+        except ConfigError as exc:
+            log.error("reload refused, old config kept: %s", exc)
+            self._event("config_refused", source="reload", error=str(exc)[:1000])
+        self.notifier.ready()
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="clue-agent", description="CLUE Edge agent: collaborative learning on an edge node over MQTT.")
+    p.add_argument("--config", type=Path, help="TOML settings file (then CLUE_* variables, then these flags)")
+    p.add_argument("--node-id", help="this node's id")
+    p.add_argument("--broker", help="mqtt://host:port, mqtts://host:port or unix:///path")
+    p.add_argument("--state-dir", type=Path, help="checkpoint folder")
+    p.add_argument("--base-weights", type=Path, help="shared base weights (.npz)")
+    p.add_argument("--arch", help="model architecture")
+    p.add_argument("--num-classes", type=int, help="classes the model outputs")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--runtime", choices=["torch", "onnx"])
+    p.add_argument("--torch-threads", type=int)
+    p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    flags = {k: v for k, v in vars(args).items() if k != "config"}
+    try:
+        settings = load_settings(args.config, **flags)
+        configure_logging(settings.log_level)
+        daemon = AgentDaemon(settings, config_file=args.config)
+    except (ConfigError, CheckpointError) as exc:
+        print(f"clue-agent: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    signal.signal(signal.SIGTERM, lambda *_: daemon.request_stop())
+    signal.signal(signal.SIGINT, lambda *_: daemon.request_stop())
+    signal.signal(signal.SIGHUP, lambda *_: daemon.request_reload())
+    daemon.start()
+    watchdog = Watchdog(daemon.notifier, checks=[daemon.mqtt_alive, daemon.worker_alive])
+    watchdog.start()
+    ready = False
+    try:
+        while not daemon.wait_stopped(0.2):
+            if not ready:
+                ready = daemon.wait_ready(0.01)
+    finally:
+        watchdog.stop()
+        daemon.stop()
+    if daemon.crashed is not None:
+        return EXIT_CRASH
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""The agent daemon's settings: a TOML file, then ``CLUE_*`` environment variables, then flags.
+
+Everything has a default except the node id. Secrets (the MQTT password, the TLS key password)
+are never settings values: settings name *files*, and a relative name is looked up in systemd's
+``$CREDENTIALS_DIRECTORY`` (``LoadCredential=``) first.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+from agent.config import LearnerConfig, patched
+from agent.errors import ConfigError
+from agent.models import ARCHITECTURES
+
+_TOML_FILE: contextvars.ContextVar[Path | None] = contextvars.ContextVar("clue_agent_toml", default=None)
+
+
+class DaemonKnobs(BaseModel):
+    """The daemon-level knobs an operator may change at run time (besides the learner's)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kt_mode: Literal["direct", "relay"] = Field("direct", description="KT straight to the helper's topic, or through the trusted relay")
+    kt_timeout: float = Field(10.0, gt=0.0, le=600.0, description="seconds to wait for one KT answer before the next candidate")
+    mds_timeout: float = Field(5.0, gt=0.0, le=600.0, description="seconds to wait for the MdS")
+    meta_interval: float = Field(1.0, ge=0.0, le=3600.0, description="least seconds between two metadata publications")
+    checkpoint_every: int = Field(50, ge=1, le=1_000_000, description="batches between checkpoints")
+
+
+class AgentSettings(BaseSettings):
+    """``clue-agent`` settings. Nested fields use ``__`` in environment names: ``CLUE_LEARNER__Z=0.3``."""
+
+    model_config = SettingsConfigDict(env_prefix="CLUE_", env_nested_delimiter="__", extra="forbid", frozen=True)
+
+    node_id: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="this node's id (topics, client id, TLS identity)")
+    broker: str = Field("mqtt://127.0.0.1:1883", description="mqtt://host:port, mqtts://host:port or unix:///path")
+    username: str | None = Field(None, description="MQTT username (not needed with TLS client certificates)")
+    password_file: str | None = Field(None, description="file holding the MQTT password (credential name or path)")
+    tls_ca: str | None = Field(None, description="CA certificate file")
+    tls_cert: str | None = Field(None, description="client certificate file")
+    tls_key: str | None = Field(None, description="client key file (credential name or path)")
+    tls_key_password_file: str | None = Field(None, description="file holding the key's password (credential name or path)")
+    state_dir: Path = Field(Path("state"), description="where checkpoints live (systemd: StateDirectory=)")
+    arch: str = Field("mlp4", description=f"model architecture: one of {sorted(ARCHITECTURES)}")
+    num_classes: int = Field(10, ge=2, le=4096, description="classes the model outputs")
+    base_weights: Path | None = Field(None, description="the fleet's shared base weights (.npz); absent: built from model_seed")
+    model_seed: int = Field(0, ge=0, description="seed of the base weights when no file is given (same seed, same lineage)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the model runs")
+    runtime: Literal["torch", "onnx"] = Field("torch", description="inference engine for the target and the frozen helpers")
+    onnx_providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"], description="onnxruntime execution providers, in order")
+    torch_threads: int = Field(1, ge=1, le=256, description="torch intra-op threads (set explicitly: several agents share a box)")
+    max_batch_bytes: int = Field(16 << 20, ge=1024, le=1 << 30, description="largest request batch accepted")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
+    daemon: DaemonKnobs = Field(default_factory=DaemonKnobs, description="run-time knobs of the daemon")
+    learner: LearnerConfig = Field(default_factory=LearnerConfig, description="the learner's knobs (ARCHITECTURE §6)")
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, value: str) -> str:
+        if value not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {value!r}; known: {sorted(ARCHITECTURES)}")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_file = _TOML_FILE.get()
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if toml_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        return tuple(sources)
+
+    def checkpoint_path(self) -> Path:
+        return self.state_dir / f"{self.node_id}.ckpt.npz"
+
+
+def _problems(exc: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in exc.errors())
+
+
+def load_settings(config_file: str | Path | None = None, **flags: Any) -> AgentSettings:
+    """Settings from ``config_file`` (TOML), then ``CLUE_*`` variables, then ``flags`` (None = not given).
+
+    Raises ConfigError naming every problem.
+    """
+    path = Path(config_file) if config_file is not None else None
+    if path is not None and not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    token = _TOML_FILE.set(path)
+    try:
+        return AgentSettings(**{k: v for k, v in flags.items() if v is not None})
+    except ValidationError as exc:
+        raise ConfigError(f"invalid settings: {_problems(exc)}") from exc
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read settings: {exc}") from exc
+    finally:
+        _TOML_FILE.reset(token)
+
+
+def credential_path(name: str | None) -> Path | None:
+    """Where a secret lives: an absolute path as is, else under ``$CREDENTIALS_DIRECTORY`` if set."""
+    if name is None:
+        return None
+    path = Path(name)
+    creds = os.environ.get("CREDENTIALS_DIRECTORY")
+    if not path.is_absolute() and creds and (Path(creds) / name).exists():
+        path = Path(creds) / name
+    if not path.exists():
+        raise ConfigError(f"credential file {path} does not exist")
+    return path
+
+
+def nest_dotted(values: dict[str, Any]) -> dict[str, Any]:
+    """``{"drift.window": 5}`` → ``{"drift": {"window": 5}}``: operators may write either form."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        head, _, rest = key.partition(".")
+        if rest:
+            if "." in rest:
+                raise ConfigError(f"config key {key!r} nests too deep")
+            existing = out.setdefault(head, {})
+            if not isinstance(existing, dict):
+                raise ConfigError(f"config key {key!r} conflicts with {head!r}")
+            existing[rest] = value
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key].update(value)
+        else:
+            out[key] = value
+    return out
+
+
+def split_patch(
+    values: dict[str, Any], learner: LearnerConfig, daemon: DaemonKnobs
+) -> tuple[LearnerConfig, DaemonKnobs]:
+    """Validate a whole patch against both the learner's and the daemon's knobs; apply neither here.
+
+    Returns the new configs; raises ConfigError (naming every bad key) if any part is invalid.
+    """
+    nested = nest_dotted(values)
+    daemon_keys = set(DaemonKnobs.model_fields)
+    daemon_part = {k: v for k, v in nested.items() if k in daemon_keys}
+    learner_part = {k: v for k, v in nested.items() if k not in daemon_keys}
+    try:
+        new_daemon = DaemonKnobs.model_validate({**daemon.model_dump(), **daemon_part})
+    except ValidationError as exc:
+        raise ConfigError(f"invalid config patch: {_problems(exc)}") from exc
+    new_learner = patched(learner, learner_part) if learner_part else learner
+    return new_learner, new_daemon

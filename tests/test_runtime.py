@@ -1,0 +1,186 @@
+"""Device choice and onnxruntime serving: agreement with torch on the ensemble, lazy re-export."""
+
+import copy
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from agent.config import LearnerConfig
+from agent.errors import ConfigError
+from agent.learner import Learner
+from agent.models import build_model
+from agent.runtime import EnsembleRuntime, OnnxModel, resolve_device, select_providers
+
+SHAPES = {"mlp4": (784,), "intrusion_dnn": (122,), "mobilenet_s": (1, 28, 28)}
+CLASSES = {"mlp4": 10, "intrusion_dnn": 5, "mobilenet_s": 10}
+
+
+def _batch(arch, seed, n=16, classes=None):
+    g = torch.Generator().manual_seed(seed)
+    pool = torch.tensor(classes if classes is not None else range(CLASSES[arch]))
+    y = pool[torch.randint(len(pool), (n,), generator=g)]
+    return torch.randn(n, *SHAPES[arch], generator=g), y
+
+
+def _fleet(arch, n=2, **cfg):
+    base = build_model(arch, CLASSES[arch], seed=0).state_dict()
+    nodes = []
+    for i in range(n):
+        model = build_model(arch, CLASSES[arch])
+        model.load_state_dict(copy.deepcopy(base))
+        nodes.append(Learner(model, num_classes=CLASSES[arch], config=LearnerConfig(**cfg), base_state=base, seed=i))
+    return nodes
+
+
+def _with_two_helpers(arch, **cfg):
+    """A target that learnt classes {0, 1} and pooled two boosted helpers from a node that learnt the rest."""
+    target, helper = _fleet(arch, **cfg)
+    for i in range(2):
+        target.process_batch(*_batch(arch, i, classes=[0, 1]))
+        helper.process_batch(*_batch(arch, 10 + i, classes=[2, 3, 4]))
+    for classes in ([2], [3, 4]):
+        target.install(helper.significant_for(classes, 0.3))
+    assert len(target.pool) == 2
+    return target
+
+
+@pytest.mark.parametrize("arch", sorted(SHAPES))
+def test_onnx_ensemble_matches_torch(arch):
+    target = _with_two_helpers(arch)
+    runtime = EnsembleRuntime()
+    x, _ = _batch(arch, 99, n=24)
+    served = runtime.predict(target, x)
+    assert served.dtype == torch.float32 and served.device.type == "cpu" and served.shape == (24, CLASSES[arch])
+    assert (served - target.predict(x).cpu()).abs().max().item() < 1e-5
+    onnx_target, onnx_helpers = runtime(target, x.numpy())
+    with torch.no_grad():
+        torch_helpers = [torch.softmax(h.model(x), dim=1) for h in target.pool]
+    assert len(onnx_helpers) == 2
+    for got, want in zip(onnx_helpers, torch_helpers):
+        assert (got - want).abs().max().item() < 1e-5
+    # The helpers differ from the target, so the comparison above is not trivially true.
+    assert (onnx_helpers[0] - onnx_target).abs().max().item() > 1e-3
+
+
+def test_reexport_only_after_the_target_changed():
+    arch = "mlp4"
+    target = _with_two_helpers(arch)
+    runtime = EnsembleRuntime()
+    x, y = _batch(arch, 7)
+    runtime(target, x)
+    assert runtime.exports == 3  # the target and two helpers
+    runtime(target, x)
+    target.process_batch(x)  # unlabelled: served, not learnt from
+    runtime(target, x[:5])
+    assert runtime.exports == 3
+    target.process_batch(x, y)  # a train step
+    served = runtime.predict(target, x)
+    assert runtime.exports == 4
+    assert (served - target.predict(x)).abs().max().item() < 1e-5
+    runtime(target, x)
+    assert runtime.exports == 4
+
+
+def test_as_the_learners_inference_hook():
+    arch = "mlp4"
+    torch_node = _with_two_helpers(arch)
+    onnx_node = copy.deepcopy(torch_node)
+    onnx_node.inference = runtime = EnsembleRuntime()
+    for seed in range(3):
+        x, y = _batch(arch, 20 + seed, classes=[0, 1, 2])
+        a, b = torch_node.process_batch(x, y), onnx_node.process_batch(x, y)
+        assert torch.equal(a.y_hat, b.y_hat) and a.served_error == b.served_error
+        assert (torch_node.predict(x) - onnx_node.predict(x)).abs().max().item() < 1e-5
+    # The target at the first batch and again after each of the 3 train steps; the two helpers once.
+    assert runtime.exports == 1 + 3 + 2
+
+
+def test_batchnorm_statistics_count_as_a_change():
+    target, _ = _fleet("mobilenet_s")
+    runtime = EnsembleRuntime()
+    x, y = _batch("mobilenet_s", 1)
+    runtime(target, x)
+    target.model.train()
+    with torch.no_grad():
+        target.model(x)  # only the running statistics move
+    served = runtime.predict(target, x)
+    assert runtime.exports == 2
+    assert (served - target.predict(x)).abs().max().item() < 1e-5
+
+
+def test_helpers_exported_once_and_dropped_with_the_pool():
+    target, helper = _fleet("intrusion_dnn")
+    x, y = _batch("intrusion_dnn", 3)
+    helper.process_batch(x, y)
+    target.process_batch(x, y)
+    runtime = EnsembleRuntime()
+    runtime(target, x)
+    assert runtime.exports == 1
+    installed = target.install(helper.significant_for([1], 0.5))
+    runtime(target, x)
+    runtime(target, x)
+    assert runtime.exports == 2
+    target.pool.remove(installed.helper_id)
+    assert (runtime.predict(target, x) - target.predict(x)).abs().max().item() < 1e-5
+    assert runtime.exports == 2 and runtime._helpers == {}
+
+
+def test_write_into_target_is_noticed():
+    # kt_apply="replace" writes through .data, which bumps no autograd version counter.
+    target, helper = _fleet("intrusion_dnn", kt_apply="replace")
+    x, y = _batch("intrusion_dnn", 4)
+    helper.process_batch(x, y)
+    runtime = EnsembleRuntime()
+    runtime(target, x)
+    target.install(helper.significant_for([0, 2], 0.5))
+    assert (runtime.predict(target, x) - target.predict(x)).abs().max().item() < 1e-5
+    assert runtime.exports == 2
+
+
+def test_onnx_model_inputs():
+    model = build_model("mobilenet_s", 10, seed=0).eval()
+    x = torch.randn(3, 1, 28, 28)
+    onnx_model = OnnxModel(model, x, intra_op_num_threads=2)
+    probs = onnx_model.predict_proba(x.numpy().astype(np.float64))
+    assert probs.dtype == torch.float32 and torch.allclose(probs.sum(dim=1), torch.ones(3), atol=1e-6)
+    assert onnx_model.providers == ["CPUExecutionProvider"]
+    assert onnx_model.sample_shape == (1, 28, 28)
+    with pytest.raises(ValueError, match="does not match"):
+        onnx_model.predict_proba(torch.randn(3, 784))
+    with pytest.raises(ValueError, match="opset"):
+        OnnxModel(model, x, opset=13)
+    assert model.training is False and all(p.requires_grad for p in model.parameters())
+
+
+def test_unavailable_providers():
+    with pytest.raises(ConfigError, match="none of the requested onnxruntime providers"):
+        EnsembleRuntime(providers=["NoSuchExecutionProvider"])
+    with pytest.raises(ConfigError, match="NoSuchExecutionProvider"):
+        OnnxModel(build_model("intrusion_dnn", 5), torch.zeros(1, 122), providers=["NoSuchExecutionProvider"])
+
+
+def test_partly_available_providers_warn(caplog):
+    with caplog.at_level(logging.WARNING, logger="agent.runtime"):
+        assert select_providers(["NoSuchExecutionProvider", "CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    assert "NoSuchExecutionProvider" in caplog.text
+
+
+def test_resolve_device(monkeypatch):
+    assert resolve_device("cpu") == torch.device("cpu")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="no CUDA device"):
+        resolve_device("cuda")
+    with pytest.raises(ConfigError, match="'auto', 'cpu' or 'cuda"):
+        resolve_device("tpu")
+    with pytest.raises(ConfigError, match="'auto', 'cpu' or 'cuda"):
+        resolve_device("meta")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(ConfigError, match="only 1 CUDA device"):
+        resolve_device("cuda:3")
