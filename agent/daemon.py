@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from agent.checkpoint import load_checkpoint, save_checkpoint
-from agent.errors import CheckpointError, ClueError, ConfigError, KtRejected
+from agent.errors import CheckpointError, ConfigError, KtRejected
+from agent.fl import FlRejected, apply_global, is_round_batch, model_to_update, participants
 from agent.learner import HelpRequest, Learner
 from agent.logs import configure_logging
 from agent.models import build_model, load_weights
@@ -41,6 +42,7 @@ from broker.wire import (
     ConfigAck,
     ConfigPatch,
     Event,
+    GlobalModel,
     HelperList,
     HelpQuery,
     KtBlob,
@@ -113,6 +115,8 @@ class AgentDaemon:
         self._meta_dirty = True
         self._batches_since_ckpt = 0
         self._status = ""
+        self._timings: dict[str, list[float]] = {"batch": [], "predict": [], "train": [], "pick": [], "install": []}
+        self._fl_samples = 0
         self.crashed: BaseException | None = None
 
     @staticmethod
@@ -137,6 +141,8 @@ class AgentDaemon:
         nid = self.node_id
         for topic in (topics.node_batch(nid), topics.node_kt(nid), topics.node_config(nid), topics.fleet_config()):
             self.client.subscribe(topic, 1)
+        if self.settings.fl is not None:
+            self.client.subscribe(topics.fl_global(self.settings.fl.job), 1)
         self.client.start()
         self._worker = threading.Thread(target=self._run_worker, name=f"clue-agent-{nid}", daemon=True)
         self._worker.start()
@@ -168,13 +174,34 @@ class AgentDaemon:
         self._reload.set()
 
     def stop(self) -> None:
-        """Stop the worker, write a checkpoint, disconnect cleanly (status goes offline)."""
+        """Stop the worker, write a checkpoint, report counters, disconnect cleanly (status goes offline)."""
         self.notifier.stopping()
         self._stop.set()
         if self._worker is not None:
             self._worker.join(timeout=30)
         self.checkpoint()
+        self._publish_stats()
         self.client.stop()
+
+    def stats(self) -> dict[str, float]:
+        """Bytes in/out per topic class (real payload sizes) and mean times of each operation, in ms."""
+        out: dict[str, float] = {}
+        for cls, counts in self.client.byte_counts().items():
+            out[f"{cls}_out"] = counts["out"]
+            out[f"{cls}_in"] = counts["in"]
+        for name, values in self._timings.items():
+            out[f"{name}_ms"] = 1000.0 * float(np.mean(values)) if values else 0.0
+            out[f"{name}_n"] = len(values)
+        return out
+
+    def _publish_stats(self) -> None:
+        try:
+            info = self.client.publish_message(
+                topics.node_events(self.node_id), Event(node_id=self.node_id, kind="stats", detail=self.stats())
+            )
+            info.wait(5.0)
+        except BusError as exc:
+            log.warning("could not publish stats: %s", exc)
 
     def checkpoint(self) -> None:
         self.settings.state_dir.mkdir(parents=True, exist_ok=True)
@@ -230,6 +257,8 @@ class AgentDaemon:
             self._on_batch(item.message)
         elif isinstance(item.message, KtRequest):
             self.responder.handle(item)
+        elif isinstance(item.message, GlobalModel):
+            self._on_global(item.message)
         elif item.message is not None and not item.message.is_reply:
             self._reject(f"unexpected {item.message.type} message on {item.topic}")
 
@@ -255,6 +284,10 @@ class AgentDaemon:
             self._reject(f"batch {msg.batch_id}: {exc}", batch_id=msg.batch_id)
             return
         self._meta_dirty = True
+        self._timings["predict"].append(result.timings.get("predict", 0.0))
+        if "train" in result.timings:
+            self._timings["train"].append(result.timings["train"])
+        self._timings["batch"].append(sum(result.timings.values()))
         for helper_id in result.discarded:
             self._event("helper_discarded", helper=helper_id, batch=result.batch_index)
         if result.drift:
@@ -274,9 +307,34 @@ class AgentDaemon:
             ),
             qos=1,
         )
+        if self.settings.fl is not None and y is not None:
+            self._fl_samples += int(y.shape[0])
+            self._maybe_send_update(result.batch_index)
         self._batches_since_ckpt += 1
         if self._batches_since_ckpt >= self.knobs.checkpoint_every:
             self.checkpoint()
+
+    # -- the FedAvg baseline ---------------------------------------------------------------------
+
+    def _maybe_send_update(self, batch_index: int) -> None:
+        fl = self.settings.fl
+        round_ = is_round_batch(fl, batch_index)
+        if round_ is None or self.node_id not in participants(fl, round_):
+            return
+        update = model_to_update(self.learner.model, job=fl.job, round=round_, node_id=self.node_id, samples=self._fl_samples)
+        self.client.publish_message(topics.fl_update(fl.job, self.node_id), update)
+        self._fl_samples = 0
+        self._event("fl_sent", round=round_)
+
+    def _on_global(self, msg: GlobalModel) -> None:
+        if self.settings.fl is None or msg.job != self.settings.fl.job:
+            return
+        try:
+            apply_global(self.learner.model, msg)
+        except FlRejected as exc:
+            self._reject(f"global model of round {msg.round}: {exc}")
+            return
+        self._event("fl_adopted", round=msg.round)
 
     # -- knowledge transfer as a target ----------------------------------------------------------
 
@@ -327,6 +385,7 @@ class AgentDaemon:
                 self._reject(f"KT blob from {flow.helper or 'relay'}: {exc}")
                 self._next_candidate(flow)
                 return
+            self._timings["install"].append(installed.seconds)
             self._event(
                 "helper_installed",
                 helper=flow.helper or "relay",
@@ -368,10 +427,12 @@ class AgentDaemon:
             raise RequestRejected("lineage_mismatch", f"this node descends from base {self.learner.lineage}")
         if request.value_codec not in ("float32", "float16", "int8"):
             raise RequestRejected("unsupported", f"value codec {request.value_codec!r} is not supported")
+        t0 = time.perf_counter()
         try:
             blob = self.learner.kt_blob(request.classes, request.z, request.value_codec)
         except KtRejected as exc:
             raise RequestRejected("rejected", str(exc)) from exc
+        self._timings["pick"].append(time.perf_counter() - t0)
         self._event("kt_served", classes=list(request.classes), z=request.z, bytes=len(blob))
         # Over the relay the helper answers the relay; naming itself is harmless there because
         # the relay strips the id, and in direct mode the target asked this node by name.

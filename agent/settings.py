@@ -17,6 +17,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from agent.config import LearnerConfig, patched
 from agent.errors import ConfigError
+from agent.fl import FlConfig
 from agent.models import ARCHITECTURES
 
 _TOML_FILE: contextvars.ContextVar[Path | None] = contextvars.ContextVar("clue_agent_toml", default=None)
@@ -60,6 +61,7 @@ class AgentSettings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
     daemon: DaemonKnobs = Field(default_factory=DaemonKnobs, description="run-time knobs of the daemon")
     learner: LearnerConfig = Field(default_factory=LearnerConfig, description="the learner's knobs (ARCHITECTURE §6)")
+    fl: FlConfig | None = Field(None, description="take part in a FedAvg job (the simulator's baseline); absent: no FedAvg")
 
     @field_validator("arch")
     @classmethod

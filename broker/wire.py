@@ -157,9 +157,11 @@ class ArrayPayload(BaseModel):
         name = arr.dtype.name
         if name not in _DTYPES:
             raise WireError(f"dtype {arr.dtype} is not one of {sorted(_DTYPES)}")
+        # ascontiguousarray makes 0-d arrays 1-d; the shape sent must stay the array's own.
+        shape = list(arr.shape)
         arr = np.ascontiguousarray(arr, dtype=_np_dtype(name))
         try:
-            return cls(dtype=name, shape=list(arr.shape), data=arr.tobytes())
+            return cls(dtype=name, shape=shape, data=arr.tobytes())
         except ValidationError as exc:
             raise SchemaError(_summary(exc)) from exc
 

@@ -102,16 +102,28 @@ class Feeder:
         )
         self.client.publish_message(topics.node_batch(node_id), msg)
 
-    def step(self, batch_id: int, batches: Iterable[tuple[str, np.ndarray, np.ndarray | None]], *, timeout: float = 60.0) -> bool:
-        """Lock step: send batch ``batch_id`` to each node, wait for every prediction and KT to finish."""
+    def step(
+        self,
+        batch_id: int,
+        batches: Iterable[tuple[str, np.ndarray, np.ndarray | None]],
+        *,
+        timeout: float = 60.0,
+        extra: Callable[[], bool] = lambda: True,
+    ) -> bool:
+        """Lock step: send batch ``batch_id`` to each node, wait for every prediction and KT to finish.
+
+        ``extra`` is one more condition to wait for (a FedAvg round adopted by every node).
+        """
         nodes = []
         for node_id, x, y in batches:
             self.send(node_id, batch_id, x, y)
             nodes.append(node_id)
 
         def done() -> bool:
-            return all(batch_id in self.collector.predictions[n] for n in nodes) and not any(
-                self.collector.kt_in_progress(n) for n in nodes
+            return (
+                all(batch_id in self.collector.predictions[n] for n in nodes)
+                and not any(self.collector.kt_in_progress(n) for n in nodes)
+                and extra()
             )
 
         return self.collector.wait_for(done, timeout)

@@ -539,3 +539,9 @@ def test_fuzz_chunk_reassembly(payload: bytes, rnd: random.Random, tweaks: list[
             assert out == payload  # sha256 lets nothing else through
     asm.expire(now=1e18)
     assert asm.pending == 0 and asm.buffered_bytes == 0
+
+
+def test_zero_dim_array_keeps_its_shape():
+    """BatchNorm's num_batches_tracked is 0-d: it must come back 0-d, not shape (1,)."""
+    payload = ArrayPayload.from_numpy(np.array(7, dtype=np.int64))
+    assert payload.shape == [] and payload.to_numpy().shape == () and int(payload.to_numpy()) == 7

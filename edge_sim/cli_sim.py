@@ -1,0 +1,98 @@
+"""``clue-sim``: run fleet scenarios over MQTT and write their reports.
+
+    clue-sim run default                 # README command 1: the default scenario
+    clue-sim run my.toml --broker mqtt://host:1883 --out runs/mine
+    clue-sim list                        # the shipped scenarios
+    clue-sim all --out runs/all          # every shipped scenario into one report (long)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from agent.errors import ConfigError
+from edge_sim.report import headline_table, write_report
+from edge_sim.scenario import Scenario, load_scenario, shipped_scenarios
+from edge_sim.sim import run_scenario
+
+EXIT_CONFIG = 78
+
+
+def _run(scn: Scenario, out: Path, broker: str | None, workdir: Path | None, console: Console) -> dict:
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(label: str, done: int, total: int) -> None:
+            if label not in tasks:
+                tasks[label] = bar.add_task(f"{scn.name}: {label}", total=total)
+            bar.update(tasks[label], completed=done)
+
+        started = time.perf_counter()
+        runs = run_scenario(scn, broker_url=broker, workdir=workdir, progress=progress)
+    summary = write_report(scn, runs, out)
+    print(headline_table(summary, bool(summary["fedavg_mean_error"])))
+    console.print(f"\n{scn.name}: {time.perf_counter() - started:.0f} s; wrote {out / 'report.md'}, {out / 'results.json'}")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="clue-sim", description="CLUE Edge fleet simulator (real daemons over MQTT).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run one scenario (a TOML file or a shipped name)")
+    run.add_argument("scenario")
+    run.add_argument("--broker", help="use this broker (mqtt://host:port); default: a private mosquitto")
+    run.add_argument("--out", type=Path, help="report folder (default runs/<scenario>)")
+    run.add_argument("--workdir", type=Path, help="keep logs, state and the MdS database here")
+    run.add_argument("--seeds", type=int, nargs="+", help="override the scenario's seeds")
+    run.add_argument("--modes", help="override the scenario's modes (comma-separated)")
+    run.add_argument("--pacing", choices=["lockstep", "free"], help="override the scenario's pacing")
+    sub.add_parser("list", help="list the shipped scenarios")
+    every = sub.add_parser("all", help="run every shipped scenario into one report (takes long)")
+    every.add_argument("--out", type=Path, default=Path("runs/all"))
+    every.add_argument("--broker")
+    args = parser.parse_args(argv)
+    console = Console(stderr=False)
+
+    if args.command == "list":
+        for path in shipped_scenarios():
+            scn = load_scenario(path)
+            console.print(f"{scn.name:24s} {scn.title}")
+        return 0
+    try:
+        if args.command == "run":
+            scn = load_scenario(args.scenario)
+            overrides = {}
+            if args.seeds:
+                overrides["seeds"] = args.seeds
+            if args.modes:
+                overrides["modes"] = [m.strip() for m in args.modes.split(",") if m.strip()]
+            if args.pacing:
+                overrides["pacing"] = args.pacing
+            if overrides:
+                scn = Scenario.model_validate({**scn.model_dump(), **overrides})
+            _run(scn, args.out or Path("runs") / scn.name, args.broker, args.workdir, console)
+            return 0
+        index = ["# CLUE Edge — every shipped scenario", ""]
+        for path in shipped_scenarios():
+            scn = load_scenario(path)
+            summary = _run(scn, args.out / scn.name, args.broker, None, console)
+            index += [f"## {scn.title or scn.name}", "", f"[report]({scn.name}/report.md)", "",
+                      headline_table(summary, bool(summary["fedavg_mean_error"])), ""]
+            index += [f"- paper, {k}: {v}" for k, v in scn.paper.items()] + [""]
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "report.md").write_text("\n".join(index))
+        return 0
+    except ConfigError as exc:
+        print(f"clue-sim: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+if __name__ == "__main__":
+    sys.exit(main())

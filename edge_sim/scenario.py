@@ -1,0 +1,98 @@
+"""Scenario files: one TOML file per experiment of the fleet simulator (``edge_sim/scenarios/``).
+
+A scenario names the data, the model, the fleet, the workload, the modes to compare and the knobs
+of ARCHITECTURE §6; ``[paper]`` holds the paper's figure for the same experiment, so the report can
+put ours beside it.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from agent.config import LearnerConfig
+from agent.errors import ConfigError
+from edge_sim.experiment import MODES
+
+SCENARIO_DIR = Path(__file__).parent / "scenarios"
+SIM_MODES = (*MODES, "fedavg")
+
+
+class FedAvgSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    every: int = Field(5, ge=1, description="f: batches between two FedAvg rounds")
+    per_round: int = Field(3, ge=1, description="n′: nodes that send their model each round")
+
+
+class Scenario(BaseModel):
+    """One fleet experiment. Modes run one after the other on the same workload and seeds."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[a-z0-9_]{1,40}$")
+    title: str = ""
+    dataset: Literal["fashion_mnist", "nslkdd_synthetic"] = "fashion_mnist"
+    arch: str = "mlp4"
+    nodes: int = Field(5, ge=2, le=64)
+    batch_size: int = Field(200, ge=8, le=10_000)
+    batches: int = Field(100, ge=4, le=100_000)
+    drift_at: int = Field(40, ge=1)
+    workload: Literal["introduction", "fluctuation"] = "introduction"
+    helpers: Literal["overlapping", "non_overlapping"] = "overlapping"
+    new_share: float = Field(0.25, gt=0.0, lt=1.0)
+    initial_classes: int = Field(8, ge=1)
+    non_overlap_from: int = Field(4, ge=0)
+    fluctuation_period: int = Field(10, ge=1)
+    pretrain_samples: int = Field(2000, ge=10)
+    pretrain_epochs: int = Field(5, ge=0)
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    modes: list[str] = Field(default_factory=lambda: ["isolated", "fedavg", "clue_class_aware", "clue_mean", "random_mask"])
+    pacing: Literal["lockstep", "free"] = "lockstep"
+    rate: float = Field(20.0, gt=0.0, description="batches per second per node with free-running pacing")
+    recovery_tolerance: float = Field(0.02, ge=0.0, le=1.0)
+    post_drift_batches: int = Field(30, ge=1)
+    learner: dict[str, Any] = Field(default_factory=dict, description="LearnerConfig values for every mode")
+    daemon: dict[str, Any] = Field(default_factory=dict, description="DaemonKnobs values for every agent")
+    fedavg: FedAvgSettings = Field(default_factory=FedAvgSettings)
+    paper: dict[str, str] = Field(default_factory=dict, description="the paper's figures for this experiment")
+
+    @model_validator(mode="after")
+    def _check(self) -> "Scenario":
+        unknown = [m for m in self.modes if m not in SIM_MODES]
+        if unknown:
+            raise ValueError(f"unknown modes {unknown}; known: {list(SIM_MODES)}")
+        if "isolated" not in self.modes:
+            raise ValueError("modes must include 'isolated': every ratio is against it")
+        if self.drift_at >= self.batches:
+            raise ValueError("drift_at must come before the last batch")
+        if self.fedavg.per_round > self.nodes:
+            raise ValueError("fedavg.per_round cannot exceed nodes")
+        LearnerConfig.model_validate(self.learner)
+        return self
+
+    @property
+    def num_classes(self) -> int:
+        return 10 if self.dataset == "fashion_mnist" else 5
+
+
+def load_scenario(path_or_name: str | Path) -> Scenario:
+    """A scenario from a TOML path, or by name from the shipped ones."""
+    path = Path(path_or_name)
+    if not path.exists():
+        path = SCENARIO_DIR / f"{path_or_name}.toml"
+    if not path.exists():
+        shipped = ", ".join(sorted(p.stem for p in SCENARIO_DIR.glob("*.toml")))
+        raise ConfigError(f"no scenario {path_or_name!r} (a TOML file, or one of: {shipped})")
+    try:
+        data = tomllib.loads(path.read_text())
+        return Scenario.model_validate(data)
+    except (tomllib.TOMLDecodeError, ValidationError) as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+
+
+def shipped_scenarios() -> list[Path]:
+    return sorted(SCENARIO_DIR.glob("*.toml"))

@@ -1,0 +1,274 @@
+"""The fleet simulator: real ``clue-agent`` and ``clue-mds`` processes over a real Mosquitto.
+
+For each seed and mode it starts N agents from one shared base model, feeds every node its
+request batches (lock-step by default: batch t+1 goes out once every node answered batch t and
+finished the KT or FedAvg round it started, so a seed gives the same numbers every run), records
+predictions, events and the byte counts the agents' MQTT clients measured, and stops them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.models import save_weights
+from broker.launcher import PrivateMosquitto
+from broker.client import MqttClient
+from edge_sim.collector import Collector, Feeder
+from edge_sim.experiment import MODES, pretrain_base
+from edge_sim.processes import Child, spawn, spawn_agent, spawn_mds
+from edge_sim.scenario import Scenario
+from edge_sim.workloads import BatchStream, introduction_workload, split_pool
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class NodeRecord:
+    served_error: list[float] = field(default_factory=list)
+    target_error: list[float] = field(default_factory=list)
+    class_errors: list[dict[int, float]] = field(default_factory=list)
+    helpers: list[int] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class ModeRun:
+    """One mode, one seed: every node's record (node 0 is the target)."""
+
+    mode: str
+    seed: int
+    nodes: dict[str, NodeRecord]
+    seconds: float
+    complete: bool
+
+    @property
+    def target(self) -> NodeRecord:
+        return next(iter(self.nodes.values()))
+
+
+def load_dataset(name: str) -> tuple[np.ndarray, np.ndarray]:
+    if name == "fashion_mnist":
+        from edge_sim.datasets.images import load_fashion_mnist
+
+        x, y = load_fashion_mnist(split="train")
+        return x.astype(np.float32), y.astype(np.int64)
+    from edge_sim.datasets.synthetic import make_synthetic_nslkdd
+
+    x, y = make_synthetic_nslkdd(60_000, seed=0)
+    return x.astype(np.float32), y.astype(np.int64)
+
+
+def mode_settings(scn: Scenario, mode: str, members: list[str], seed: int) -> dict[str, Any]:
+    """Agent settings for one mode: the scenario's knobs, then the mode's own."""
+    learner = copy.deepcopy(scn.learner)
+    if mode != "fedavg":
+        learner.update(copy.deepcopy(MODES[mode]))
+        if mode in ("clue_class_aware", "random_mask") and "operator" in scn.learner:
+            learner["operator"] = scn.learner["operator"]
+    else:
+        learner["kt_apply"] = "off"
+    daemon = {"meta_interval": 0.0, "checkpoint_every": 1_000_000, "kt_timeout": 20.0}
+    daemon.update(scn.daemon)
+    settings: dict[str, Any] = {"learner": learner, "daemon": daemon, "arch": scn.arch, "num_classes": scn.num_classes}
+    if mode == "fedavg":
+        settings["fl"] = {
+            "job": f"fl-s{seed}", "every": scn.fedavg.every, "members": members,
+            "per_round": scn.fedavg.per_round, "seed": seed,
+        }
+    return settings
+
+
+class Fleet:
+    """The processes and clients of one simulator run (broker, MdS, observer); closes them all."""
+
+    def __init__(self, workdir: Path, broker_url: str | None) -> None:
+        self.workdir = workdir
+        self._stack = contextlib.ExitStack()
+        if broker_url is None:
+            self.broker = self._stack.enter_context(PrivateMosquitto(workdir=workdir / "broker"))
+            broker_url = f"mqtt://{self.broker.host}:{self.broker.port}"
+        self.broker_url = broker_url
+        self.children: list[Child] = []
+        self.mds = spawn_mds(broker_url, workdir / "mds.db", workdir / "logs")
+        self.children.append(self.mds)
+        self.client = MqttClient.from_url(broker_url, client_id=f"clue-sim-{int(time.time() * 1000) % 10**9}")
+        self.client.start()
+        if not self.client.wait_connected(30):
+            raise RuntimeError(f"cannot connect to the broker at {broker_url}")
+        self.collector = Collector(self.client).start()
+        self.client.wait_subscribed(10)
+        self.feeder = Feeder(self.client, self.collector)
+
+    def close(self) -> None:
+        for child in self.children:
+            child.terminate(15)
+        self.collector.stop()
+        self.client.stop()
+        self._stack.close()
+
+
+def _per_class(y: np.ndarray, y_hat: np.ndarray) -> dict[int, float]:
+    return {int(c): float((y_hat[y == c] != c).mean()) for c in np.unique(y)}
+
+
+def run_mode(
+    fleet: Fleet, scn: Scenario, mode: str, seed: int, data: tuple[np.ndarray, np.ndarray], base_path: Path,
+    rest: np.ndarray, progress: Progress | None = None,
+) -> ModeRun:
+    x, y = data
+    workload = introduction_workload(
+        helpers=scn.helpers, kind=scn.workload, num_classes=scn.num_classes, initial=scn.initial_classes,
+        drift_at=scn.drift_at, new_share=scn.new_share, non_overlap_from=scn.non_overlap_from,
+    )
+    ids = [f"s{seed}-{mode.replace('_', '-')}-n{i}" for i in range(scn.nodes)]
+    settings = mode_settings(scn, mode, ids, seed)
+    settings["base_weights"] = str(base_path)
+    state = fleet.workdir / "state" / f"s{seed}-{mode}"
+    shutil.rmtree(state, ignore_errors=True)
+    agents = [spawn_agent(n, fleet.broker_url, state, fleet.workdir / "logs", settings=settings) for n in ids]
+    aggregator = None
+    if mode == "fedavg":
+        fl = settings["fl"]
+        aggregator = spawn(
+            f"aggregator-s{seed}", [sys.executable, "-m", "edge_sim.aggregator", "--broker", fleet.broker_url,
+             "--job", fl["job"], "--every", str(fl["every"]), "--members", ",".join(ids),
+             "--per-round", str(fl["per_round"]), "--seed", str(seed)],
+            fleet.workdir / "logs",
+        )
+    collector = fleet.collector
+    started = time.perf_counter()
+    nodes = {n: NodeRecord() for n in ids}
+    labels: dict[tuple[str, int], np.ndarray] = {}
+    complete = False
+    try:
+        if not collector.wait_for(lambda: all(collector.events_of(n, "started") for n in ids), 120):
+            dead = [a.name for a in agents if not a.alive()]
+            raise RuntimeError(f"agents did not start (dead: {dead}); see {fleet.workdir / 'logs'}")
+        streams = [BatchStream(x, y, indices=rest, seed=seed * 1000 + i) for i in range(scn.nodes)]
+        for t in range(scn.batches):
+            sent = []
+            for i, (node, stream) in enumerate(zip(ids, streams)):
+                bx, by = stream.batch(workload.mix(i, t), scn.batch_size)
+                sent.append((node, bx, by))
+            for node, _, by in sent:
+                labels[(node, t)] = by
+            if scn.pacing == "lockstep":
+                fl_round = _fl_round(settings, t)
+                ok = fleet.feeder.step(t, sent, timeout=180, extra=_fl_done(collector, ids, fl_round))
+                if not ok:
+                    raise RuntimeError(f"batch {t} was not answered in time; see {fleet.workdir / 'logs'}")
+            else:
+                for node, bx, by in sent:
+                    fleet.feeder.send(node, t, bx, by)
+                time.sleep(1.0 / scn.rate)
+            if progress:
+                progress(f"seed {seed} {mode}", t + 1, scn.batches)
+        if scn.pacing == "free":
+            collector.wait_for(lambda: all(len(collector.predictions[n]) >= scn.batches for n in ids), 120)
+        complete = True
+    finally:
+        for agent in agents:
+            agent.process.send_signal(signal.SIGTERM)
+        collector.wait_for(lambda: all(collector.events_of(n, "stats") for n in ids), 60)
+        for agent in agents:
+            agent.terminate(20)
+        if aggregator is not None:
+            aggregator.terminate(10)
+    _collect(collector, nodes, ids, scn.batches, labels)
+    return ModeRun(mode=mode, seed=seed, nodes=nodes, seconds=time.perf_counter() - started, complete=complete)
+
+
+def _fl_round(settings: dict[str, Any], t: int) -> int | None:
+    fl = settings.get("fl")
+    if not fl or (t + 1) % fl["every"]:
+        return None
+    return (t + 1) // fl["every"] - 1
+
+
+def _fl_done(collector: Collector, ids: list[str], fl_round: int | None) -> Callable[[], bool]:
+    if fl_round is None:
+        return lambda: True
+    return lambda: all(
+        any(e.detail.get("round") == fl_round for e in collector.events_of(n, "fl_adopted")) for n in ids
+    )
+
+
+def _collect(
+    collector: Collector, nodes: dict[str, NodeRecord], ids: list[str], batches: int,
+    labels_sent: dict[tuple[str, int], np.ndarray],
+) -> None:
+    for node in ids:
+        rec = nodes[node]
+        preds = collector.predictions[node]
+        for t in range(batches):
+            p = preds.get(t)
+            labels = labels_sent.get((node, t))
+            if p is None or labels is None:
+                rec.served_error.append(math.nan)
+                rec.target_error.append(math.nan)
+                rec.class_errors.append({})
+                rec.helpers.append(0)
+                continue
+            rec.served_error.append(float(p.error))
+            rec.target_error.append(float(p.target_error))
+            rec.class_errors.append(_per_class(labels, p.y_hat.to_numpy()))
+            rec.helpers.append(len(p.helpers))
+        rec.events = [{"kind": e.kind, **e.detail} for e in collector.events_of(node) if e.kind != "stats"]
+        stats = collector.events_of(node, "stats")
+        rec.stats = dict(stats[-1].detail) if stats else {}
+
+
+@contextlib.contextmanager
+def _workdir(path: Path | None) -> Iterator[Path]:
+    if path is not None:
+        path.mkdir(parents=True, exist_ok=True)
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="clue-sim-", dir="/var/tmp" if Path("/var/tmp").is_dir() else None) as tmp:
+        yield Path(tmp)
+
+
+def run_scenario(
+    scn: Scenario, *, broker_url: str | None = None, workdir: Path | None = None, progress: Progress | None = None,
+) -> list[ModeRun]:
+    """Every seed and mode of ``scn``; returns what finished (also after Ctrl-C: partial results)."""
+    data = load_dataset(scn.dataset)
+    runs: list[ModeRun] = []
+    with _workdir(workdir) as wd:
+        fleet = Fleet(wd, broker_url)
+        try:
+            for seed in scn.seeds:
+                workload = introduction_workload(
+                    helpers=scn.helpers, kind=scn.workload, num_classes=scn.num_classes, initial=scn.initial_classes,
+                    drift_at=scn.drift_at, new_share=scn.new_share, non_overlap_from=scn.non_overlap_from,
+                )
+                pre, rest = split_pool(data[1], holdout_classes=workload.target_classes, holdout=scn.pretrain_samples, seed=seed)
+                base = pretrain_base(scn.arch, data[0][pre], data[1][pre], num_classes=scn.num_classes, epochs=scn.pretrain_epochs, seed=seed)
+                base_path = wd / f"base-s{seed}.npz"
+                save_weights(base_path, base)
+                for mode in scn.modes:
+                    runs.append(run_mode(fleet, scn, mode, seed, data, base_path, rest, progress))
+        except KeyboardInterrupt:
+            pass  # Ctrl-C: every process stops below and what finished is kept
+        finally:
+            fleet.close()
+    return runs
+
+
+def run_dict(run: ModeRun) -> dict[str, Any]:
+    return {"mode": run.mode, "seed": run.seed, "seconds": run.seconds, "complete": run.complete,
+            "nodes": {n: asdict(r) for n, r in run.nodes.items()}}
