@@ -35,6 +35,7 @@ from agent.notify import Notifier, Watchdog
 from agent.runtime import EnsembleRuntime, resolve_device
 from agent.settings import AgentSettings, DaemonKnobs, credential_path, load_settings, split_patch
 from broker import topics
+from broker.topology import kt_channel
 from broker.client import ErrorEvent, Inbound, MqttClient, Responder
 from broker.errors import BusError, RemoteError, RequestRejected, RequestTimeout
 from broker.wire import (
@@ -54,6 +55,9 @@ from broker.wire import (
 )
 
 log = logging.getLogger("clue.agent")
+
+#: The candidate name of the trusted relay: in relay mode the target never learns the helper's id.
+RELAY = "relay"
 
 EXIT_OK = 0
 EXIT_CRASH = 1
@@ -339,12 +343,13 @@ class AgentDaemon:
     # -- knowledge transfer as a target ----------------------------------------------------------
 
     def _start_help(self, help: HelpRequest) -> None:
+        """Direct: ask the MdS for candidates first. Relay: the relay asks it, so the one candidate is the relay."""
         self._event("drift", batch=help.batch_index, classes=list(help.classes), reason=help.reason)
         now = time.perf_counter()
         if self.knobs.kt_mode == "relay":
-            future = self._send_kt(topics.relay_kt(), help, target=self.node_id)
-            self._help = HelpFlow(help, now, help.batch_index, "kt", future, tried=["relay"])
-            self._event("help_requested", via="relay", classes=list(help.classes))
+            flow = HelpFlow(help, now, help.batch_index, "kt", concurrent.futures.Future(), candidates=[RELAY])
+            self._help = flow
+            self._next_candidate(flow)
             return
         query = HelpQuery(
             node_id=self.node_id, arch_id=self.learner.arch_id, lineage=self.learner.lineage,
@@ -354,12 +359,14 @@ class AgentDaemon:
         self._help = HelpFlow(help, now, help.batch_index, "query", future)
         self._set_status(f"asking the MdS for classes {list(help.classes)}")
 
-    def _send_kt(self, topic: str, help: HelpRequest, *, target: str | None = None) -> concurrent.futures.Future:
+    def _send_kt(self, helper: str, help: HelpRequest) -> concurrent.futures.Future:
+        relay = helper == RELAY
         request = KtRequest(
             classes=list(help.classes), z=help.z, arch_id=self.learner.arch_id, lineage=self.learner.lineage,
-            value_codec=help.value_codec, target=target,
+            value_codec=help.value_codec, target=self.node_id if relay else None,
         )
-        return self.client.send_request(topic, request, timeout=self.knobs.kt_timeout, retries=0)
+        channel = kt_channel(self.knobs.kt_mode, None if relay else helper)
+        return self.client.send_request(channel, request, timeout=self.knobs.kt_timeout, retries=0)
 
     def _advance_help(self) -> None:
         flow = self._help
@@ -380,15 +387,15 @@ class AgentDaemon:
             return
         if isinstance(reply, KtBlob):
             try:
-                installed = self.learner.accept_kt_blob(reply.blob, source=flow.helper or "relay")
+                installed = self.learner.accept_kt_blob(reply.blob, source=flow.helper)
             except KtRejected as exc:
-                self._reject(f"KT blob from {flow.helper or 'relay'}: {exc}")
+                self._reject(f"KT blob from {flow.helper}: {exc}")
                 self._next_candidate(flow)
                 return
             self._timings["install"].append(installed.seconds)
             self._event(
                 "helper_installed",
-                helper=flow.helper or "relay",
+                helper=flow.helper,
                 helper_id=installed.helper_id,
                 classes=list(installed.classes),
                 params=installed.count,
@@ -401,7 +408,7 @@ class AgentDaemon:
             self._help = None
             self._set_status(f"serving with {len(self.learner.pool)} helper(s)")
             return
-        self._event("kt_failed", helper=flow.helper or "relay", error=str(reply)[:500])
+        self._event("kt_failed", helper=flow.helper, error=str(reply)[:500])
         self._next_candidate(flow)
 
     def _next_candidate(self, flow: HelpFlow) -> None:
@@ -414,7 +421,7 @@ class AgentDaemon:
         flow.helper = remaining[0]
         flow.tried.append(flow.helper)
         flow.stage = "kt"
-        flow.future = self._send_kt(topics.node_kt(flow.helper), flow.request)
+        flow.future = self._send_kt(flow.helper, flow.request)
         self._event("help_requested", helper=flow.helper, classes=list(flow.request.classes))
         self._set_status(f"asking {flow.helper} for classes {list(flow.request.classes)}")
 
