@@ -99,7 +99,7 @@ class Fleet:
         self.workdir = workdir
         self._stack = contextlib.ExitStack()
         if broker_url is None:
-            self.broker = self._stack.enter_context(PrivateMosquitto(workdir=workdir / "broker"))
+            self.broker = self._stack.enter_context(PrivateMosquitto())
             broker_url = f"mqtt://{self.broker.host}:{self.broker.port}"
         self.broker_url = broker_url
         self.children: list[Child] = []
@@ -238,7 +238,7 @@ def _workdir(path: Path | None) -> Iterator[Path]:
         path.mkdir(parents=True, exist_ok=True)
         yield path
         return
-    with tempfile.TemporaryDirectory(prefix="clue-sim-", dir="/var/tmp" if Path("/var/tmp").is_dir() else None) as tmp:
+    with tempfile.TemporaryDirectory(prefix="clue-sim-") as tmp:
         yield Path(tmp)
 
 
