@@ -39,6 +39,7 @@ class LearnerConfig(BaseModel):
     value_codec: Literal["float32", "float16", "int8"] = Field("float16", description="how transferred weights are encoded")
     value_delta: bool = Field(False, description="send weights as deltas from the shared base weights (quantise better)")
     lr: float = Field(1e-3, gt=0.0, le=1.0, description="online Adam learning rate, one step per labelled batch")
+    help_delay: int = Field(0, ge=0, le=100_000, description="batches between drift detection and the help request (the paper's 'delayed by X')")
     help_cooldown: int = Field(10, ge=0, le=100_000, description="batches before the same classes may be asked for again")
     history_window: int = Field(3, ge=1, le=1000, description="recent batches whose class histogram, against the long run, names the classes to ask for")
 

@@ -8,6 +8,7 @@ a help request is returned to the caller, and a KT blob is handed back in as byt
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from collections import deque
@@ -123,6 +124,7 @@ class Learner:
         self._target_errors: deque[float] = deque(maxlen=_ERROR_HISTORY)
         self._asked: dict[tuple[int, ...], int] = {}
         self._pending_baseline: float | None = None
+        self._delayed_help: HelpRequest | None = None
 
     def apply_config(self, values: Mapping[str, Any]) -> LearnerConfig:
         """Validate ``values`` against the whole config and apply them atomically, between batches.
@@ -232,7 +234,13 @@ class Learner:
         self.detector.update(result.target_error, labels)
         result.drift = self.detector.drift_detected
         if result.drift and self.config.kt_apply != "off":
-            result.help = self._help_request(index, recent_longrun)
+            request = self._help_request(index, recent_longrun)
+            if request is not None and self.config.help_delay > 0:
+                self._delayed_help, request = request, None
+            result.help = request
+        if self._delayed_help is not None and index - self._delayed_help.batch_index >= self.config.help_delay:
+            result.help = dataclasses.replace(self._delayed_help, batch_index=index)
+            self._delayed_help = None
         rolling = self._target_rolling_error()
         result.discarded = tuple(self.pool.discard_check(batch_index=index, target_rolling_error=rolling))
         return result

@@ -47,6 +47,7 @@ class Scenario(BaseModel):
     initial_classes: int = Field(8, ge=1)
     non_overlap_from: int = Field(4, ge=0)
     fluctuation_period: int = Field(10, ge=1)
+    helper_label_fraction: float = Field(1.0, gt=0.0, le=1.0, description="share of the helpers' batches that carry labels (a weak helper learns from less)")
     pretrain_samples: int = Field(2000, ge=10)
     pretrain_epochs: int = Field(5, ge=0)
     seeds: list[int] = Field(default_factory=lambda: [0])

@@ -159,13 +159,15 @@ def run_mode(
             dead = [a.name for a in agents if not a.alive()]
             raise RuntimeError(f"agents did not start (dead: {dead}); see {fleet.workdir / 'logs'}")
         streams = [BatchStream(x, y, indices=rest, seed=seed * 1000 + i) for i in range(scn.nodes)]
+        label_draw = np.random.default_rng(seed + 7919)
         for t in range(scn.batches):
             sent = []
             for i, (node, stream) in enumerate(zip(ids, streams)):
                 bx, by = stream.batch(workload.mix(i, t), scn.batch_size)
-                sent.append((node, bx, by))
-            for node, _, by in sent:
                 labels[(node, t)] = by
+                # A weak helper sees as many requests but learns from only some of them.
+                labelled = i == 0 or label_draw.random() < scn.helper_label_fraction
+                sent.append((node, bx, by if labelled else None))
             if scn.pacing == "lockstep":
                 fl_round = _fl_round(settings, t)
                 ok = fleet.feeder.step(t, sent, timeout=180, extra=_fl_done(collector, ids, fl_round))
@@ -223,8 +225,9 @@ def _collect(
                 rec.class_errors.append({})
                 rec.helpers.append(0)
                 continue
-            rec.served_error.append(float(p.error))
-            rec.target_error.append(float(p.target_error))
+            # The sim knows every label it sent, so errors are computed here for unlabelled batches too.
+            rec.served_error.append(float((p.y_hat.to_numpy() != labels).mean()))
+            rec.target_error.append(float(p.target_error) if p.target_error is not None else math.nan)
             rec.class_errors.append(_per_class(labels, p.y_hat.to_numpy()))
             rec.helpers.append(len(p.helpers))
         rec.events = [{"kind": e.kind, **e.detail} for e in collector.events_of(node) if e.kind != "stats"]
