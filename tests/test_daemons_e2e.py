@@ -9,6 +9,7 @@ stays short; the learning itself is tested on Fashion-MNIST elsewhere.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -21,7 +22,7 @@ import torch
 
 from broker import topics
 from broker.client import Responder
-from broker.wire import ConfigAck, KtBlob, NodeMeta
+from broker.wire import ConfigAck, Event, KtBlob, NodeMeta
 from edge_sim.collector import Collector, Feeder
 from edge_sim.processes import spawn, spawn_agent, spawn_mds
 
@@ -390,3 +391,49 @@ def test_sigkilled_agent_resumes_from_its_checkpoint(fleet):
     assert restarted["resumed"] is True and restarted["batch"] == 10
     assert feeder.step(12, [(node, *data.batch(range(8)))])
     assert collector.predictions[node][12].error < 0.2
+
+
+@pytest.mark.timeout(180)
+def test_retained_config_applies_at_start_and_sighup_reloads_the_file(fleet, tmp_path):
+    node = "reloader"
+    subprocess.run(
+        ["mosquitto_pub", "-h", fleet.broker.host, "-p", str(fleet.broker.port), "-q", "1", "-r",
+         "-t", topics.node_config(node), "-m", '{"z": 0.25}'],
+        check=True, timeout=10,
+    )
+    client = fleet.client()
+    client.subscribe(topics.node_config_ack(node), 1)
+    client.subscribe(topics.node_events(node), 1)
+    assert client.wait_subscribed(10)
+    toml = tmp_path / "agent.toml"
+    toml.write_text(f'node_id = "{node}"\nbroker = "{fleet.broker_url}"\nstate_dir = "{fleet.state}"\n[learner]\nhelp_cooldown = 7\n')
+    child = spawn(node, [sys.executable, "-m", "agent", "--config", str(toml)], fleet.logs)
+    try:
+        first = _next(client, ConfigAck)
+        assert first.ok and first.applied["z"] == 0.25 and first.applied["help_cooldown"] == 7
+
+        toml.write_text(toml.read_text().replace("help_cooldown = 7", "help_cooldown = 9"))
+        child.process.send_signal(signal.SIGHUP)
+        reload_event = _next(client, Event, lambda e: e.detail.get("source") == "reload")
+        assert reload_event.kind == "config_applied" and reload_event.detail.get("source") == "reload"
+        ack = _patch_and_ack(fleet, client, node, '{"pool_max": 2}')
+        assert ack.ok and ack.applied["help_cooldown"] == 9 and ack.applied["pool_max"] == 2
+
+        toml.write_text(toml.read_text().replace("help_cooldown = 9", "help_cooldown = -1"))
+        child.process.send_signal(signal.SIGHUP)
+        refused = _next(client, Event, lambda e: e.detail.get("source") == "reload")
+        assert refused.kind == "config_refused" and "help_cooldown" in refused.detail["error"]
+        assert child.alive()
+    finally:
+        assert child.terminate(20) == 0
+    assert (fleet.state / f"{node}.ckpt.npz").exists()
+
+
+def _next(client, kind, where=lambda m: True, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        item = client.get(timeout=0.2)
+        message = getattr(item, "message", None)
+        if isinstance(message, kind) and where(message):
+            return message
+    raise AssertionError(f"no {kind.__name__} within {timeout} s")
