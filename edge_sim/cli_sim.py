@@ -4,6 +4,8 @@
     clue-sim run my.toml --broker mqtt://host:1883 --out runs/mine
     clue-sim list                        # the shipped scenarios
     clue-sim all --out runs/all          # every shipped scenario into one report (long)
+    clue-sim base --scenario default --out base.npz          # a fleet's shared base model
+    clue-sim feed --broker URL --scenario default --nodes a,b,c,d,e --out DIR   # agents run elsewhere
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from agent.errors import ConfigError
 from edge_sim.report import headline_table, write_report
 from edge_sim.scenario import Scenario, load_scenario, shipped_scenarios
-from edge_sim.sim import run_scenario
+from agent.models import save_weights
+from edge_sim.sim import feed_external, load_dataset, prepare_base, run_scenario
 
 EXIT_CONFIG = 78
 
@@ -57,6 +60,14 @@ def main(argv: list[str] | None = None) -> int:
     every = sub.add_parser("all", help="run every shipped scenario into one report (takes long)")
     every.add_argument("--out", type=Path, default=Path("runs/all"))
     every.add_argument("--broker")
+    base = sub.add_parser("base", help="pre-train a scenario's shared base model (first seed) and save it as .npz")
+    base.add_argument("--scenario", default="default")
+    base.add_argument("--out", type=Path, required=True)
+    feed = sub.add_parser("feed", help="play a scenario's workload to agents run elsewhere (e.g. docker compose)")
+    feed.add_argument("--scenario", default="default")
+    feed.add_argument("--broker", required=True)
+    feed.add_argument("--nodes", required=True, help="comma-separated node ids; the first is the target")
+    feed.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     console = Console(stderr=False)
 
@@ -66,6 +77,19 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"{scn.name:24s} {scn.title}")
         return 0
     try:
+        if args.command == "base":
+            scn = load_scenario(args.scenario)
+            state, _ = prepare_base(scn, scn.seeds[0], load_dataset(scn.dataset))
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            save_weights(args.out, state)
+            console.print(f"wrote {args.out} (scenario {scn.name}, seed {scn.seeds[0]})")
+            return 0
+        if args.command == "feed":
+            scn = load_scenario(args.scenario)
+            run = feed_external(scn, args.broker, [n.strip() for n in args.nodes.split(",") if n.strip()])
+            summary = write_report(scn, [run], args.out)
+            print(headline_table(summary, False))
+            return 0
         if args.command == "run":
             scn = load_scenario(args.scenario)
             overrides = {}

@@ -17,6 +17,7 @@ import numpy as np
 
 from broker import topics
 from broker.client import Inbound, MqttClient
+from broker.errors import BusError
 from broker.wire import ArrayPayload, Event, Prediction, RequestBatch
 
 #: Events that end a knowledge transfer a node started (after ``drift``).
@@ -37,11 +38,13 @@ class Collector:
         self.client = client
         self.predictions: dict[str, dict[int, Prediction]] = defaultdict(dict)
         self.events: list[Received] = []
+        self.status: dict[str, bytes] = {}
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="collector", daemon=True)
         client.subscribe(topics.all_predictions(), 1)
         client.subscribe(topics.all_events(), 1)
+        client.subscribe(topics.all_status(), 1)
 
     def start(self) -> "Collector":
         self._thread.start()
@@ -54,13 +57,19 @@ class Collector:
     def _run(self) -> None:
         while not self._stop.is_set():
             item = self.client.get(timeout=0.1)
-            if not isinstance(item, Inbound) or item.message is None:
+            if not isinstance(item, Inbound):
                 continue
             try:
-                node_id, _ = topics.parse_node_topic(item.topic)
-            except Exception:
+                node_id, leaf = topics.parse_node_topic(item.topic)
+            except BusError:
                 continue
             with self._cond:
+                if leaf == "status":
+                    self.status[node_id] = item.payload
+                    self._cond.notify_all()
+                    continue
+                if item.message is None:
+                    continue
                 if isinstance(item.message, Prediction):
                     self.predictions[node_id][item.message.batch_id] = item.message
                 elif isinstance(item.message, Event):

@@ -95,7 +95,7 @@ def mode_settings(scn: Scenario, mode: str, members: list[str], seed: int) -> di
 class Fleet:
     """The processes and clients of one simulator run (broker, MdS, observer); closes them all."""
 
-    def __init__(self, workdir: Path, broker_url: str | None) -> None:
+    def __init__(self, workdir: Path, broker_url: str | None, *, start_mds: bool = True) -> None:
         self.workdir = workdir
         self._stack = contextlib.ExitStack()
         if broker_url is None:
@@ -103,15 +103,19 @@ class Fleet:
             broker_url = f"mqtt://{self.broker.host}:{self.broker.port}"
         self.broker_url = broker_url
         self.children: list[Child] = []
-        self.mds = spawn_mds(broker_url, workdir / "mds.db", workdir / "logs")
-        self.children.append(self.mds)
+        if start_mds:
+            self.children.append(spawn_mds(broker_url, workdir / "mds.db", workdir / "logs"))
         self.client = MqttClient.from_url(broker_url, client_id=f"clue-sim-{int(time.time() * 1000) % 10**9}")
         self.client.start()
         if not self.client.wait_connected(30):
             raise RuntimeError(f"cannot connect to the broker at {broker_url}")
         self.collector = Collector(self.client).start()
+        self.status = self.collector.status
         self.client.wait_subscribed(10)
         self.feeder = Feeder(self.client, self.collector)
+
+    def wait_status(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        return self.collector.wait_for(predicate, timeout)
 
     def close(self) -> None:
         for child in self.children:
@@ -126,20 +130,22 @@ def _per_class(y: np.ndarray, y_hat: np.ndarray) -> dict[int, float]:
 
 
 def run_mode(
-    fleet: Fleet, scn: Scenario, mode: str, seed: int, data: tuple[np.ndarray, np.ndarray], base_path: Path,
-    rest: np.ndarray, progress: Progress | None = None,
+    fleet: Fleet, scn: Scenario, mode: str, seed: int, data: tuple[np.ndarray, np.ndarray], base_path: Path | None,
+    rest: np.ndarray, progress: Progress | None = None, *, external: list[str] | None = None,
 ) -> ModeRun:
     x, y = data
-    workload = introduction_workload(
-        helpers=scn.helpers, kind=scn.workload, num_classes=scn.num_classes, initial=scn.initial_classes,
-        drift_at=scn.drift_at, new_share=scn.new_share, non_overlap_from=scn.non_overlap_from,
-    )
-    ids = [f"s{seed}-{mode.replace('_', '-')}-n{i}" for i in range(scn.nodes)]
-    settings = mode_settings(scn, mode, ids, seed)
-    settings["base_weights"] = str(base_path)
-    state = fleet.workdir / "state" / f"s{seed}-{mode}"
-    shutil.rmtree(state, ignore_errors=True)
-    agents = [spawn_agent(n, fleet.broker_url, state, fleet.workdir / "logs", settings=settings) for n in ids]
+    workload = _workload(scn)
+    if external is not None:
+        ids, settings, agents = list(external), {}, []
+        if len(ids) != scn.nodes:
+            raise ValueError(f"the scenario has {scn.nodes} nodes, {len(ids)} were named")
+    else:
+        ids = [f"s{seed}-{mode.replace('_', '-')}-n{i}" for i in range(scn.nodes)]
+        settings = mode_settings(scn, mode, ids, seed)
+        settings["base_weights"] = str(base_path)
+        state = fleet.workdir / "state" / f"s{seed}-{mode}"
+        shutil.rmtree(state, ignore_errors=True)
+        agents = [spawn_agent(n, fleet.broker_url, state, fleet.workdir / "logs", settings=settings) for n in ids]
     aggregator = None
     if mode == "fedavg":
         fl = settings["fl"]
@@ -155,7 +161,11 @@ def run_mode(
     labels: dict[tuple[str, int], np.ndarray] = {}
     complete = False
     try:
-        if not collector.wait_for(lambda: all(collector.events_of(n, "started") for n in ids), 120):
+        if external is not None:
+            online = lambda: all(fleet.status.get(n) == b"online" for n in ids)  # noqa: E731
+            if not fleet.wait_status(online, 600):
+                raise RuntimeError(f"agents {ids} did not come online")
+        elif not collector.wait_for(lambda: all(collector.events_of(n, "started") for n in ids), 120):
             dead = [a.name for a in agents if not a.alive()]
             raise RuntimeError(f"agents did not start (dead: {dead}); see {fleet.workdir / 'logs'}")
         streams = [BatchStream(x, y, indices=rest, seed=seed * 1000 + i) for i in range(scn.nodes)]
@@ -185,7 +195,8 @@ def run_mode(
     finally:
         for agent in agents:
             agent.process.send_signal(signal.SIGTERM)
-        collector.wait_for(lambda: all(collector.events_of(n, "stats") for n in ids), 60)
+        if agents:
+            collector.wait_for(lambda: all(collector.events_of(n, "stats") for n in ids), 60)
         for agent in agents:
             agent.terminate(20)
         if aggregator is not None:
@@ -255,12 +266,7 @@ def run_scenario(
         fleet = Fleet(wd, broker_url)
         try:
             for seed in scn.seeds:
-                workload = introduction_workload(
-                    helpers=scn.helpers, kind=scn.workload, num_classes=scn.num_classes, initial=scn.initial_classes,
-                    drift_at=scn.drift_at, new_share=scn.new_share, non_overlap_from=scn.non_overlap_from,
-                )
-                pre, rest = split_pool(data[1], holdout_classes=workload.target_classes, holdout=scn.pretrain_samples, seed=seed)
-                base = pretrain_base(scn.arch, data[0][pre], data[1][pre], num_classes=scn.num_classes, epochs=scn.pretrain_epochs, seed=seed)
+                base, rest = prepare_base(scn, seed, data)
                 base_path = wd / f"base-s{seed}.npz"
                 save_weights(base_path, base)
                 for mode in scn.modes:
@@ -270,6 +276,40 @@ def run_scenario(
         finally:
             fleet.close()
     return runs
+
+
+def prepare_base(scn: Scenario, seed: int, data: tuple[np.ndarray, np.ndarray]) -> tuple[dict, np.ndarray]:
+    """The seed's shared base model (pre-trained on the target's initial classes) and the stream pool."""
+    workload = _workload(scn)
+    pre, rest = split_pool(data[1], holdout_classes=workload.target_classes, holdout=scn.pretrain_samples, seed=seed)
+    base = pretrain_base(scn.arch, data[0][pre], data[1][pre], num_classes=scn.num_classes, epochs=scn.pretrain_epochs, seed=seed)
+    return base, rest
+
+
+def _workload(scn: Scenario):
+    return introduction_workload(
+        helpers=scn.helpers, kind=scn.workload, num_classes=scn.num_classes, initial=scn.initial_classes,
+        drift_at=scn.drift_at, new_share=scn.new_share, non_overlap_from=scn.non_overlap_from,
+    )
+
+
+def feed_external(
+    scn: Scenario, broker_url: str, node_ids: list[str], *, progress: Progress | None = None, workdir: Path | None = None,
+) -> ModeRun:
+    """Play the scenario's workload (first seed) to agents someone else runs, e.g. a compose fleet.
+
+    Node i of ``node_ids`` is workload node i (node 0 the target). Their base model must be the one
+    ``clue-sim base`` wrote for the same scenario, so the data split matches.
+    """
+    data = load_dataset(scn.dataset)
+    seed = scn.seeds[0]
+    _, rest = prepare_base(scn, seed, data)
+    with _workdir(workdir) as wd:
+        fleet = Fleet(wd, broker_url, start_mds=False)
+        try:
+            return run_mode(fleet, scn, "external", seed, data, None, rest, progress, external=node_ids)
+        finally:
+            fleet.close()
 
 
 def run_dict(run: ModeRun) -> dict[str, Any]:

@@ -2,10 +2,11 @@
 
     clue-mds --broker mqtt://127.0.0.1:1883 --db /var/lib/clue-mds/mds.db --similarity cosine
 
-Every flag can also be set by a `CLUE_MDS_*` environment variable (`--max-k` <- `CLUE_MDS_MAX_K`);
-the flag wins. `--broker` takes `mqtt://host:port`, `mqtts://host:port`, `unix:///path` or a bare
-socket path. Logs go to stderr; under systemd (`NOTIFY_SOCKET` set) it reports `READY=1` once
-subscribed.
+Every option but `--no-shared` can also be set by a `CLUE_MDS_*` environment variable
+(`--max-k` <- `CLUE_MDS_MAX_K`); the flag wins. `--broker` takes `mqtt://host:port`,
+`mqtts://host:port`, `unix:///path` or a bare socket path. Logs go to stderr, or to the journal
+under systemd (`agent.logs`); with `NOTIFY_SOCKET` set it reports `READY=1` once subscribed, or
+after 5 s of trying (it keeps trying), and a status line with the node and query counts.
 
 Exit codes: 0 after a clean stop, 2 for a bad argument or configuration (an unknown similarity, an
 unreadable database, a missing TLS file: restarting will not help, so a unit can list it in
@@ -22,12 +23,13 @@ import re
 import signal
 import socket
 import sqlite3
-import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+from agent.logs import configure_logging
+from agent.notify import Notifier
 from broker.client import MqttClient, parse_broker_url
 from mds.service import MetadataService
 from mds.similarity import SIMILARITIES
@@ -37,12 +39,8 @@ log = logging.getLogger("clue-mds")
 
 EXIT_OK = 0
 EXIT_CRASH = 1
-EXIT_CONFIG = 2
+EXIT_CONFIG = 78  # sysexits EX_CONFIG, as clue-agent and clue-relay: RestartPreventExitStatus=78
 ENV_PREFIX = "CLUE_MDS_"
-
-
-def _env(name: str, default: str | None) -> str | None:
-    return os.environ.get(ENV_PREFIX + name, default)
 
 
 def _default_client_id() -> str:
@@ -51,29 +49,34 @@ def _default_client_id() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (defaults from `CLUE_MDS_*` environment variables)."""
+    """The argument parser; each option's default comes from its `CLUE_MDS_*` variable if set."""
     p = argparse.ArgumentParser(
         prog="clue-mds",
         description="CLUE Edge metadata service: collects node metadata, answers helper queries.",
     )
-    p.add_argument("--broker", default=_env("BROKER", "mqtt://127.0.0.1:1883"), help="broker URL or unix socket path")
-    p.add_argument("--db", default=_env("DB", ":memory:"), help="SQLite file (default: in memory; retained messages rebuild it)")
-    p.add_argument("--similarity", default=_env("SIMILARITY", "cosine"), help=f"one of {', '.join(sorted(SIMILARITIES))}")
-    p.add_argument("--min-class-share", type=float, default=_env("MIN_CLASS_SHARE", "0.01"), help="share of its histogram a helper must hold in each requested class")
-    p.add_argument("--max-k", type=int, default=_env("MAX_K", "32"), help="largest k served (1..64)")
-    p.add_argument("--client-id", default=_env("CLIENT_ID", _default_client_id()), help="MQTT client id (fixed: the session key)")
-    p.add_argument("--shared-group", default=_env("SHARED_GROUP", "mds"), help="shared-subscription group for queries (empty: none)")
+
+    def option(flag: str, default: str | None, text: str, kind: Callable[[str], Any] = str) -> None:
+        env = ENV_PREFIX + flag.removeprefix("--").replace("-", "_").upper()
+        # argparse applies `type` to a string default too, so a bad variable is refused like a bad flag.
+        p.add_argument(flag, type=kind, default=os.environ.get(env, default), help=f"{text} [${env}]")
+
+    option("--broker", "mqtt://127.0.0.1:1883", "broker URL (mqtt://, mqtts://, unix://) or socket path")
+    option("--db", ":memory:", "SQLite file (default: in memory, rebuilt from retained messages)")
+    option("--similarity", "cosine", f"one of {', '.join(sorted(SIMILARITIES))}")
+    option("--min-class-share", "0.01", "share of its histogram a helper must hold in each asked class", float)
+    option("--max-k", "32", "largest k served (1..64)", int)
+    option("--client-id", _default_client_id(), "MQTT client id (fixed: the session key)")
+    option("--shared-group", "mds", "shared-subscription group for queries (empty: none)")
     p.add_argument("--no-shared", action="store_true", help="read mds/query directly: this MdS answers every query")
-    p.add_argument("--state-qos", type=int, default=_env("STATE_QOS", "1"), help="QoS of the meta/status subscriptions: 1 keeps updates during a disconnect; 0 lets a fleet larger than half the broker's max_queued_messages rebuild without loss")
-    p.add_argument("--session-expiry", type=int, default=_env("SESSION_EXPIRY", "30"), help="s the broker keeps this session (and its queued queries) after a disconnect")
-    p.add_argument("--inbox-size", type=int, default=_env("INBOX_SIZE", "100000"), help="messages buffered between the network and the worker (retained metadata of the whole fleet arrives at once)")
-    p.add_argument("--username", default=_env("USERNAME", None))
-    p.add_argument("--password-file", default=_env("PASSWORD_FILE", None), help="file holding the broker password")
-    p.add_argument("--tls-ca", default=_env("TLS_CA", None))
-    p.add_argument("--tls-cert", default=_env("TLS_CERT", None))
-    p.add_argument("--tls-key", default=_env("TLS_KEY", None))
-    p.add_argument("--stats-interval", type=float, default=_env("STATS_INTERVAL", "60"), help="s between stats lines in the log (0: only at exit)")
-    p.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"), help="DEBUG, INFO, WARNING, ERROR")
+    option("--session-expiry", "30", "s the broker keeps the session (and queries for it) after a disconnect", int)
+    option("--inbox-size", "100000", "messages buffered for the worker (the fleet's retained state comes at once)", int)
+    option("--username", None, "broker user name")
+    option("--password-file", None, "file holding the broker password")
+    option("--tls-ca", None, "CA certificate file")
+    option("--tls-cert", None, "client certificate file")
+    option("--tls-key", None, "client key file")
+    option("--stats-interval", "60", "s between stats lines in the log (0: only at exit)", float)
+    option("--log-level", "INFO", "DEBUG, INFO, WARNING or ERROR")
     return p
 
 
@@ -99,18 +102,22 @@ def _check(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run `clue-mds`; return its exit code (argparse exits with 2 itself on a bad flag)."""
+    """Run `clue-mds`; return its exit code: 78 for a bad setting, 1 for a crash, 0 when stopped."""
+    try:
+        return _main(argv)
+    except SystemExit as exc:
+        # argparse exits 2 on a bad flag; the daemons agree on 78 so systemd can tell it from a crash.
+        return EXIT_CONFIG if exc.code == 2 else (exc.code if isinstance(exc.code, int) else EXIT_CONFIG)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         connection = _check(args)
     except ValueError as exc:
         parser.error(str(exc))
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(args.log_level.upper(), identifier="clue-mds")
     try:
         store = NodeStore(args.db)
     except (sqlite3.Error, OSError, ValueError) as exc:
@@ -136,7 +143,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             min_class_share=args.min_class_share,
             shared_group=None if args.no_shared or not args.shared_group else args.shared_group,
             max_k=args.max_k,
-            state_qos=args.state_qos,
         )
     except ValueError as exc:
         store.close()
@@ -146,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         return _run(service, client, store, stop, args.stats_interval)
-    except Exception:  # noqa: BLE001 - a crash is exit 1, told apart from a bad config (2)
+    except Exception:  # noqa: BLE001 - a crash is exit 1, told apart from a bad config (78)
         log.exception("clue-mds crashed")
         return EXIT_CRASH
     finally:
@@ -154,7 +160,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(sig, handler)
 
 
-def _run(service: MetadataService, client: MqttClient, store: NodeStore, stop: threading.Event, stats_interval: float) -> int:
+def _run(
+    service: MetadataService, client: MqttClient, store: NodeStore, stop: threading.Event, stats_interval: float
+) -> int:
     log.info("store %s: %d nodes (%d online)", store.path, store.count(), store.count(online=True))
     service.start()
     try:
@@ -165,18 +173,21 @@ def _run(service: MetadataService, client: MqttClient, store: NodeStore, stop: t
         store.close()
         return EXIT_CONFIG
     try:
+        notifier = Notifier()
         if client.wait_subscribed(5.0):
             log.info("ready: connected to the broker, serving %s", service.query_filter)
         else:
             log.warning("not connected to the broker yet; retrying in the background")
-        _sd_notify(b"READY=1")
+        notifier.ready(_status_line(service.stats()))
         next_stats = time.monotonic() + stats_interval
         while not stop.wait(1.0):
             if stats_interval and time.monotonic() >= next_stats:
-                log.info("stats %s", json.dumps(service.stats()))
+                stats = service.stats()
+                log.info("stats %s", json.dumps(stats))
+                notifier.status(_status_line(stats))
                 next_stats = time.monotonic() + stats_interval
         log.info("stopping")
-        _sd_notify(b"STOPPING=1")
+        notifier.stopping()
         return EXIT_OK
     finally:
         service.stop()
@@ -185,19 +196,9 @@ def _run(service: MetadataService, client: MqttClient, store: NodeStore, stop: t
         store.close()
 
 
-def _sd_notify(state: bytes) -> None:
-    """Tell systemd (Type=notify) our state; nothing without `NOTIFY_SOCKET`."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):  # an abstract socket
-        address = "\0" + address[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            sock.connect(address)
-            sock.sendall(state)
-    except OSError as exc:
-        log.debug("sd_notify failed: %s", exc)
+def _status_line(stats: dict[str, Any]) -> str:
+    """The one line `systemctl status` shows."""
+    return f"{stats['nodes']} nodes, {stats['online']} online, {stats['queries']} queries served"
 
 
 __all__ = ["EXIT_CONFIG", "EXIT_CRASH", "EXIT_OK", "build_parser", "main"]

@@ -77,13 +77,12 @@ class MetadataService:
     `similarity`: a name from `mds.similarity.SIMILARITIES`; `min_class_share`: the share of its
     histogram a helper must hold in each requested class; `shared_group`: the shared-subscription
     group, or None to read `mds/query` directly (then every MdS answers every query); `max_k`: the
-    largest `k` served (a query asking more gets `bad_request`); `state_qos`: the QoS of the `meta`
-    and `status` subscriptions. At 1 (the default) updates published while the MdS is briefly
-    disconnected wait in its session, but the retained burst on subscribing passes through the
-    broker's per-client queue: Mosquitto drops what exceeds `max_queued_messages` (2 messages per
-    node), so that limit must exceed twice the fleet. At 0 the burst is not queued (measured: 10,000
-    nodes rebuilt in 4 s, none lost, where QoS 1 behind a 10,000-message queue lost most statuses),
-    at the price of updates missed during a disconnect.
+    largest `k` served (a query asking more gets `bad_request`).
+
+    Fleet size and the broker: on subscribing, the retained `meta` and `status` of every node (two
+    messages per node) pass through the broker's outgoing queue for this client, and Mosquitto
+    silently drops what exceeds `max_queued_messages` (at QoS 0 too; measured with 2.0.11). That limit must exceed twice
+    the fleet, or be 0 (unlimited), for a new MdS to see every node.
     """
 
     def __init__(
@@ -95,7 +94,6 @@ class MetadataService:
         min_class_share: float = 0.01,
         shared_group: str | None = "mds",
         max_k: int = 32,
-        state_qos: int = 1,
     ) -> None:
         if similarity not in SIMILARITIES:
             raise ValueError(f"unknown similarity {similarity!r}; known: {sorted(SIMILARITIES)}")
@@ -103,14 +101,11 @@ class MetadataService:
             raise ValueError(f"min_class_share must be in [0, 1], got {min_class_share}")
         if isinstance(max_k, bool) or not isinstance(max_k, int) or not 1 <= max_k <= _MAX_K_ON_WIRE:
             raise ValueError(f"max_k must be an int in [1, {_MAX_K_ON_WIRE}], got {max_k!r}")
-        if state_qos not in (0, 1):
-            raise ValueError(f"state_qos must be 0 or 1, got {state_qos!r}")
         self.client = client
         self.store = store
         self.similarity = similarity
         self.min_class_share = float(min_class_share)
         self.max_k = max_k
-        self.state_qos = state_qos
         self.shared_group = shared_group
         self.query_filter = topics.mds_query_shared(shared_group) if shared_group is not None else topics.mds_query()
         self._responder = Responder(client, self._answer)
@@ -128,14 +123,20 @@ class MetadataService:
         """Subscribe (now or on the client's next connect) and start the worker thread."""
         if self._worker is not None:
             raise RuntimeError("MetadataService already started")
-        self.client.subscribe(topics.all_meta(), self.state_qos)
-        self.client.subscribe(topics.all_status(), self.state_qos)
+        self.client.subscribe(topics.all_meta(), 1)
+        self.client.subscribe(topics.all_status(), 1)
         # Raw: the service decodes queries itself so that one that fails to decode can still be
         # answered, on the v5 ResponseTopic it carries.
         self.client.subscribe(self.query_filter, 1, decoding="raw")
         self._worker = threading.Thread(target=self._run, name=f"mds-{self.client.name}", daemon=True)
         self._worker.start()
-        log.info("MdS %s: serving %s (similarity %s, max_k %d)", self.client.name, self.query_filter, self.similarity, self.max_k)
+        log.info(
+            "MdS %s: serving %s (similarity %s, max_k %d)",
+            self.client.name,
+            self.query_filter,
+            self.similarity,
+            self.max_k,
+        )
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -255,10 +256,8 @@ class MetadataService:
         self._responder.handle(request)
         self._sample(self._latency_ms, (time.time() - item.received_at) * 1e3)
 
-    def _answer(self, request: Envelope, item: Inbound) -> Envelope:
-        """The `Responder`'s handler: run once per correlation id."""
-        if not isinstance(request, HelpQuery):
-            raise RequestRejected("unsupported", f"{request.type!r} is not a helper query")
+    def _answer(self, request: HelpQuery, item: Inbound) -> Envelope:
+        """The `Responder`'s handler (`_serve` decoded a `HelpQuery`): run once per correlation id."""
         self._count("queries")
         try:
             if request.k > self.max_k:

@@ -429,7 +429,7 @@ def test_retained_config_applies_at_start_and_sighup_reloads_the_file(fleet, tmp
     assert (fleet.state / f"{node}.ckpt.npz").exists()
 
 
-def _next(client, kind, where=lambda m: True, timeout=30):
+def _next(client, kind, where=lambda m: True, timeout=90):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         item = client.get(timeout=0.2)

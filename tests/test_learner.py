@@ -216,3 +216,16 @@ def test_config_change_keeps_pooled_helpers_up_to_new_bound():
     assert len(target.pool) == 3
     target.apply_config({"pool_max": 1})
     assert len(target.pool) == 1
+
+
+def test_help_delay_postpones_the_request():
+    target, helper = _fleet(2, help_delay=3)
+    blobs = Blobs()
+    for _ in range(15):
+        helper.process_batch(*blobs.batch(range(10)))
+        target.process_batch(*blobs.batch(range(8)))
+    results = [target.process_batch(*blobs.batch(list(range(8)) + [8, 9] * 2)) for _ in range(10)]
+    first_drift = next(i for i, r in enumerate(results) if r.drift)
+    helps = [i for i, r in enumerate(results) if r.help is not None]
+    assert helps and helps[0] == first_drift + 3
+    assert set(results[helps[0]].help.classes) == {8, 9}

@@ -19,6 +19,13 @@ def meta(node_id: str, hist, *, arch: str = "mlp", lineage: str = "b0", ts: floa
     return NodeMeta(node_id=node_id, arch_id=arch, lineage=lineage, hist=[float(x) for x in hist], ts=ts, **fields)
 
 
+def unchecked_meta(node_id: str, hist: list[float]) -> NodeMeta:
+    """A NodeMeta that skipped validation, as an in-process caller could build one."""
+    return NodeMeta.model_construct(
+        node_id=node_id, arch_id="mlp", lineage="b0", hist=hist, ts=1.0, batches=0, helpers=0, rolling_error=None
+    )
+
+
 def add(store: NodeStore, node_id: str, hist, *, online: bool = True, **kw) -> None:
     assert store.upsert_meta(meta(node_id, hist, **kw))
     store.set_online(node_id, online)
@@ -41,7 +48,8 @@ def test_upsert_stores_every_field(store: NodeStore) -> None:
     assert store.upsert_meta(meta("n1", [3, 1, 0], rolling_error=0.25, batches=7, helpers=1, ts=5.0))
     record = store.get("n1")
     assert record is not None
-    assert (record.arch_id, record.lineage, record.rolling_error, record.batches, record.helpers) == ("mlp", "b0", 0.25, 7, 1)
+    fields = (record.arch_id, record.lineage, record.rolling_error, record.batches, record.helpers)
+    assert fields == ("mlp", "b0", 0.25, 7, 1)
     np.testing.assert_array_equal(record.hist, [3.0, 1.0, 0.0])
     assert record.meta_ts == 5.0 and not record.online
     assert store.get("nobody") is None
@@ -134,7 +142,8 @@ def test_query_agrees_with_the_pure_functions(metric: str) -> None:
     with NodeStore(":memory:") as store:
         for i in range(300):
             hist = rng.random(6) * (rng.random(6) > 0.4)
-            add(store, f"n{i}", hist, arch=str(rng.choice(["mlp", "mlp", "cnn"])), lineage=str(rng.choice(["b0", "b0", "b1"])), online=bool(rng.random() < 0.8))
+            arch, lineage = str(rng.choice(["mlp", "mlp", "cnn"])), str(rng.choice(["b0", "b0", "b1"]))
+            add(store, f"n{i}", hist, arch=arch, lineage=lineage, online=bool(rng.random() < 0.8))
         for i in rng.choice(300, 60, replace=False):
             store.remove(f"n{i}")
         for i in range(300, 340):
@@ -191,7 +200,7 @@ def test_snapshot_pads_narrower_groups(store: NodeStore) -> None:
     ids=["empty", "nan", "inf", "negative", "too-wide"],
 )
 def test_bad_histograms_are_rejected(store: NodeStore, hist: list[float]) -> None:
-    bad = NodeMeta.model_construct(node_id="n1", arch_id="mlp", lineage="b0", hist=hist, ts=1.0, batches=0, helpers=0, rolling_error=None)
+    bad = unchecked_meta("n1", hist)
     with pytest.raises(ValueError):
         store.upsert_meta(bad)
     assert store.get("n1") is None
@@ -215,7 +224,7 @@ def test_bad_node_ids_are_rejected(store: NodeStore) -> None:
     with pytest.raises(TopicError):
         store.set_online("a/b", True)
     with pytest.raises(TopicError):
-        store.upsert_meta(NodeMeta.model_construct(node_id="+", arch_id="mlp", lineage="b0", hist=[1.0], ts=1.0, batches=0, helpers=0, rolling_error=None))
+        store.upsert_meta(unchecked_meta("+", [1.0]))
 
 
 def test_bad_queries_are_rejected_with_a_code(store: NodeStore) -> None:

@@ -6,7 +6,6 @@ status (`online` on connect, `offline` on stop or as their will), as agents do.
 
 from __future__ import annotations
 
-import concurrent.futures
 import os
 import shutil
 import signal
@@ -26,7 +25,7 @@ from broker import topics
 from broker.client import Inbound, MqttClient
 from broker.errors import RemoteError, RequestTimeout
 from broker.launcher import PrivateMosquitto
-from broker.wire import ErrorReply, Event, HelperList, HelpQuery, NodeMeta, decode, encode
+from broker.wire import ErrorReply, Event, HelperList, HelpQuery, NodeMeta, decode
 from mds.service import MetadataService
 from mds.store import NodeStore
 
@@ -73,12 +72,13 @@ class Fleet:
         self.uid = uid
         self.services: list[MetadataService] = []
         self.stores: list[NodeStore] = []
-        self.publishers = 0
+        self.clients = 0
 
     def node(self, name: str, hist: list[float], **kw: Any) -> MqttClient:
         """A node that is online (retained status) with retained metadata."""
         node_id = f"{self.uid}-{name}"
-        client = self.make_client(self.broker, client_id=node_id, status_node_id=node_id, start=False, **kw.pop("client", {}))
+        settings = kw.pop("client", {})
+        client = self.make_client(self.broker, client_id=node_id, status_node_id=node_id, start=False, **settings)
         client.set_retained(topics.node_meta(node_id), node_meta(node_id, hist, **kw))
         client.start()
         assert client.wait_connected(10)
@@ -92,20 +92,30 @@ class Fleet:
         pub.publish(topics.node_status(node_id), topics.STATUS_OFFLINE, 1, True).wait_for_publish(5)
 
     def publisher(self) -> MqttClient:
-        self.publishers += 1
-        client = self.make_client(self.broker, client_id=f"{self.uid}-pub-{self.publishers}")
+        client = self.make_client(self.broker, client_id=self.client_id("pub"))
         assert client.wait_connected(10)
         return client
 
-    def asker(self, name: str = "asker") -> MqttClient:
-        client = self.make_client(self.broker, client_id=f"{self.uid}-{name}", request_timeout=5.0, request_retries=0)
+    def asker(self) -> MqttClient:
+        """A client that sends queries (not a node: client ids of its own)."""
+        client = self.make_client(self.broker, client_id=self.client_id("ask"), request_timeout=5.0, request_retries=0)
         assert client.wait_subscribed(10)
         return client
 
-    def mds(self, store: NodeStore | None = None, *, broker: PrivateMosquitto | None = None, name: str = "mds", **settings: Any) -> MetadataService:
+    def mds(
+        self,
+        store: NodeStore | None = None,
+        *,
+        broker: PrivateMosquitto | None = None,
+        name: str = "mds",
+        **settings: Any,
+    ) -> MetadataService:
+        """A started MdS (in-memory store unless given) whose client has subscribed."""
         store = store or NodeStore(":memory:")
         self.stores.append(store)
-        client = self.make_client(broker or self.broker, client_id=f"{self.uid}-{name}", start=False, session_expiry=5, clean_start=True)
+        client = self.make_client(
+            broker or self.broker, client_id=self.client_id(name), start=False, session_expiry=5, clean_start=True
+        )
         service = MetadataService(client, store, **settings).start()
         self.services.append(service)
         client.start()
@@ -121,6 +131,11 @@ class Fleet:
 
     def id(self, name: str) -> str:
         return f"{self.uid}-{name}"
+
+    def client_id(self, role: str) -> str:
+        """A client id of its own: a second client with a node's id would take its session over."""
+        self.clients += 1
+        return f"{self.uid}-{role}-{self.clients}"
 
 
 @pytest.fixture
@@ -234,7 +249,7 @@ def test_restart_rebuilds_from_retained_messages_and_from_disk(fleet: Fleet, tmp
         store = NodeStore(db)
         assert store.count() == 4 and store.count(online=True) == 3  # before any message arrives
         fleet.mds(store, broker=empty_broker, name="mds-disk")
-        other_asker = fleet.make_client(empty_broker, client_id=f"{fleet.uid}-asker2")
+        other_asker = fleet.make_client(empty_broker, client_id=fleet.client_id("ask"))
         assert other_asker.wait_subscribed(10)
         assert helper_ids(ask(other_asker, query("x", [9, 1], k=4))) == expected
         fleet.close()
@@ -262,14 +277,15 @@ def test_bad_queries_get_typed_error_replies(fleet: Fleet) -> None:
     assert service.stats()["rejected_by_code"] == {"arch_mismatch": 1, "lineage_mismatch": 1, "bad_request": 3}
 
     # Bytes that do not decode as a HelpQuery are still answered where the v5 properties say.
-    probe = fleet.make_client(fleet.broker, client_id=f"{fleet.uid}-probe")
+    probe = fleet.make_client(fleet.broker, client_id=fleet.client_id("probe"))
     reply_topic = topics.node_reply(f"{fleet.uid}-probe-inbox")
     probe.subscribe(reply_topic, decoding="raw")
     assert probe.wait_subscribed(10)
     props = Properties(PacketTypes.PUBLISH)
     props.ResponseTopic = reply_topic
     props.CorrelationData = b"broken-1"
-    bad = {"v": 1, "type": "mds.query", "node_id": "x", "arch_id": ARCH, "lineage": LINEAGE, "classes": [], "hist": [1.0], "k": 0}
+    bad = query("x", [1.0]).model_dump()
+    bad["k"] = 0  # out of the wire's range: fails to decode
     probe.publish(topics.mds_query(), msgpack.packb(bad), 1, properties=props)
     item = probe.get(timeout=10)
     assert isinstance(item, Inbound) and item.topic == reply_topic
@@ -292,9 +308,11 @@ def test_garbage_does_not_stop_the_service(fleet: Fleet) -> None:
     pub.publish(topics.node_status(victim), b"maybe", 1)
     pub.publish_message(topics.node_meta(victim), node_meta(victim, [1, 1, 1]))  # wrong width for its group
     pub.publish(topics.mds_query(), b"\x93garbage", 1)  # no reply topic: nothing to answer
-    wait_until(lambda: service.stats()["bad_input"] >= 5 and service.stats()["meta_rejected"] == 1, what="garbage counted")
-    stats = service.stats()
-    assert stats["worker_errors"] == 0 and stats["undecodable_queries"] == 1
+    wait_until(
+        lambda: (s := service.stats())["bad_input"] == 5 and s["meta_rejected"] == 1 and s["undecodable_queries"] == 1,
+        what="garbage counted",
+    )
+    assert service.stats()["worker_errors"] == 0
     fleet.node("late", [1, 1])
     wait_until(lambda: service.stats()["online"] == 3, what="a node after the garbage")
     assert len(ask(fleet.asker(), query("x", [1, 1])).candidates) == 3
@@ -327,7 +345,9 @@ def run_mds(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
 def test_daemon_answers_and_exits_zero_on_sigterm(fleet: Fleet, tmp_path: Path) -> None:
     fleet.node("a", [3, 1])
     fleet.node("b", [1, 3])
-    proc = run_mds("--broker", fleet.broker.url, "--db", str(tmp_path / "mds.db"), "--client-id", f"{fleet.uid}-daemon", "--stats-interval", "0")
+    db = str(tmp_path / "mds.db")
+    client_id = fleet.client_id("daemon")
+    proc = run_mds("--broker", fleet.broker.url, "--db", db, "--client-id", client_id, "--stats-interval", "0")
     try:
         asker = fleet.asker()
         deadline = time.monotonic() + 30
@@ -365,5 +385,5 @@ def test_daemon_answers_and_exits_zero_on_sigterm(fleet: Fleet, tmp_path: Path) 
 def test_daemon_bad_config_exits_2(args: list[str], env: dict[str, str]) -> None:
     proc = run_mds("--broker", "mqtt://127.0.0.1:1", *args, env=env)
     _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 2, err
+    assert proc.returncode == 78, err
     assert "clue-mds: error:" in err

@@ -72,3 +72,31 @@ def test_bad_scenarios_are_refused(tmp_path):
     assert sim_main(["run", "no-such-scenario"]) == 78
     with pytest.raises(Exception):
         Scenario.model_validate({"name": "x", "drift_at": 200, "batches": 100})
+
+
+@pytest.mark.timeout(300)
+def test_feed_external_agents_like_the_compose_fleet(tmp_path, mosquitto):
+    """`clue-sim base` then `clue-sim feed` against agents started separately (as compose does)."""
+    from edge_sim.processes import spawn_agent, spawn_mds
+
+    base = tmp_path / "base.npz"
+    small = tmp_path / "feed.toml"
+    small.write_text(SMALL.read_text().replace('name = "sim_small"', 'name = "feed_small"').replace("batches = 50", "batches = 38"))
+    assert sim_main(["base", "--scenario", str(small), "--out", str(base)]) == 0
+    url = mosquitto.url
+    ids = [f"ext-{i}" for i in range(3)]
+    children = [spawn_mds(url, tmp_path / "mds.db", tmp_path / "logs")]
+    children += [
+        spawn_agent(n, url, tmp_path / "state", tmp_path / "logs", settings={"base_weights": str(base), "daemon": {"meta_interval": 0.0}})
+        for n in ids
+    ]
+    try:
+        out = tmp_path / "report"
+        assert sim_main(["feed", "--broker", url, "--scenario", str(small), "--nodes", ",".join(ids), "--out", str(out)]) == 0
+        res = json.loads((out / "results.json").read_text())
+        target = res["runs"][0]["nodes"]["ext-0"]
+        assert len(target["served_error"]) == 38 and not np.isnan(target["served_error"]).any()
+        assert any(e["kind"] == "helper_installed" for e in target["events"])
+    finally:
+        for child in children:
+            child.terminate(20)
