@@ -45,6 +45,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from agent.notify import Notifier, Watchdog
 from broker import topics
 from broker.client import ErrorEvent, Inbound, InboxItem, MqttClient
 from broker.errors import BusError, RemoteError, RequestTimeout, TopicError
@@ -108,6 +109,10 @@ class Relay:
         self._thread = threading.Thread(target=self._run, name="relay-dispatch", daemon=True)
         self._thread.start()
         return self
+
+    def alive(self) -> bool:
+        """The dispatch thread runs (for the systemd watchdog)."""
+        return self._thread is not None and self._thread.is_alive()
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop taking requests; transfers in flight end when the client stops."""
@@ -334,16 +339,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     relay = Relay(client, config)
+    notifier = Notifier()
+    watchdog = Watchdog(notifier, checks={"mqtt loop": lambda: client.loop_alive, "relay": relay.alive})
     try:
         relay.start()
         client.start()
+        client.wait_subscribed(5.0)
+        notifier.ready(f"relay {config.relay_id} serving {topics.relay_kt()}")
+        watchdog.start()
         log.info("relay %s serving %s on %s", config.relay_id, topics.relay_kt(), args.broker)
         while not stop.wait(1.0):
             pass
+        notifier.stopping()
     except Exception:  # noqa: BLE001 - log, then the crash exit code
         log.exception("relay crashed")
         return EXIT_CRASH
     finally:
+        watchdog.stop()
         relay.stop()
         client.stop()
     return EXIT_OK

@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from agent.logs import configure_logging
-from agent.notify import Notifier
+from agent.notify import Notifier, Watchdog
 from broker.client import MqttClient, parse_broker_url
 from mds.service import MetadataService
 from mds.similarity import SIMILARITIES
@@ -179,6 +179,8 @@ def _run(
         else:
             log.warning("not connected to the broker yet; retrying in the background")
         notifier.ready(_status_line(service.stats()))
+        watchdog = Watchdog(notifier, checks={"mqtt loop": lambda: client.loop_alive, "service": service.alive})
+        watchdog.start()
         next_stats = time.monotonic() + stats_interval
         while not stop.wait(1.0):
             if stats_interval and time.monotonic() >= next_stats:
@@ -187,6 +189,7 @@ def _run(
                 notifier.status(_status_line(stats))
                 next_stats = time.monotonic() + stats_interval
         log.info("stopping")
+        watchdog.stop()
         notifier.stopping()
         return EXIT_OK
     finally:

@@ -139,6 +139,10 @@ class MetadataService:
         )
         return self
 
+    def alive(self) -> bool:
+        """The worker thread runs (for the systemd watchdog)."""
+        return self._worker is not None and self._worker.is_alive()
+
     def stop(self, timeout: float = 5.0) -> None:
         """Leave the query subscription, then stop the worker (the client stays the caller's)."""
         if self._worker is None or self._stop.is_set():

@@ -192,17 +192,16 @@ def test_agent_units_fit_the_daemon(unit):
 
 
 def test_service_units_fit_their_daemons():
-    """Exit codes as the daemons define them; no watchdog or SIGHUP where the daemon has none."""
+    """Exit codes as the daemons define them; notify and watchdog; no SIGHUP where the daemon has none."""
     from broker import relay
     from mds import cli as mds_cli
 
     mds = unit_settings(UNITS / "clue-mds.service")
-    assert mds["Type"] == ["notify"]  # test_mds_says_ready_as_its_notify_unit_expects
     assert mds["RestartPreventExitStatus"] == [str(mds_cli.EXIT_CONFIG)]
     rel = unit_settings(UNITS / "clue-relay.service")
     assert rel["RestartPreventExitStatus"] == [str(relay.EXIT_CONFIG)]
-    for s in (mds, rel):
-        assert "WatchdogSec" not in s and "ExecReload" not in s
+    for s in (mds, rel):  # test_service_says_ready_and_pings_the_watchdog
+        assert s["Type"] == ["notify"] and s["WatchdogSec"] and "ExecReload" not in s
 
 
 @pytest.mark.parametrize("script", CONSOLE_SCRIPTS)
@@ -396,14 +395,19 @@ def test_bad_config_exits_78_so_systemd_does_not_restart(tmp_path):
 
 
 @pytest.mark.integration
-@pytest.mark.timeout(60)
-def test_mds_says_ready_as_its_notify_unit_expects(fresh_mosquitto, notify_socket, tmp_path):
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("service", ["mds", "relay"])
+def test_service_says_ready_and_pings_the_watchdog(fresh_mosquitto, notify_socket, tmp_path, service):
     path, sock = notify_socket
-    child = spawn("mds", [sys.executable, "-m", "mds", "--broker", fresh_mosquitto.url, "--db", str(tmp_path / "mds.db"), "--client-id", "mds-sd"],
-                  tmp_path / "logs", env={"NOTIFY_SOCKET": path})
+    argv = {
+        "mds": [sys.executable, "-m", "mds", "--broker", fresh_mosquitto.url, "--db", str(tmp_path / "mds.db"), "--client-id", "mds-sd"],
+        "relay": [sys.executable, "-m", "broker.relay", "--broker", fresh_mosquitto.url],
+    }[service]
+    child = spawn(service, argv, tmp_path / "logs", env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "2000000"})
     seen: list[str] = []
     try:
         _expect(sock, "READY=1", 30, child, seen)
+        _expect(sock, "WATCHDOG=1", 10, child, seen)
         child.process.send_signal(signal.SIGTERM)
         assert child.process.wait(30) == 0, child.log_text()[-3000:]
     finally:
