@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from agent.fl import FlConfig, is_round_batch
 from agent.models import save_weights
 from broker.launcher import PrivateMosquitto
 from broker.client import MqttClient
@@ -206,10 +207,9 @@ def run_mode(
 
 
 def _fl_round(settings: dict[str, Any], t: int) -> int | None:
+    """The FedAvg round that closes after batch ``t`` (the agents' own rule), if any."""
     fl = settings.get("fl")
-    if not fl or (t + 1) % fl["every"]:
-        return None
-    return (t + 1) // fl["every"] - 1
+    return is_round_batch(FlConfig.model_validate(fl), t) if fl else None
 
 
 def _fl_done(collector: Collector, ids: list[str], fl_round: int | None) -> Callable[[], bool]:
