@@ -237,6 +237,8 @@ class AgentDaemon:
             self._stop.set()
 
     def _handle(self, item: Inbound | ErrorEvent) -> None:
+        if isinstance(item, ErrorEvent) and item.context == "timeout":
+            return  # a request of the KT flow timed out: its future says so and the flow moves on
         if isinstance(item, ErrorEvent):
             reason = f"{item.context} error on {item.topic or 'the connection'}: {item.error}"
             if item.topic in (topics.node_config(self.node_id), topics.fleet_config()):
@@ -355,7 +357,7 @@ class AgentDaemon:
             node_id=self.node_id, arch_id=self.learner.arch_id, lineage=self.learner.lineage,
             classes=list(help.classes), hist=[float(v) for v in self.learner.histogram()], k=self.learner.config.k,
         )
-        future = self.client.send_request(topics.mds_query(), query, timeout=self.knobs.mds_timeout, retries=1)
+        future = self.client.send_request(topics.mds_query(), query, timeout=self.knobs.mds_timeout, retries=1, to_inbox=True)
         self._help = HelpFlow(help, now, help.batch_index, "query", future)
         self._set_status(f"asking the MdS for classes {list(help.classes)}")
 
@@ -366,7 +368,7 @@ class AgentDaemon:
             value_codec=help.value_codec, target=self.node_id if relay else None,
         )
         channel = kt_channel(self.knobs.kt_mode, None if relay else helper)
-        return self.client.send_request(channel, request, timeout=self.knobs.kt_timeout, retries=0)
+        return self.client.send_request(channel, request, timeout=self.knobs.kt_timeout, retries=0, to_inbox=True)
 
     def _advance_help(self) -> None:
         flow = self._help
