@@ -73,8 +73,10 @@ class MobileNetS(nn.Module):
 
     arch_name = "mobilenet_s"
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 1) -> None:
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, side: int = 28) -> None:
         super().__init__()
+        self.in_channels = in_channels
+        self.side = side
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, 32, 3, padding=1, bias=False),
             nn.BatchNorm2d(32),
@@ -93,8 +95,8 @@ class MobileNetS(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2:
-            side = int(round(x.shape[1] ** 0.5))
-            x = x.view(x.shape[0], 1, side, side)
+            # Flat rows (what the feeder sends); fixed sizes keep the ONNX export traceable.
+            x = x.reshape(-1, self.in_channels, self.side, self.side)
         return self.classifier(self.features(x))
 
 

@@ -100,7 +100,8 @@ class Fleet:
         self.workdir = workdir
         self._stack = contextlib.ExitStack()
         if broker_url is None:
-            self.broker = self._stack.enter_context(PrivateMosquitto())
+            # A simulation needs no durability: persistence would write the database on every message.
+            self.broker = self._stack.enter_context(PrivateMosquitto(persistence=False))
             broker_url = f"mqtt://{self.broker.host}:{self.broker.port}"
         self.broker_url = broker_url
         self.children: list[Child] = []

@@ -184,3 +184,16 @@ def test_resolve_device(monkeypatch):
     assert resolve_device("cuda:0") == torch.device("cuda:0")
     with pytest.raises(ConfigError, match="only 1 CUDA device"):
         resolve_device("cuda:3")
+
+
+def test_cnn_on_flat_rows_exports_and_agrees():
+    """The feeder sends flat (N, 784) rows: the CNN must take them through onnxruntime too."""
+    from agent.models import build_model
+    from agent.runtime import OnnxModel
+
+    model = build_model("mobilenet_s", 10, seed=0).eval()
+    x = torch.rand(4, 784)
+    onnx_probs = OnnxModel(model, x.numpy()).predict_proba(x.numpy())
+    with torch.no_grad():
+        torch_probs = torch.softmax(model(x), dim=1)
+    assert torch.allclose(onnx_probs, torch_probs, atol=1e-5)
