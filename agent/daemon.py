@@ -302,6 +302,9 @@ class AgentDaemon:
         # prediction already knows a transfer is under way.
         if result.help is not None and self._help is None:
             self._start_help(result.help)
+        # Metadata before the prediction too: a feeder that has every prediction of batch t knows
+        # the MdS was sent every node's histogram of batch t.
+        self._maybe_publish_meta()
         self.client.publish_message(
             topics.node_prediction(self.node_id),
             Prediction(

@@ -1,9 +1,10 @@
 """The fleet simulator: real ``clue-agent`` and ``clue-mds`` processes over a real Mosquitto.
 
 For each seed and mode it starts N agents from one shared base model, feeds every node its
-request batches (lock-step by default: batch t+1 goes out once every node answered batch t and
-finished the KT or FedAvg round it started, so a seed gives the same numbers every run), records
-predictions, events and the byte counts the agents' MQTT clients measured, and stops them.
+request batches (lock-step by default: batch t goes to the peers, then to the target, and batch
+t+1 goes out once every node answered batch t and finished the KT or FedAvg round it started, so a
+seed gives the same numbers every run), records predictions, events and the byte counts the
+agents' MQTT clients measured, and stops them.
 """
 
 from __future__ import annotations
@@ -181,8 +182,13 @@ def run_mode(
                 labelled = i == 0 or label_draw.random() < scn.helper_label_fraction
                 sent.append((node, bx, by if labelled else None))
             if scn.pacing == "lockstep":
+                # The peers first, then the target: when the target asks the MdS, every peer's
+                # histogram of this batch is already there, so the helper it gets does not depend
+                # on which process ran faster, and a seed gives the same numbers every run.
                 fl_round = _fl_round(settings, t)
-                ok = fleet.feeder.step(t, sent, timeout=180, extra=_fl_done(collector, ids, fl_round))
+                ok = fleet.feeder.step(t, sent[1:], timeout=180) and fleet.feeder.step(
+                    t, sent[:1], timeout=180, extra=_fl_done(collector, ids, fl_round)
+                )
                 if not ok:
                     raise RuntimeError(f"batch {t} was not answered in time; see {fleet.workdir / 'logs'}")
             else:
