@@ -385,8 +385,10 @@ def test_sigkilled_agent_resumes_from_its_checkpoint(fleet):
     for t in range(12):
         assert feeder.step(t, [(node, *data.batch(range(8)))])
     child.kill()
+    # As systemd would (RestartSec=): restart once the broker has seen the old connection go.
+    assert collector.wait_for(lambda: collector.status.get(node) == b"offline", 60), "no will after SIGKILL"
     child2 = fleet.agent(node, daemon={"checkpoint_every": 5})
-    assert collector.wait_for(lambda: len(collector.events_of(node, "started")) >= 2, 60), child2.log_text()[-2000:]
+    assert collector.wait_for(lambda: len(collector.events_of(node, "started")) >= 2, 120), child2.log_text()[-2000:]
     restarted = collector.events_of(node, "started")[-1].detail
     assert restarted["resumed"] is True and restarted["batch"] == 10
     assert feeder.step(12, [(node, *data.batch(range(8)))])
