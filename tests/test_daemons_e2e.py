@@ -20,6 +20,7 @@ import paho.mqtt.subscribe as subscribe
 import pytest
 import torch
 
+from agent.models import arch_id, build_model, lineage
 from broker import topics
 from broker.client import Responder
 from broker.wire import ConfigAck, Event, KtBlob, NodeMeta
@@ -346,9 +347,9 @@ def test_silent_helper_makes_target_move_to_the_next_candidate(fleet):
     fleet.agent("helper2")
     feeder, collector = fleet.observer()
     _wait_online(fleet, ["target2", "helper2"])
-    started = collector.wait_for(lambda: collector.events_of("target2", "started"), 30)
-    assert started
-    ids = collector.events_of("target2", "started")[0].detail
+    # The agents build their base model from model_seed 0: the same ids as this one.
+    base = build_model("mlp4", 10, seed=0)
+    ids = {"arch_id": arch_id(base), "lineage": lineage(base)}
     data = Clusters(2)
     schedule = Schedule(["target2", "helper2"], drift_at=10)
     schedule_fn = lambda node, t: list(range(10)) if node == "helper2" else schedule("target", t)
@@ -388,8 +389,10 @@ def test_sigkilled_agent_resumes_from_its_checkpoint(fleet):
     # As systemd would (RestartSec=): restart once the broker has seen the old connection go.
     assert collector.wait_for(lambda: collector.status.get(node) == b"offline", 60), "no will after SIGKILL"
     child2 = fleet.agent(node, daemon={"checkpoint_every": 5})
-    assert collector.wait_for(lambda: len(collector.events_of(node, "started")) >= 2, 120), child2.log_text()[-2000:]
-    restarted = collector.events_of(node, "started")[-1].detail
+    # The first agent may have said "started" before the observer subscribed: look for the resumed one.
+    resumed = lambda: [e for e in collector.events_of(node, "started") if e.detail.get("resumed")]  # noqa: E731
+    assert collector.wait_for(resumed, 120), child2.log_text()[-2000:]
+    restarted = resumed()[-1].detail
     assert restarted["resumed"] is True and restarted["batch"] == 10
     assert feeder.step(12, [(node, *data.batch(range(8)))])
     assert collector.predictions[node][12].error < 0.2
