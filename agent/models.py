@@ -14,6 +14,15 @@ import torch
 from torch import nn
 
 
+def _dense_stack(in_features: int, widths: tuple[int, ...], num_classes: int) -> list[nn.Module]:
+    """Linear + ReLU per hidden width, then the logits layer."""
+    layers: list[nn.Module] = []
+    for width in widths:
+        layers += [nn.Linear(in_features, width), nn.ReLU()]
+        in_features = width
+    return layers + [nn.Linear(in_features, num_classes)]
+
+
 class MLP4(nn.Module):
     """4-layer MLP for 28×28 images (≈476k parameters at 10 classes): the default model."""
 
@@ -21,16 +30,7 @@ class MLP4(nn.Module):
 
     def __init__(self, num_classes: int = 10, in_features: int = 784) -> None:
         super().__init__()
-        self.net = nn.Sequential(
-            nn.Flatten(),
-            nn.Linear(in_features, 512),
-            nn.ReLU(),
-            nn.Linear(512, 128),
-            nn.ReLU(),
-            nn.Linear(128, 64),
-            nn.ReLU(),
-            nn.Linear(64, num_classes),
-        )
+        self.net = nn.Sequential(nn.Flatten(), *_dense_stack(in_features, (512, 128, 64), num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -43,15 +43,7 @@ class IntrusionDNN(nn.Module):
 
     def __init__(self, num_classes: int = 5, in_features: int = 122) -> None:
         super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(in_features, 512),
-            nn.ReLU(),
-            nn.Linear(512, 256),
-            nn.ReLU(),
-            nn.Linear(256, 64),
-            nn.ReLU(),
-            nn.Linear(64, num_classes),
-        )
+        self.net = nn.Sequential(*_dense_stack(in_features, (512, 256, 64), num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

@@ -403,37 +403,33 @@ class KtRequest(Envelope):
     target: NodeId | None = None
 
 
-class ModelUpdate(Envelope):
+class _ModelTensors(Envelope):
+    """What both FedAvg messages carry: a job's round, named tensors (unique names), sample weight."""
+
+    byte_class: ClassVar[TopicClass | None] = "fl"
+    type: str
+    job: JobId
+    round: NonNegInt
+    tensors: Annotated[list[NamedArray], Field(max_length=4096)]
+    samples: NonNegInt
+
+    @model_validator(mode="after")
+    def _check(self) -> "_ModelTensors":
+        _unique_names(self.tensors)
+        return self
+
+
+class ModelUpdate(_ModelTensors):
     """FedAvg baseline: one node's model after local training."""
 
-    byte_class: ClassVar[TopicClass | None] = "fl"
     type: Literal["fl.update"] = "fl.update"
-    job: JobId
-    round: NonNegInt
     node_id: NodeId
-    tensors: Annotated[list[NamedArray], Field(max_length=4096)]
-    samples: NonNegInt
-
-    @model_validator(mode="after")
-    def _check(self) -> "ModelUpdate":
-        _unique_names(self.tensors)
-        return self
 
 
-class GlobalModel(Envelope):
+class GlobalModel(_ModelTensors):
     """FedAvg baseline: the averaged model of a round."""
 
-    byte_class: ClassVar[TopicClass | None] = "fl"
     type: Literal["fl.global"] = "fl.global"
-    job: JobId
-    round: NonNegInt
-    tensors: Annotated[list[NamedArray], Field(max_length=4096)]
-    samples: NonNegInt
-
-    @model_validator(mode="after")
-    def _check(self) -> "GlobalModel":
-        _unique_names(self.tensors)
-        return self
 
 
 class BlobChunk(Envelope):
