@@ -36,7 +36,18 @@ class LearnerConfig(BaseModel):
     discard: DiscardConfig = Field(default_factory=DynamicDiscardConfig, description="when helpers leave the pool")
     pool_max: int = Field(4, ge=1, le=64, description="most helpers pooled at once")
     k: int = Field(3, ge=1, le=32, description="helper candidates asked of the MdS")
-    value_codec: Literal["float32", "float16", "int8"] = Field("float16", description="how transferred weights are encoded")
+    helper_selection: Literal["most_similar", "least_similar_first"] = Field(
+        "most_similar",
+        description="which candidate is asked: the one holding most of the missing classes, most similar first; or, for the first request only, the least similar node (the paper's wrong-helper staging, Fig. 10)",
+    )
+    split_helpers: int = Field(
+        4, ge=1, le=64, description="most helpers one request is split across when no single candidate holds every missing class (pooling, Fig. 8)"
+    )
+    drop_unhelpful: bool = Field(
+        True,
+        description="drop a helper that was no better than the target on its own classes over its first L batches, and ask another node",
+    )
+    value_codec: Literal["float32", "float16", "int8", "int3_delta"] = Field("float16", description="how transferred weights are encoded")
     value_delta: bool = Field(False, description="send weights as deltas from the shared base weights (quantise better)")
     lr: float = Field(1e-3, gt=0.0, le=1.0, description="online Adam learning rate, one step per labelled batch")
     help_delay: int = Field(0, ge=0, le=100_000, description="batches between drift detection and the help request (the paper's 'delayed by X')")

@@ -28,6 +28,7 @@ import torch
 from agent.checkpoint import load_checkpoint, save_checkpoint
 from agent.errors import CheckpointError, ConfigError, KtRejected
 from agent.fl import FlRejected, apply_global, is_round_batch, model_to_update, participants
+from agent.helper_selection import Ask, CandidateInfo, build_selection
 from agent.learner import HelpRequest, Learner
 from agent.logs import configure_logging
 from agent.models import build_model, load_weights
@@ -67,16 +68,20 @@ EXIT_CONFIG = 78
 
 @dataclass
 class HelpFlow:
-    """One knowledge transfer in progress, as a target."""
+    """One knowledge transfer in progress, as a target: possibly several helpers, one at a time."""
 
     request: HelpRequest
+    request_number: int
     detected_at: float
     detected_batch: int
     stage: str
     future: concurrent.futures.Future
-    candidates: list[str] = field(default_factory=list)
+    missing: set[int]
+    candidates: list[CandidateInfo] = field(default_factory=list)
     tried: list[str] = field(default_factory=list)
     helper: str | None = None
+    asked: tuple[int, ...] = ()
+    installed: int = 0
 
 
 class AgentDaemon:
@@ -115,6 +120,7 @@ class AgentDaemon:
         self._worker: threading.Thread | None = None
         self.heartbeat = time.monotonic()
         self._help: HelpFlow | None = None
+        self._help_requests = 0
         self._last_meta = -1e9
         self._meta_dirty = True
         self._batches_since_ckpt = 0
@@ -349,25 +355,29 @@ class AgentDaemon:
 
     def _start_help(self, help: HelpRequest) -> None:
         """Direct: ask the MdS for candidates first. Relay: the relay asks it, so the one candidate is the relay."""
-        self._event("drift", batch=help.batch_index, classes=list(help.classes), reason=help.reason)
+        self._event("drift", batch=help.batch_index, classes=list(help.classes), reason=help.reason, avoid=list(help.avoid))
         now = time.perf_counter()
+        number = self._help_requests
+        self._help_requests += 1
         if self.knobs.kt_mode == "relay":
-            flow = HelpFlow(help, now, help.batch_index, "kt", concurrent.futures.Future(), candidates=[RELAY])
+            flow = HelpFlow(help, number, now, help.batch_index, "kt", concurrent.futures.Future(), set(help.classes), candidates=[CandidateInfo(RELAY)])
             self._help = flow
             self._next_candidate(flow)
             return
+        cover, rank = build_selection(self.learner.config.helper_selection).query(number)
         query = HelpQuery(
             node_id=self.node_id, arch_id=self.learner.arch_id, lineage=self.learner.lineage,
             classes=list(help.classes), hist=[float(v) for v in self.learner.histogram()], k=self.learner.config.k,
+            cover=cover, rank=rank,
         )
         future = self.client.send_request(topics.mds_query(), query, timeout=self.knobs.mds_timeout, retries=1, to_inbox=True)
-        self._help = HelpFlow(help, now, help.batch_index, "query", future)
+        self._help = HelpFlow(help, number, now, help.batch_index, "query", future, set(help.classes))
         self._set_status(f"asking the MdS for classes {list(help.classes)}")
 
-    def _send_kt(self, helper: str, help: HelpRequest) -> concurrent.futures.Future:
+    def _send_kt(self, helper: str, classes: tuple[int, ...], help: HelpRequest) -> concurrent.futures.Future:
         relay = helper == RELAY
         request = KtRequest(
-            classes=list(help.classes), z=help.z, arch_id=self.learner.arch_id, lineage=self.learner.lineage,
+            classes=list(classes), z=help.z, arch_id=self.learner.arch_id, lineage=self.learner.lineage,
             value_codec=help.value_codec, target=self.node_id if relay else None,
         )
         channel = kt_channel(self.knobs.kt_mode, None if relay else helper)
@@ -382,12 +392,14 @@ class AgentDaemon:
         except (RequestTimeout, RemoteError, BusError) as exc:
             reply = exc
         if flow.stage == "query":
-            if not isinstance(reply, HelperList) or not reply.candidates:
+            avoid = set(flow.request.avoid)
+            if isinstance(reply, HelperList):
+                flow.candidates = [CandidateInfo(c.node_id, tuple(c.classes)) for c in reply.candidates if c.node_id not in avoid]
+            if not flow.candidates:
                 self._event("help_failed", stage="query", error=str(reply)[:500] if not isinstance(reply, HelperList) else "no candidates")
                 self._help = None
                 self._set_status("serving (no helper found)")
                 return
-            flow.candidates = [c.node_id for c in reply.candidates]
             self._next_candidate(flow)
             return
         if isinstance(reply, KtBlob):
@@ -410,25 +422,44 @@ class AgentDaemon:
                 pool=len(self.learner.pool),
             )
             self._meta_dirty = True
-            self._help = None
-            self._set_status(f"serving with {len(self.learner.pool)} helper(s)")
+            flow.installed += 1
+            flow.missing.difference_update(installed.classes)
+            # Knowledge spread over several nodes: the next candidate is asked for what is still missing.
+            room = len(self.learner.pool) < self.learner.pool.max_size
+            if flow.missing and room and flow.installed < self.learner.config.split_helpers:
+                self._next_candidate(flow)
+            else:
+                self._end_help(flow)
             return
         self._event("kt_failed", helper=flow.helper, error=str(reply)[:500])
         self._next_candidate(flow)
 
     def _next_candidate(self, flow: HelpFlow) -> None:
-        remaining = [c for c in flow.candidates if c not in flow.tried]
-        if not remaining:
+        if flow.candidates and flow.candidates[0].node_id == RELAY:
+            ask = None if RELAY in flow.tried else Ask(RELAY, tuple(sorted(flow.missing)))
+        else:
+            selection = build_selection(self.learner.config.helper_selection)
+            ask = selection.next_ask(flow.candidates, flow.missing, flow.tried, flow.request_number)
+        if ask is None:
+            self._end_help(flow)
+            return
+        flow.helper = ask.helper
+        flow.asked = ask.classes
+        flow.tried.append(ask.helper)
+        flow.stage = "kt"
+        flow.future = self._send_kt(ask.helper, ask.classes, flow.request)
+        self._event("help_requested", helper=ask.helper, classes=list(ask.classes))
+        self._set_status(f"asking {ask.helper} for classes {list(ask.classes)}")
+
+    def _end_help(self, flow: HelpFlow) -> None:
+        """Every transfer ends with exactly one ``help_done`` (some helper installed) or ``help_failed``."""
+        self._help = None
+        if flow.installed == 0:
             self._event("help_failed", stage="kt", tried=flow.tried)
-            self._help = None
             self._set_status("serving (no helper answered)")
             return
-        flow.helper = remaining[0]
-        flow.tried.append(flow.helper)
-        flow.stage = "kt"
-        flow.future = self._send_kt(flow.helper, flow.request)
-        self._event("help_requested", helper=flow.helper, classes=list(flow.request.classes))
-        self._set_status(f"asking {flow.helper} for classes {list(flow.request.classes)}")
+        self._event("help_done", helpers=flow.installed, missing=sorted(flow.missing), tried=flow.tried)
+        self._set_status(f"serving with {len(self.learner.pool)} helper(s)")
 
     # -- knowledge transfer as a helper ----------------------------------------------------------
 
@@ -437,7 +468,7 @@ class AgentDaemon:
             raise RequestRejected("arch_mismatch", f"this node runs architecture {self.learner.arch_id}")
         if request.lineage != self.learner.lineage:
             raise RequestRejected("lineage_mismatch", f"this node descends from base {self.learner.lineage}")
-        if request.value_codec not in ("float32", "float16", "int8"):
+        if request.value_codec not in ("float32", "float16", "int8", "int3_delta"):
             raise RequestRejected("unsupported", f"value codec {request.value_codec!r} is not supported")
         t0 = time.perf_counter()
         try:

@@ -48,6 +48,8 @@ class HelpRequest:
     value_codec: str
     batch_index: int
     reason: str
+    #: Nodes whose helpers for these classes were dropped as no better than the target: ask others.
+    avoid: tuple[str, ...] = ()
 
 
 @dataclass
@@ -125,6 +127,9 @@ class Learner:
         self._asked: dict[tuple[int, ...], int] = {}
         self._pending_baseline: float | None = None
         self._delayed_help: HelpRequest | None = None
+        self._retry: tuple[int, HelpRequest] | None = None
+        self._retry_baseline: float | None = None
+        self._unhelpful: dict[int, set[str]] = {}
 
     def apply_config(self, values: Mapping[str, Any]) -> LearnerConfig:
         """Validate ``values`` against the whole config and apply them atomically, between batches.
@@ -217,7 +222,11 @@ class Learner:
         for h, p in zip(helpers, helper_ps):
             mask = torch.isin(y, torch.as_tensor(h.classes, device=self.device))
             if bool(mask.any()):
-                self.pool.record_error(h.helper_id, float((p.argmax(dim=1)[mask] != y[mask]).float().mean()))
+                self.pool.record_error(
+                    h.helper_id,
+                    float((p.argmax(dim=1)[mask] != y[mask]).float().mean()),
+                    float(target_wrong[mask].mean()),
+                )
 
         self._train_step(x, y)
         t2 = time.perf_counter()
@@ -242,8 +251,36 @@ class Learner:
             result.help = dataclasses.replace(self._delayed_help, batch_index=index)
             self._delayed_help = None
         rolling = self._target_rolling_error()
-        result.discarded = tuple(self.pool.discard_check(batch_index=index, target_rolling_error=rolling))
+        discarded = self.pool.discard_check(batch_index=index, target_rolling_error=rolling)
+        if self.config.drop_unhelpful:
+            for helper in self.pool.drop_unhelpful():
+                discarded.append(helper.helper_id)
+                self._schedule_retry(index, helper)
+        if result.help is None and self._retry is not None and index >= self._retry[0]:
+            retry = self._retry[1]
+            self._retry = None
+            classes = tuple(c for c in retry.classes if c not in self.pool.classes())
+            if classes and len(self.pool) < self.pool.max_size:
+                self._asked[classes] = index
+                self._pending_baseline = self._retry_baseline
+                result.help = dataclasses.replace(retry, classes=classes, batch_index=index, avoid=self._avoid_for(classes))
+        result.discarded = tuple(discarded)
         return result
+
+    def _schedule_retry(self, index: int, helper: PooledHelper) -> None:
+        """Ask again for an unhelpful helper's classes, once the request's cooldown is over."""
+        for c in helper.classes:
+            self._unhelpful.setdefault(c, set()).add(helper.source)
+        due = max(index + 1, helper.installed_at + self.config.help_cooldown)
+        self._retry_baseline = helper.baseline_error
+        request = HelpRequest(
+            classes=helper.classes, z=self.config.z, value_codec=self.config.value_codec, batch_index=due,
+            reason="unhelpful_helper",
+        )
+        self._retry = (due, request)
+
+    def _avoid_for(self, classes: Sequence[int]) -> tuple[str, ...]:
+        return tuple(sorted({s for c in classes for s in self._unhelpful.get(c, ()) if s}))
 
     def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         self.model.train()
@@ -285,7 +322,8 @@ class Learner:
                 classes = tuple(classes_to_request(longrun_before, counts, class_err))
             reason = self.detector.name
         classes = tuple(c for c in classes if c not in self.pool.classes())
-        if not classes:
+        # A full pool takes a new helper only by evicting one still serving: ask nobody instead.
+        if not classes or len(self.pool) >= self.pool.max_size:
             return None
         last = self._asked.get(classes)
         if last is not None and index - last < self.config.help_cooldown:
@@ -293,7 +331,8 @@ class Learner:
         self._asked[classes] = index
         self._pending_baseline = self._pre_drift_error()
         return HelpRequest(
-            classes=classes, z=self.config.z, value_codec=self.config.value_codec, batch_index=index, reason=reason
+            classes=classes, z=self.config.z, value_codec=self.config.value_codec, batch_index=index, reason=reason,
+            avoid=self._avoid_for(classes),
         )
 
     # -- as helper -------------------------------------------------------------------------------

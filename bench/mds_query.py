@@ -68,7 +68,7 @@ def serve(host: str, port: int, n: int, nodelay: bool, conn: Connection) -> None
     store = NodeStore(":memory:")
     fill(store, n, seed=n)
     q = query()
-    candidates = [Candidate(node_id=node, score=s) for node, s in store.query(ASKER, ARCH, LINEAGE, CLASSES, q.hist, K)]
+    candidates = [Candidate(node_id=m.node_id, score=m.score, classes=list(m.classes)) for m in store.query(ASKER, ARCH, LINEAGE, CLASSES, q.hist, K)]
     mds_client = MqttClient(client_id="bench-mds", host=host, port=port, session_expiry=30, clean_start=True,
                             inbox_size=100_000, name="clue-mds")
     service = MetadataService(mds_client, store).start()

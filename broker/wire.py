@@ -98,6 +98,8 @@ EVENT_KINDS: tuple[str, ...] = (
     "drift",
     "help_requested",
     "helper_installed",
+    "help_done",
+    "help_failed",
     "helper_discarded",
     "rejected",
     "config_applied",
@@ -193,6 +195,8 @@ class Candidate(BaseModel):
 
     node_id: NodeId
     score: FiniteFloat
+    #: The requested classes this node holds; with `cover="all"` that is every one of them.
+    classes: Annotated[list[ClassId], Field(max_length=4096)] = Field(default_factory=list)
 
 
 # --- envelope and registry -------------------------------------------------------------------
@@ -382,6 +386,11 @@ class HelpQuery(Envelope):
     classes: Annotated[list[ClassId], Field(max_length=4096)]
     hist: Annotated[list[Annotated[float, Field(ge=0.0, allow_inf_nan=False)]], Field(max_length=4096)]
     k: Annotated[int, Field(ge=1, le=64)] = 1
+    #: Which nodes qualify: holding every requested class, at least one of them (ranked by how
+    #: many they hold, then by similarity; for pooling helpers that each know part of the new
+    #: classes), or any node (the paper's deliberately wrong first helper, Fig. 10).
+    cover: Literal["all", "any", "none"] = "all"
+    rank: Literal["most_similar", "least_similar"] = "most_similar"
     reply_to: ReplyTopic | None = None
     corr: Corr | None = None
 
@@ -584,6 +593,10 @@ def _as_bytes(data: Any) -> bytes:
     raise WireError(f"expected bytes, got {type(data).__name__}")
 
 
+_MIN_INT = -(1 << 63)
+_MAX_UINT = (1 << 64) - 1
+
+
 def _check_tree(obj: Any) -> None:
     """Depth, node count and plain types only, before pydantic sees anything."""
     stack: list[tuple[Any, int]] = [(obj, 1)]
@@ -604,7 +617,11 @@ def _check_tree(obj: Any) -> None:
             if depth > MAX_DEPTH:
                 raise SchemaError(f"message nested deeper than {MAX_DEPTH}")
             stack.extend((value, depth + 1) for value in item)
-        elif item is None or type(item) in (str, bytes, int, float, bool):
+        elif type(item) is int:
+            # JSON has no integer limit; msgpack (and so every re-encode, ack or relay) does.
+            if not _MIN_INT <= item <= _MAX_UINT:
+                raise SchemaError("integer out of the 64-bit range")
+        elif item is None or type(item) in (str, bytes, float, bool):
             continue
         else:
             raise SchemaError(f"unsupported value of type {type(item).__name__}")

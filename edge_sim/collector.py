@@ -21,7 +21,7 @@ from broker.errors import BusError
 from broker.wire import ArrayPayload, Event, Prediction, RequestBatch
 
 #: Events that end a knowledge transfer a node started (after ``drift``).
-KT_DONE = ("helper_installed", "help_failed")
+KT_DONE = ("help_done", "help_failed")
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,16 @@ from agent.errors import ConfigError
 from edge_sim.experiment import MODES
 
 SCENARIO_DIR = Path(__file__).parent / "scenarios"
-SIM_MODES = (*MODES, "fedavg")
+#: Modes only the fleet simulator stages: they need the MdS's candidate lists.
+FLEET_MODES: dict[str, dict[str, Any]] = {
+    # Fig. 8: one helper at a time (no pooling) against a pool of helpers that each know part of
+    # the new classes.
+    "clue_single": {"kt_apply": "boost", "operator": {"type": "class_aware"}, "split_helpers": 1, "pool_max": 1},
+    "clue_pool": {"kt_apply": "boost", "operator": {"type": "class_aware"}, "split_helpers": 4},
+    # Fig. 10 (a): the first request goes to the least similar node; later ones to the most similar.
+    "clue_wrong_first": {"kt_apply": "boost", "operator": {"type": "class_aware"}, "helper_selection": "least_similar_first"},
+}
+SIM_MODES = (*MODES, *FLEET_MODES, "fedavg")
 
 
 class FedAvgSettings(BaseModel):
@@ -42,7 +51,8 @@ class Scenario(BaseModel):
     batches: int = Field(100, ge=4, le=100_000)
     drift_at: int = Field(40, ge=1)
     workload: Literal["introduction", "fluctuation"] = "introduction"
-    helpers: Literal["overlapping", "non_overlapping"] = "overlapping"
+    helpers: Literal["overlapping", "non_overlapping", "split"] = "overlapping"
+    wrong_helper: bool = Field(False, description="the last node sees only half the target's classes and none of the new ones (Fig. 10 a)")
     new_share: float = Field(0.25, gt=0.0, lt=1.0)
     initial_classes: int = Field(8, ge=1)
     non_overlap_from: int = Field(4, ge=0)

@@ -31,7 +31,7 @@ from broker.client import MqttClient
 from edge_sim.collector import Collector, Feeder
 from edge_sim.experiment import MODES, pretrain_base
 from edge_sim.processes import Child, spawn, spawn_agent, spawn_mds
-from edge_sim.scenario import Scenario
+from edge_sim.scenario import FLEET_MODES, Scenario
 from edge_sim.workloads import BatchStream, introduction_workload, split_pool
 
 Progress = Callable[[str, int, int], None]
@@ -78,8 +78,9 @@ def mode_settings(scn: Scenario, mode: str, members: list[str], seed: int) -> di
     """Agent settings for one mode: the scenario's knobs, then the mode's own."""
     learner = copy.deepcopy(scn.learner)
     if mode != "fedavg":
-        learner.update(copy.deepcopy(MODES[mode]))
-        if mode in ("clue_class_aware", "random_mask") and "operator" in scn.learner:
+        mode_knobs = MODES.get(mode) or FLEET_MODES[mode]
+        learner.update(copy.deepcopy(mode_knobs))
+        if mode_knobs.get("operator", {}).get("type") == "class_aware" and "operator" in scn.learner:
             learner["operator"] = scn.learner["operator"]
     else:
         learner["kt_apply"] = "off"
@@ -297,6 +298,7 @@ def _workload(scn: Scenario):
     return introduction_workload(
         helpers=scn.helpers, kind=scn.workload, num_classes=scn.num_classes, initial=scn.initial_classes,
         drift_at=scn.drift_at, new_share=scn.new_share, non_overlap_from=scn.non_overlap_from,
+        wrong_helper=scn.nodes - 1 if scn.wrong_helper else None,
     )
 
 

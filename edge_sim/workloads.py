@@ -2,8 +2,11 @@
 
 A workload is a class schedule per node; :class:`BatchStream` turns it into request batches drawn
 from a labelled pool. *introduction*: the target's new classes appear at the drift batch and stay.
-*fluctuation*: they come and go in phases. Helpers are *overlapping* (they see every class) or
-*non-overlapping* (they never see some of the target's initial classes).
+*fluctuation*: they come and go in phases. Helpers are *overlapping* (they see every class),
+*non-overlapping* (they never see some of the target's initial classes) or *split* (each sees the
+target's classes and one of the new ones, so no single node knows every new class: pooling, the
+paper's Fig. 8). A *wrong helper* (the paper's Fig. 10 a) is a last node that sees only the first
+half of the target's classes: the least similar node, and one that knows none of the new classes.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ class Workload:
     """Per node, the class mix of every batch."""
 
     kind: Literal["introduction", "fluctuation"]
-    helpers: Literal["overlapping", "non_overlapping"]
+    helpers: Literal["overlapping", "non_overlapping", "split"]
     num_classes: int
     target_classes: tuple[int, ...]
     new_classes: tuple[int, ...]
@@ -49,6 +52,7 @@ class Workload:
     drift_at: int
     new_share: float
     fluctuation_period: int = 10
+    wrong_helper: int | None = None
 
     def new_classes_present(self, batch: int) -> bool:
         if batch < self.drift_at:
@@ -59,6 +63,10 @@ class Workload:
 
     def mix(self, node: int, batch: int) -> ClassMix:
         """Node 0 is the target; every other node is a potential helper."""
+        if node == self.wrong_helper:
+            return ClassMix(self.target_classes[: max(1, len(self.target_classes) // 2)])
+        if node != 0 and self.helpers == "split":
+            return ClassMix(self.target_classes + (self.new_classes[(node - 1) % len(self.new_classes)],))
         if node != 0:
             return ClassMix(self.helper_classes)
         if self.new_classes_present(batch):
@@ -68,13 +76,14 @@ class Workload:
 
 def introduction_workload(
     *,
-    helpers: Literal["overlapping", "non_overlapping"] = "overlapping",
+    helpers: Literal["overlapping", "non_overlapping", "split"] = "overlapping",
     kind: Literal["introduction", "fluctuation"] = "introduction",
     num_classes: int = 10,
     initial: int = 8,
     drift_at: int = 20,
     new_share: float = 0.25,
     non_overlap_from: int = 4,
+    wrong_helper: int | None = None,
 ) -> Workload:
     """The target starts with classes [0, initial); the rest arrive at ``drift_at``.
 
@@ -84,7 +93,7 @@ def introduction_workload(
     target = tuple(range(initial))
     new = tuple(range(initial, num_classes))
     helper = tuple(range(num_classes)) if helpers == "overlapping" else tuple(range(non_overlap_from, num_classes))
-    return Workload(kind, helpers, num_classes, target, new, helper, drift_at, new_share)
+    return Workload(kind, helpers, num_classes, target, new, helper, drift_at, new_share, wrong_helper=wrong_helper)
 
 
 class BatchStream:

@@ -276,6 +276,8 @@ class MetadataService:
                 request.k,
                 metric=self.similarity,
                 min_class_share=self.min_class_share,
+                cover=request.cover,
+                rank=request.rank,
             )
             self._sample(self._compute_ms, (time.perf_counter() - started) * 1e3)
         except QueryRejected as exc:
@@ -284,7 +286,7 @@ class MetadataService:
                 self._rejected[exc.code] += 1
             raise RequestRejected(exc.code, exc.message) from exc
         self._count("answered")
-        return HelperList(corr=item.corr, candidates=[Candidate(node_id=n, score=s) for n, s in found])
+        return HelperList(corr=item.corr, candidates=[Candidate(node_id=m.node_id, score=m.score, classes=list(m.classes)) for m in found])
 
     def _reject_undecodable(self, item: Inbound, exc: WireError) -> None:
         self._count("undecodable_queries")

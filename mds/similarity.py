@@ -68,10 +68,12 @@ def top_k(
     *,
     eligible: np.ndarray,
     metric: str = "cosine",
+    least: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` eligible rows of ``H`` most similar to ``q``: (indices, scores), best first.
 
-    Ties go to the lower index. Rows with an all-zero histogram are never returned. Fewer than
+    ``least`` turns the ranking round: the ``k`` least similar, least similar first. Ties go to
+    the lower index. Rows with an all-zero histogram are never returned. Fewer than
     ``k`` results come back when fewer rows are eligible.
 
     >>> H = np.array([[10, 0, 0], [5, 5, 0], [0, 0, 7], [9, 1, 0]])
@@ -90,7 +92,8 @@ def top_k(
 
     scores = SIMILARITIES[metric](q, H)
     candidates = np.flatnonzero(mask & (H.sum(axis=1) > 0))
-    cand_scores = scores[candidates]
+    rank = -scores if least else scores
+    cand_scores = rank[candidates]
     if k == 0:
         candidates = candidates[:0]
     elif k < candidates.size:
@@ -100,9 +103,8 @@ def top_k(
         above = candidates[cand_scores > kth]
         tied = candidates[cand_scores == kth][: k - above.size]
         candidates = np.concatenate([above, tied])
-    cand_scores = scores[candidates]
-    order = np.lexsort((candidates, -cand_scores))
-    return candidates[order], cand_scores[order]
+    order = np.lexsort((candidates, -rank[candidates]))
+    return candidates[order], scores[candidates[order]]
 
 
 def eligible_mask(

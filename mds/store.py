@@ -16,7 +16,7 @@ order), so a node can have a row without metadata; such a node is never a helper
 >>> for node, hist in [("a", [9, 1, 0]), ("b", [1, 1, 8]), ("c", [8, 2, 0])]:
 ...     _ = store.upsert_meta(NodeMeta(node_id=node, arch_id="mlp", lineage="b0", hist=hist))
 ...     _ = store.set_online(node, True)
->>> [n for n, _ in store.query("a", "mlp", "b0", [1], [9, 1, 0], k=2)]
+>>> [m.node_id for m in store.query("a", "mlp", "b0", [1], [9, 1, 0], k=2)]
 ['c', 'b']
 """
 
@@ -29,7 +29,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
@@ -60,6 +60,18 @@ CREATE TABLE IF NOT EXISTS nodes (
 )
 """
 _COLUMNS = "node_id, arch_id, lineage, hist, rolling_error, batches, helpers, online, updated_at, meta_ts"
+
+
+_COVERS = ("all", "any", "none")
+_RANKS = ("most_similar", "least_similar")
+
+
+class Match(NamedTuple):
+    """One helper candidate: its id, its similarity to the asker, the requested classes it holds."""
+
+    node_id: str
+    score: float
+    classes: tuple[int, ...]
 
 
 class QueryRejected(ValueError):
@@ -278,12 +290,17 @@ class NodeStore:
         k: int,
         metric: str = "cosine",
         min_class_share: float = 0.01,
-    ) -> list[tuple[str, float]]:
+        cover: str = "all",
+        rank: str = "most_similar",
+    ) -> list[Match]:
         """The `k` online nodes of `arch_id`/`lineage` most similar to `hist`, best first.
 
-        Never the asker, an offline node, another architecture or lineage, nor a node holding less
-        than `min_class_share` of its histogram in any of `classes`. An empty list when nobody
-        qualifies. Raises `QueryRejected` (`arch_mismatch`: no node runs `arch_id`;
+        Never the asker, an offline node, another architecture or lineage. A node *holds* a class
+        when at least `min_class_share` of its histogram is that class. `cover` says which nodes
+        qualify: `all` (they hold every one of `classes`), `any` (they hold at least one; ranked
+        first by how many they hold, then by similarity) or `none` (every node). `rank`
+        `least_similar` turns the similarity order round. Each match names the requested classes
+        the node holds. An empty list when nobody qualifies. Raises `QueryRejected` (`arch_mismatch`: no node runs `arch_id`;
         `lineage_mismatch`: none of that lineage; `bad_request`: `hist` of the wrong width or
         invalid, a class out of range, a bad `k`) and `ValueError` for an unknown `metric` or a
         `min_class_share` outside [0, 1].
@@ -294,6 +311,8 @@ class NodeStore:
             raise ValueError(f"min_class_share must be in [0, 1], got {min_class_share}")
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
             raise QueryRejected("bad_request", f"k must be a non-negative int, got {k!r}")
+        if cover not in _COVERS or rank not in _RANKS:
+            raise QueryRejected("bad_request", f"cover must be one of {_COVERS} and rank one of {_RANKS}")
         try:
             q = _as_hist(hist)
             wanted = np.unique(np.asarray(classes, dtype=np.int64).reshape(-1))
@@ -317,14 +336,29 @@ class NodeStore:
             asker_row = group.rows.get(asker)
             if asker_row is not None:
                 eligible[asker_row] = False
-            if wanted.size:
-                # share >= min  <=>  count >= min * total, without normalising the whole matrix
-                eligible &= (hists[:, wanted] >= min_class_share * group.totals[:n, None]).all(axis=1)
-            # Score the eligible rows only: helpers for new classes are usually a small part of a group.
-            rows = np.flatnonzero(eligible)
-            candidates = hists if rows.size == n else hists[rows]
-            picked, scores = top_k(q, candidates, int(k), eligible=np.ones(rows.size, dtype=bool), metric=metric)
-            return [(group.ids[r], float(s)) for r, s in zip(rows[picked], scores)]
+            # share >= min  <=>  count >= min * total, without normalising the whole matrix
+            holds = hists[:, wanted] >= min_class_share * group.totals[:n, None]
+            held = holds.sum(axis=1)
+            if cover == "all":
+                eligible &= held == wanted.size
+            elif cover == "any" and wanted.size:
+                eligible &= held > 0
+            least = rank == "least_similar"
+            found: list[Match] = []
+            # Best coverage first; within one level of coverage, by similarity. Only the eligible
+            # rows are scored: helpers for new classes are usually a small part of a group.
+            levels = np.unique(held[eligible])[::-1] if cover == "any" else [None]
+            for level in levels:
+                if len(found) >= k:
+                    break
+                rows = np.flatnonzero(eligible if level is None else eligible & (held == level))
+                candidates = hists if rows.size == n else hists[rows]
+                picked, scores = top_k(
+                    q, candidates, int(k) - len(found), eligible=np.ones(rows.size, dtype=bool), metric=metric, least=least
+                )
+                for r, score in zip(rows[picked], scores):
+                    found.append(Match(group.ids[r], float(score), tuple(int(c) for c in wanted[holds[r]])))
+            return found
 
     def get(self, node_id: str) -> NodeRecord | None:
         """The stored row of a node (read from SQLite), or None."""

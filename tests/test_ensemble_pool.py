@@ -119,3 +119,25 @@ def test_discard_config_by_type():
     assert build_discard_policy(adapter.validate_python({"type": "dynamic"})).name == "dynamic"
     with pytest.raises(ValidationError):
         adapter.validate_python({"type": "dynamic", "tolerance": -1})
+
+
+def test_unhelpful_helpers_are_judged_once_after_l_batches():
+    pool = HelperPool(StaticDiscard(100), max_size=4, window=3)
+    pool.add(_helper("useful", 0))
+    pool.add(_helper("wrong", 0))
+    pool.add(_helper("untested", 0))
+    for _ in range(2):
+        pool.record_error("useful", 0.3, 0.9)
+        pool.record_error("wrong", 0.95, 0.9)
+    assert pool.drop_unhelpful() == []  # two batches of three: not judged yet
+    pool.record_error("useful", 0.3, 0.9)
+    pool.record_error("wrong", 0.9, 0.9)  # no better than the target: as good as no helper
+    assert [h.helper_id for h in pool.drop_unhelpful()] == ["wrong"]
+    assert pool.ids() == ["useful", "untested"]
+    # Judged once: a target that later catches up does not make a proven helper "unhelpful".
+    for _ in range(3):
+        pool.record_error("useful", 0.3, 0.1)
+    assert pool.drop_unhelpful() == [] and "useful" in pool.ids()
+    # Without the target's own error (the caller had none) nothing is judged.
+    pool.record_error("untested", 0.9)
+    assert pool.drop_unhelpful() == []

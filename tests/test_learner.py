@@ -229,3 +229,49 @@ def test_help_delay_postpones_the_request():
     helps = [i for i, r in enumerate(results) if r.help is not None]
     assert helps and helps[0] == first_drift + 3
     assert set(results[helps[0]].help.classes) == {8, 9}
+
+
+def test_a_wrong_helper_is_dropped_and_another_node_asked_after_the_cooldown():
+    target, right = _fleet(2, help_cooldown=8)
+    (wrong,) = _fleet(1)
+    blobs = Blobs()
+    for _ in range(15):
+        wrong.process_batch(*blobs.batch(range(4)))  # never sees classes 8-9
+    first = _drift_until_help(target, right, blobs)
+    target.accept_kt_blob(wrong.kt_blob(first.help.classes, 0.5), source="wrong")
+    results = [target.process_batch(*blobs.batch(list(range(8)) + [8, 9] * 2)) for _ in range(12)]
+    dropped = next(i for i, r in enumerate(results) if r.discarded)
+    assert dropped == target.pool.window - 1, "judged after its first L batches holding its classes"
+    assert len(target.pool) == 0
+    helps = [(i, r.help) for i, r in enumerate(results) if r.help is not None]
+    assert helps, "no second request after the wrong helper left"
+    i, retry = helps[0]
+    assert first.help.batch_index + 8 <= retry.batch_index and i > dropped
+    assert set(retry.classes) == {8, 9} and retry.avoid == ("wrong",) and retry.reason == "unhelpful_helper"
+
+
+def test_a_right_helper_survives_its_probation():
+    target, helper = _fleet(2)
+    blobs = Blobs()
+    first = _drift_until_help(target, helper, blobs)
+    target.accept_kt_blob(helper.kt_blob(first.help.classes, 0.5), source="right")
+    for _ in range(target.pool.window + 1):
+        target.process_batch(*blobs.batch(list(range(8)) + [8, 9] * 2))
+    assert [h.source for h in target.pool] == ["right"] and next(iter(target.pool)).judged
+
+
+def test_a_full_pool_asks_for_no_more_help():
+    target, helper = _fleet(2, pool_max=1, drop_unhelpful=False)
+    blobs = Blobs()
+    for _ in range(15):
+        helper.process_batch(*blobs.batch(range(10)))
+        target.process_batch(*blobs.batch(range(8)))
+    for _ in range(10):
+        result = target.process_batch(*blobs.batch(list(range(8)) + [8, 9] * 2))
+        if result.help is not None:
+            break
+    assert result.help is not None
+    target.accept_kt_blob(helper.kt_blob((8,), 0.5), source="eight")
+    # Class 9 is still missing, but taking its helper would evict the one serving class 8.
+    later = [target.process_batch(*blobs.batch(list(range(8)) + [9] * 8)).help for _ in range(12)]
+    assert later == [None] * 12

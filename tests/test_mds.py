@@ -12,7 +12,7 @@ import pytest
 from broker.errors import TopicError
 from broker.wire import NodeMeta
 from mds.similarity import SIMILARITIES, eligible_mask, top_k
-from mds.store import MAX_CLASSES, NodeStore, QueryRejected
+from mds.store import MAX_CLASSES, Match, NodeStore, QueryRejected
 
 
 def meta(node_id: str, hist, *, arch: str = "mlp", lineage: str = "b0", ts: float = 1.0, **fields) -> NodeMeta:
@@ -31,8 +31,8 @@ def add(store: NodeStore, node_id: str, hist, *, online: bool = True, **kw) -> N
     store.set_online(node_id, online)
 
 
-def ids(found: list[tuple[str, float]]) -> list[str]:
-    return [node for node, _ in found]
+def ids(found: list[Match]) -> list[str]:
+    return [m.node_id for m in found]
 
 
 @pytest.fixture
@@ -129,7 +129,7 @@ def test_top_k_order_and_k(store: NodeStore) -> None:
     found = store.query("x", "mlp", "b0", [], [9, 1, 0], 3)
     assert ids(found) == ["same", "close", "far"]
     assert found[0][1] == pytest.approx(1.0)
-    assert [s for _, s in found] == sorted((s for _, s in found), reverse=True)
+    assert [m.score for m in found] == sorted((m.score for m in found), reverse=True)
     assert ids(store.query("x", "mlp", "b0", [], [9, 1, 0], 1)) == ["same"]
     assert store.query("x", "mlp", "b0", [], [9, 1, 0], 0) == []
 
@@ -167,7 +167,7 @@ def test_query_agrees_with_the_pure_functions(metric: str) -> None:
             idx, scores = top_k(q, snap.hists, 8, eligible=mask, metric=metric)
             found = store.query("n310", "mlp", "b0", classes, q, 8, metric=metric, min_class_share=0.05)
             assert ids(found) == snap.node_ids[idx].tolist()
-            np.testing.assert_allclose([s for _, s in found], scores, rtol=1e-12)
+            np.testing.assert_allclose([m.score for m in found], scores, rtol=1e-12)
 
 
 def test_moving_to_another_group_and_changing_width_alone(store: NodeStore) -> None:
@@ -297,3 +297,29 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
         db.execute("PRAGMA user_version = 99")
     with pytest.raises(ValueError, match="schema"):
         NodeStore(path)
+
+
+def test_cover_any_ranks_by_classes_held_then_similarity(store: NodeStore) -> None:
+    add(store, "holds-8", [5, 5, 0, 0, 4, 0])
+    add(store, "holds-9", [5, 5, 0, 0, 0, 4])
+    add(store, "holds-both-far", [0, 0, 5, 5, 1, 1])
+    add(store, "holds-neither", [5, 5, 0, 0, 0, 0])
+    query = ("asker", "mlp", "b0", [4, 5], [5, 5, 0, 0, 1, 1], 10)
+    assert ids(store.query(*query)) == ["holds-both-far"]
+    found = store.query(*query, cover="any")
+    assert ids(found) == ["holds-both-far", "holds-8", "holds-9"]
+    assert [m.classes for m in found] == [(4, 5), (4,), (5,)]
+    everyone = store.query(*query, cover="none")
+    assert set(ids(everyone)) == {"holds-8", "holds-9", "holds-both-far", "holds-neither"}
+    assert everyone[-1].node_id == "holds-both-far" and everyone[-1].classes == (4, 5)
+
+
+def test_rank_least_similar_turns_the_order_round(store: NodeStore) -> None:
+    add(store, "same", [9, 1, 0])
+    add(store, "close", [7, 3, 0])
+    add(store, "far", [1, 1, 8])
+    found = store.query("x", "mlp", "b0", [], [9, 1, 0], 2, cover="none", rank="least_similar")
+    assert ids(found) == ["far", "close"]
+    assert found[0].score < found[1].score
+    with pytest.raises(QueryRejected):
+        store.query("x", "mlp", "b0", [], [9, 1, 0], 2, cover="some")

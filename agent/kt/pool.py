@@ -2,7 +2,9 @@
 
 A helper is dropped once the target alone is back at its pre-drift error (``dynamic``) or after a
 fixed number of batches (``static``); with several helpers, the one worst on its own classes over
-the last L batches goes first. The pool never holds more than ``max_size`` helpers.
+the last L batches goes first. The pool never holds more than ``max_size`` helpers. A helper
+that, over its first L batches, was no better than the target on its own classes can be dropped
+at once (``HelperPool.drop_unhelpful``).
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ class PooledHelper:
     baseline_error: float
     source: str = ""
     recent_errors: deque[float] = field(default_factory=lambda: deque(maxlen=5))
+    #: (helper error, target error) on the helper's classes over its first L batches that held them.
+    probation: list[tuple[float, float]] = field(default_factory=list)
+    judged: bool = False
 
     def recent_error(self) -> float:
         """Mean error on its own classes over the last L batches that held them (inf if none yet)."""
@@ -157,9 +162,31 @@ class HelperPool:
         self._helpers.clear()
         return ids
 
-    def record_error(self, helper_id: str, error: float) -> None:
-        """A helper's error on its own classes in the last batch that held them."""
-        self._helpers[helper_id].recent_errors.append(error)
+    def record_error(self, helper_id: str, error: float, target_error: float | None = None) -> None:
+        """A helper's error (and the target's own, if known) on the helper's classes in the last batch that held them."""
+        helper = self._helpers[helper_id]
+        helper.recent_errors.append(error)
+        if target_error is not None and not helper.judged:
+            helper.probation.append((error, target_error))
+
+    def drop_unhelpful(self) -> list[PooledHelper]:
+        """Judge each helper once, after L batches held its classes: remove and return those that
+        were on average no better than the target on those classes.
+
+        A helper from a node that never learnt the requested classes (a wrong pick) only adds
+        noise; dropping it lets the target ask someone else instead of carrying it until the
+        discard policy's recovery test, which it would delay.
+        """
+        dropped = []
+        for helper in list(self._helpers.values()):
+            if helper.judged or len(helper.probation) < self.window:
+                continue
+            helper.judged = True
+            own = sum(e for e, _ in helper.probation) / len(helper.probation)
+            target = sum(t for _, t in helper.probation) / len(helper.probation)
+            if own >= target:
+                dropped.append(self._helpers.pop(helper.helper_id))
+        return dropped
 
     def discard_check(self, *, batch_index: int, target_rolling_error: float | None) -> list[str]:
         """Apply the policy: remove and return the ids it picks."""
