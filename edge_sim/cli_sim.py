@@ -3,7 +3,7 @@
     clue-sim run default                 # README command 1: the default scenario
     clue-sim run my.toml --broker mqtt://host:1883 --out runs/mine
     clue-sim list                        # the shipped scenarios
-    clue-sim all --out runs/all          # every shipped scenario into one report (long)
+    clue-sim all --out runs/all [--resume]   # every shipped scenario into one report (long)
     clue-sim base --scenario default --out base.npz          # a fleet's shared base model
     clue-sim feed --broker URL --scenario default --nodes a,b,c,d,e --out DIR   # agents run elsewhere
 """
@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -45,6 +46,17 @@ def _run(scn: Scenario, out: Path, broker: str | None, workdir: Path | None, con
     return summary
 
 
+def _finished(out: Path, scn: Scenario) -> dict | None:
+    """The summary of an earlier complete run of exactly this scenario in ``out``, else None."""
+    try:
+        saved = json.loads((out / "results.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if saved.get("partial", True) or saved.get("scenario") != json.loads(scn.model_dump_json()):
+        return None
+    return saved["summary"]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="clue-sim", description="CLUE Edge fleet simulator (real daemons over MQTT).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -60,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     every = sub.add_parser("all", help="run every shipped scenario into one report (takes long)")
     every.add_argument("--out", type=Path, default=Path("runs/all"))
     every.add_argument("--broker")
+    every.add_argument("--resume", action="store_true", help="keep the scenarios whose complete results are already in --out")
     base = sub.add_parser("base", help="pre-train a scenario's shared base model (first seed) and save it as .npz")
     base.add_argument("--scenario", default="default")
     base.add_argument("--out", type=Path, required=True)
@@ -104,14 +117,19 @@ def main(argv: list[str] | None = None) -> int:
             _run(scn, args.out or Path("runs") / scn.name, args.broker, args.workdir, console)
             return 0
         index = ["# CLUE Edge — every shipped scenario", ""]
+        args.out.mkdir(parents=True, exist_ok=True)
         for path in shipped_scenarios():
             scn = load_scenario(path)
-            summary = _run(scn, args.out / scn.name, args.broker, None, console)
+            summary = _finished(args.out / scn.name, scn) if args.resume else None
+            if summary is None:
+                summary = _run(scn, args.out / scn.name, args.broker, None, console)
+            else:
+                console.print(f"{scn.name}: kept the complete results in {args.out / scn.name}")
             index += [f"## {scn.title or scn.name}", "", f"[report]({scn.name}/report.md)", "",
                       headline_table(summary, bool(summary["fedavg_mean_error"])), ""]
             index += [f"- paper, {k}: {v}" for k, v in scn.paper.items()] + [""]
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "report.md").write_text("\n".join(index))
+            # Written after every scenario: an interrupted run still leaves an index of what finished.
+            (args.out / "report.md").write_text("\n".join(index))
         return 0
     except ConfigError as exc:
         print(f"clue-sim: {exc}", file=sys.stderr)

@@ -100,3 +100,21 @@ def test_feed_external_agents_like_the_compose_fleet(tmp_path, mosquitto):
     finally:
         for child in children:
             child.terminate(20)
+
+
+def test_all_resume_keeps_only_complete_results_of_the_same_scenario(tmp_path):
+    from edge_sim.cli_sim import _finished
+
+    scn = load_scenario(SMALL)
+    out = tmp_path / scn.name
+    out.mkdir()
+    assert _finished(out, scn) is None
+    saved = {"scenario": scn.model_dump(), "summary": {"modes": {}}, "partial": False}
+    (out / "results.json").write_text(json.dumps(saved))
+    assert _finished(out, scn) == {"modes": {}}
+    changed = Scenario.model_validate({**scn.model_dump(), "seeds": [5]})
+    assert _finished(out, changed) is None
+    (out / "results.json").write_text(json.dumps({**saved, "partial": True}))
+    assert _finished(out, scn) is None
+    (out / "results.json").write_text("{not json")
+    assert _finished(out, scn) is None
