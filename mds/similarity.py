@@ -26,32 +26,55 @@ __all__ = [
 Similarity = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
-def cosine(q: np.ndarray, H: np.ndarray) -> np.ndarray:
-    """Cosine similarity of ``q`` (C,) with each row of ``H`` (N, C); returns (N,)."""
-    p, P = _distributions(q, H)
-    # Row-wise sums rather than ``P @ p``: BLAS may sum rows in different orders, and then two
+def _row_dot(P: np.ndarray, p: np.ndarray) -> np.ndarray:
+    # einsum's own loop rather than ``P @ p``: BLAS may sum rows in different orders, and then two
     # identical rows could score a hair apart and break the lower-index-first tie rule.
-    dot = (P * p).sum(axis=1)
-    norms = np.sqrt((P * P).sum(axis=1)) * np.sqrt((p * p).sum())
+    return np.einsum("ij,j->i", P, p)
+
+
+def row_norms(P: np.ndarray) -> np.ndarray:
+    """Euclidean norm of each row of the distributions ``P`` (what ``cosine_of`` may be given)."""
+    return np.sqrt(np.einsum("ij,ij->i", P, P))
+
+
+def cosine_of(p: np.ndarray, P: np.ndarray, norms: np.ndarray | None = None) -> np.ndarray:
+    """Cosine similarity of the distribution ``p`` with each row of the distributions ``P``."""
+    norms = (row_norms(P) if norms is None else norms) * np.sqrt(np.dot(p, p))
+    dot = _row_dot(P, p)
     out = np.divide(dot, norms, out=np.zeros_like(dot), where=norms > 0)
     return np.clip(out, 0.0, 1.0)
 
 
-def jensen_shannon(q: np.ndarray, H: np.ndarray) -> np.ndarray:
-    """1 − Jensen-Shannon distance (log base 2) of ``q`` (C,) to each row of ``H`` (N, C)."""
-    p, P = _distributions(q, H)
+def jensen_shannon_of(p: np.ndarray, P: np.ndarray, norms: np.ndarray | None = None) -> np.ndarray:
     M = 0.5 * (P + p)
     divergence = 0.5 * (_kl_terms(p, M).sum(axis=1) + _kl_terms(P, M).sum(axis=1))
     out = 1.0 - np.sqrt(np.clip(divergence, 0.0, 1.0))
     return np.where(_live(p, P), out, 0.0)
 
 
-def hellinger(q: np.ndarray, H: np.ndarray) -> np.ndarray:
-    """1 − Hellinger distance between ``q`` (C,) and each row of ``H`` (N, C); returns (N,)."""
-    p, P = _distributions(q, H)
-    bhattacharyya = (np.sqrt(P) * np.sqrt(p)).sum(axis=1)
+def hellinger_of(p: np.ndarray, P: np.ndarray, norms: np.ndarray | None = None) -> np.ndarray:
+    bhattacharyya = _row_dot(np.sqrt(P), np.sqrt(p))
     out = 1.0 - np.sqrt(np.clip(1.0 - bhattacharyya, 0.0, 1.0))
     return np.where(_live(p, P), out, 0.0)
+
+
+#: The similarities on distributions already normalised and checked (the MdS caches them).
+OF_DISTRIBUTIONS = {"cosine": cosine_of, "jensen_shannon": jensen_shannon_of, "hellinger": hellinger_of}
+
+
+def cosine(q: np.ndarray, H: np.ndarray) -> np.ndarray:
+    """Cosine similarity of ``q`` (C,) with each row of ``H`` (N, C); returns (N,)."""
+    return cosine_of(*_distributions(q, H))
+
+
+def jensen_shannon(q: np.ndarray, H: np.ndarray) -> np.ndarray:
+    """1 − Jensen-Shannon distance (log base 2) of ``q`` (C,) to each row of ``H`` (N, C)."""
+    return jensen_shannon_of(*_distributions(q, H))
+
+
+def hellinger(q: np.ndarray, H: np.ndarray) -> np.ndarray:
+    """1 − Hellinger distance between ``q`` (C,) and each row of ``H`` (N, C); returns (N,)."""
+    return hellinger_of(*_distributions(q, H))
 
 
 SIMILARITIES: dict[str, Similarity] = {
@@ -91,7 +114,12 @@ def top_k(
         raise ValueError(f"eligible must be a bool array of shape ({H.shape[0]},)")
 
     scores = SIMILARITIES[metric](q, H)
-    candidates = np.flatnonzero(mask & (H.sum(axis=1) > 0))
+    return best_rows(scores, np.flatnonzero(mask & (H.sum(axis=1) > 0)), k, least=least)
+
+
+def best_rows(scores: np.ndarray, candidates: np.ndarray, k: int, *, least: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` of the row indices ``candidates`` (ascending) with the highest ``scores`` (lowest
+    with ``least``): (indices, scores), best first, ties to the lower index."""
     rank = -scores if least else scores
     cand_scores = rank[candidates]
     if k == 0:

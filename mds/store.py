@@ -35,7 +35,7 @@ import numpy as np
 
 from broker import topics
 from broker.wire import NodeMeta
-from mds.similarity import SIMILARITIES, top_k
+from mds.similarity import OF_DISTRIBUTIONS, SIMILARITIES, best_rows, row_norms
 
 log = logging.getLogger(__name__)
 
@@ -120,12 +120,18 @@ class _NodeState:
 
 
 class _Group:
-    """The nodes of one (arch_id, lineage): ids, histograms (rows of width C), totals, online."""
+    """The nodes of one (arch_id, lineage): ids, histograms (rows of width C), totals, online.
+
+    Each row's distribution and its norm are kept beside the counts, so a query normalises only
+    its own histogram and scores every row in one pass.
+    """
 
     def __init__(self, n_classes: int) -> None:
         self.ids: list[str] = []
         self.rows: dict[str, int] = {}
         self.hists = np.zeros((_INITIAL_ROWS, n_classes))
+        self.dists = np.zeros((_INITIAL_ROWS, n_classes))
+        self.norms = np.zeros(_INITIAL_ROWS)
         self.totals = np.zeros(_INITIAL_ROWS)
         self.online = np.zeros(_INITIAL_ROWS, dtype=bool)
 
@@ -147,6 +153,8 @@ class _Group:
             self.rows[node_id] = row
         self.hists[row] = hist
         self.totals[row] = hist.sum()
+        self.dists[row] = hist / self.totals[row] if self.totals[row] > 0 else 0.0
+        self.norms[row] = row_norms(self.dists[row : row + 1])[0]
         self.online[row] = online
 
     def set_online(self, node_id: str, online: bool) -> None:
@@ -160,12 +168,16 @@ class _Group:
             self.ids[row] = moved
             self.rows[moved] = row
             self.hists[row] = self.hists[last]
+            self.dists[row] = self.dists[last]
+            self.norms[row] = self.norms[last]
             self.totals[row] = self.totals[last]
             self.online[row] = self.online[last]
         self.ids.pop()
 
     def _grow(self) -> None:
         self.hists = np.concatenate([self.hists, np.zeros_like(self.hists)])
+        self.dists = np.concatenate([self.dists, np.zeros_like(self.dists)])
+        self.norms = np.concatenate([self.norms, np.zeros_like(self.norms)])
         self.totals = np.concatenate([self.totals, np.zeros_like(self.totals)])
         self.online = np.concatenate([self.online, np.zeros_like(self.online)])
 
@@ -343,20 +355,19 @@ class NodeStore:
                 eligible &= held == wanted.size
             elif cover == "any" and wanted.size:
                 eligible &= held > 0
-            least = rank == "least_similar"
+            eligible &= group.totals[:n] > 0  # a node that has seen nothing knows nothing
+            total = q.sum()
+            p = q / total if total > 0 else np.zeros_like(q)
+            scores = OF_DISTRIBUTIONS[metric](p, group.dists[:n], group.norms[:n])
             found: list[Match] = []
-            # Best coverage first; within one level of coverage, by similarity. Only the eligible
-            # rows are scored: helpers for new classes are usually a small part of a group.
+            # Best coverage first; within one level of coverage, by similarity.
             levels = np.unique(held[eligible])[::-1] if cover == "any" else [None]
             for level in levels:
                 if len(found) >= k:
                     break
                 rows = np.flatnonzero(eligible if level is None else eligible & (held == level))
-                candidates = hists if rows.size == n else hists[rows]
-                picked, scores = top_k(
-                    q, candidates, int(k) - len(found), eligible=np.ones(rows.size, dtype=bool), metric=metric, least=least
-                )
-                for r, score in zip(rows[picked], scores):
+                picked, picked_scores = best_rows(scores, rows, int(k) - len(found), least=rank == "least_similar")
+                for r, score in zip(picked, picked_scores):
                     found.append(Match(group.ids[r], float(score), tuple(int(c) for c in wanted[holds[r]])))
             return found
 
