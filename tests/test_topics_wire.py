@@ -336,6 +336,16 @@ def test_decode_config_refusals(bad: bytes) -> None:
         decode_config(bad)
 
 
+def test_decode_config_refuses_integers_msgpack_cannot_carry() -> None:
+    """Found by `bench.fuzz` (config target): JSON integers are unbounded, so a patch that
+    decoded could not be encoded again (the ack, a relay, `clue-ctl` all re-encode)."""
+    for big in (b"7" * 46, str(1 << 64).encode(), str(-(1 << 63) - 1).encode()):
+        with pytest.raises(SchemaError):
+            decode_config(b'{"z": 0.3, "o": ' + big + b"}")
+    edge = decode_config(b'{"a": %d, "b": %d}' % ((1 << 64) - 1, -(1 << 63)))
+    assert decode(encode(edge)) == edge
+
+
 def test_decode_config_size_limit() -> None:
     with pytest.raises(MessageTooLarge):
         decode_config(b'{"z": "' + b"a" * 70000 + b'"}')

@@ -1,0 +1,196 @@
+"""Hostile KT blobs, config patches and batches, over the broker, to a live agent.
+
+The agent (an in-process ``AgentDaemon``, so its weights can be read) drifts and asks rogue peers —
+real MQTT clients advertising the classes it lacks — each answering with one hostile blob: the
+cases of ``tests/test_daemons_e2e.py`` plus a huge declared shape, a huge value count, unknown
+dtypes and 100,000-deep msgpack. Then config patches (the end-to-end cases plus deep nesting,
+oversized, unknown knobs, out-of-range integers, a message of another type) and hostile messages on
+its batch topic (huge shapes, unknown dtypes, deep nesting, an oversized chunked transfer). Each
+must be refused with a ``rejected`` or ``config_refused`` event, the agent must keep serving, and
+its weights, optimiser-visible state and config must stay bit-identical.
+"""
+
+from __future__ import annotations
+
+import time
+
+import msgpack
+import pytest
+import torch
+import zstandard
+
+from agent.daemon import AgentDaemon
+from agent.settings import load_settings
+from broker import topics
+from broker.chunking import split
+from broker.wire import ConfigAck, Event, encode
+
+from test_daemons_e2e import Clusters, Learner_clone_for_blobs, _hostile_blobs, _learner, _rogue, fleet  # noqa: F401
+
+from .conftest import record
+
+pytestmark = [pytest.mark.reliability, pytest.mark.integration]
+
+DEEP = b"\x91" * 100_000 + b"\xc0"  # 100,000 nested one-element arrays around a nil
+
+
+def _more_hostile_blobs(learner) -> dict[str, bytes]:
+    """Blobs beyond the end-to-end cases, built from a well-formed one."""
+    from agent.kt import codec
+
+    good = codec.encode_blob(learner.significant_for((8, 9), 0.5), value_codec="float32")
+    doc = msgpack.unpackb(zstandard.ZstdDecompressor().decompress(good), raw=False)
+    pack = zstandard.ZstdCompressor(write_checksum=True).compress
+
+    def variant(mutate) -> bytes:
+        d = msgpack.unpackb(msgpack.packb(doc, use_bin_type=True), raw=False)
+        mutate(d["tensors"][0])
+        return pack(msgpack.packb(d, use_bin_type=True))
+
+    return {
+        "huge_shape": variant(lambda t: t.update(shape=[1 << 31, 1 << 31])),
+        "huge_count": variant(lambda t: t.update(n=1 << 40)),
+        "unknown_dtype": variant(lambda t: t.update(dtype="f8")),
+        "unknown_index_encoding": variant(lambda t: t.update(enc="rle")),
+        "deep_msgpack": pack(DEEP),
+        "deep_inside_tensors": pack(msgpack.packb({**doc, "tensors": []}, use_bin_type=True)[:-1] + b"\x91" + DEEP),
+    }
+
+
+def _config_cases() -> dict[str, bytes]:
+    return {
+        "invalid_value": b'{"z": 7, "pool_max": 2}',
+        "not_json": b"not json at all",
+        "unknown_knob": b'{"no_such_knob": 1}',
+        "nan": b'{"z": NaN}',
+        "integer_past_64_bits": b'{"help_cooldown": ' + b"7" * 46 + b"}",
+        "dotted_too_deep": b'{"drift.window.x": 3}',
+        "deep_json": b'{"z": ' + b"[" * 30_000 + b"]" * 30_000 + b"}",
+        "deep_msgpack": b"\x91" * 60_000 + b"\xc0",
+        "deep_msgpack_100k_oversized": DEEP,
+        "oversized": b'{"z": "' + b"a" * 70_000 + b'"}',
+        "another_message_type": encode(Event(node_id="victim", kind="drift")),
+    }
+
+
+def _batch_cases(victim: str) -> dict[str, list[bytes]]:
+    def batch(**x) -> bytes:
+        return msgpack.packb({"v": 1, "type": "batch", "batch_id": 999, "x": x}, use_bin_type=True)
+
+    transfer = split(b"\0" * 1024, chunk_bytes=700)[0].model_dump()
+    oversized = {**transfer, "total": 1 << 30, "count": 1 << 15}
+    return {
+        "huge_shape": [batch(dtype="float32", shape=[1 << 28, 1 << 28], data=b"\0" * 16)],
+        "unknown_dtype": [batch(dtype="complex64", shape=[2, 2], data=b"\0" * 32)],
+        "deep_msgpack": [DEEP],
+        "oversized_transfer": [msgpack.packb(oversized, use_bin_type=True)],
+    }
+
+
+def _state(daemon: AgentDaemon) -> dict[str, torch.Tensor]:
+    learner = daemon.learner
+    out = {f"model/{k}": v.clone() for k, v in learner.model.state_dict().items()}
+    for index, entry in learner.optimizer.state_dict()["state"].items():
+        out.update({f"optim/{index}/{k}": v.clone() for k, v in entry.items() if isinstance(v, torch.Tensor)})
+    return out
+
+
+def _identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.timeout(400)
+def test_hostile_blobs_configs_and_batches_are_refused_and_state_stays_bit_identical(fleet):
+    fleet.mds()
+    settings = load_settings(
+        node_id="victim", broker=fleet.broker_url, state_dir=str(fleet.state),
+        learner=_learner(k=16), daemon={"meta_interval": 0.0, "kt_timeout": 5.0},
+    )
+    victim = AgentDaemon(settings)
+    victim.start()
+    try:
+        assert victim.wait_ready(20)
+        learner = victim.learner
+        feeder, collector = fleet.observer()
+        acks = fleet.client()
+        acks.subscribe(topics.node_config_ack("victim"), 1)
+        assert acks.wait_subscribed(10)
+        data = Clusters(1)
+        for t in range(10):
+            assert feeder.step(t, [("victim", *data.batch(range(8)))])
+
+        # 1. Blobs, each from a rogue helper the MdS offers for the drifted classes.
+        peer = Learner_clone_for_blobs(learner, data)
+        blobs = {**_hostile_blobs(peer), **_more_hostile_blobs(peer)}
+        snapshots: list[dict[str, torch.Tensor]] = []
+
+        def answer_with(name):
+            def answer(request):
+                if not snapshots:
+                    snapshots.append(_state(victim))
+                return blobs[name]
+            return answer
+
+        hist = [0.0] * 8 + [50.0, 50.0]
+        ids = {"arch_id": learner.arch_id, "lineage": learner.lineage}
+        rogues = [_rogue(fleet, f"rogue-{name.replace('_', '-')}", ids, hist, answer_with(name)) for name in blobs]
+        time.sleep(1.0)  # the MdS ingests the rogues' retained meta
+        t = 10
+        while not collector.events_of("victim", "help_failed"):
+            assert t < 20, "no drift"
+            assert feeder.step(t, [("victim", *data.batch(list(range(8)) + [8, 9] * 2))], timeout=120)
+            t += 1
+        for _, stop in rogues:
+            stop.set()
+        rejected_blobs = collector.events_of("victim", "rejected")
+        assert all(seen for seen, _ in rogues), "a rogue was never asked"
+        assert len(rejected_blobs) == len(blobs), [e.detail for e in rejected_blobs]
+        assert snapshots and _identical(snapshots[0], _state(victim))
+        assert len(learner.pool) == 0
+
+        # 2. Config patches and 3. hostile batch-topic messages, with no valid batch in between.
+        before, config_before, batches_before = _state(victim), victim.config_values(), learner.batch_index
+        configs = _config_cases()
+        refused_configs = []
+        for name, payload in configs.items():
+            acks.publish(topics.node_config("victim"), payload)
+            ack = _next_ack(acks)
+            assert not ack.ok, (name, ack)
+            refused_configs.append(name)
+        assert collector.wait_for(lambda: len(collector.events_of("victim", "config_refused")) == len(configs), 30)
+
+        sender = fleet.client()
+        cases = _batch_cases("victim")
+        for payloads in cases.values():
+            for payload in payloads:
+                sender.publish(topics.node_batch("victim"), payload)
+        expected = len(blobs) + len(cases)
+        assert collector.wait_for(lambda: len(collector.events_of("victim", "rejected")) >= expected, 30)
+        rejected_batches = collector.events_of("victim", "rejected")[len(blobs):]
+        assert len(rejected_batches) == len(cases), [e.detail for e in rejected_batches]
+
+        assert _identical(before, _state(victim)), "weights or optimiser state changed"
+        assert victim.config_values() == config_before and learner.batch_index == batches_before
+        assert victim.worker_alive() and victim.crashed is None
+        assert feeder.step(t, [("victim", *data.batch(range(8)))]), "the agent no longer serves"
+    finally:
+        victim.request_stop()
+        victim.stop()
+    record(
+        "hostile",
+        f"hostile inputs to a live agent: {len(blobs)} KT blobs rejected of {len(blobs)}, {len(refused_configs)} config "
+        f"patches refused of {len(configs)}, {len(rejected_batches)} batch-topic messages rejected of {len(cases)}; "
+        "weights, optimiser state and config bit-identical; agent still serving",
+        {"blobs": sorted(blobs), "configs": refused_configs, "batch_topic": sorted(cases),
+         "blob_rejections": [e.detail.get("reason", "")[:200] for e in rejected_blobs],
+         "batch_rejections": [e.detail.get("reason", "")[:200] for e in rejected_batches]},
+    )
+
+
+def _next_ack(client, timeout: float = 20.0) -> ConfigAck:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        message = getattr(client.get(timeout=0.2), "message", None)
+        if isinstance(message, ConfigAck):
+            return message
+    raise AssertionError("no config ack")
