@@ -47,7 +47,7 @@ class LearnerConfig(BaseModel):
         True,
         description="drop a helper that was no better than the target on its own classes over its first L batches, and ask another node",
     )
-    value_codec: Literal["float32", "float16", "int8", "int3_delta"] = Field("float16", description="how transferred weights are encoded")
+    value_codec: Literal["float32", "float16", "int8", "int4_delta"] = Field("float16", description="how transferred weights are encoded")
     value_delta: bool = Field(False, description="send weights as deltas from the shared base weights (quantise better)")
     lr: float = Field(1e-3, gt=0.0, le=1.0, description="online Adam learning rate, one step per labelled batch")
     help_delay: int = Field(0, ge=0, le=100_000, description="batches between drift detection and the help request (the paper's 'delayed by X')")

@@ -29,6 +29,7 @@ from agent.checkpoint import load_checkpoint, save_checkpoint
 from agent.errors import CheckpointError, ConfigError, KtRejected
 from agent.fl import FlRejected, apply_global, is_round_batch, model_to_update, participants
 from agent.helper_selection import Ask, CandidateInfo, build_selection
+from agent.kt.codec import VALUE_CODECS
 from agent.learner import HelpRequest, Learner
 from agent.logs import configure_logging
 from agent.models import build_model, load_weights
@@ -468,7 +469,7 @@ class AgentDaemon:
             raise RequestRejected("arch_mismatch", f"this node runs architecture {self.learner.arch_id}")
         if request.lineage != self.learner.lineage:
             raise RequestRejected("lineage_mismatch", f"this node descends from base {self.learner.lineage}")
-        if request.value_codec not in ("float32", "float16", "int8", "int3_delta"):
+        if request.value_codec not in VALUE_CODECS:
             raise RequestRejected("unsupported", f"value codec {request.value_codec!r} is not supported")
         t0 = time.perf_counter()
         try:

@@ -361,8 +361,10 @@ class Learner:
         if not 0.0 < z <= 1.0:
             raise KtRejected(f"requested z={z} is outside (0, 1]")
         sig = self.significant_for(tuple(int(c) for c in classes), float(z))
-        base = self._base_params if self.config.value_delta else None
-        return codec.encode_blob(sig, value_codec=value_codec or self.config.value_codec, base=base)
+        value_codec = value_codec or self.config.value_codec
+        # Some codecs only exist as deltas from the shared base, whatever value_delta says.
+        base = self._base_params if self.config.value_delta or value_codec in codec.DELTA_CODECS else None
+        return codec.encode_blob(sig, value_codec=value_codec, base=base)
 
     # -- as target -------------------------------------------------------------------------------
 

@@ -59,8 +59,10 @@ def _blob_seeds(model: dict) -> list[bytes]:
     from agent.kt.significant import SignificantParams, TensorSlice
 
     seeds = []
-    for codec in ("float32", "float16", "int8"):
+    for codec in ("float32", "float16", "int8", "int4_delta"):
         for z, delta in ((0.1, False), (0.6, True)):
+            if codec == "int4_delta" and not delta:
+                continue  # it only exists as deltas from the base
             g = torch.Generator().manual_seed(int(z * 10))
             slices = []
             for name, shape in model["shapes"].items():

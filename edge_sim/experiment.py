@@ -58,7 +58,7 @@ class ExperimentSettings:
     z: float = 0.5
     window: int = 3
     margin: float = 0.1
-    value_codec: Literal["float32", "float16", "int8"] = "float16"
+    value_codec: Literal["float32", "float16", "int8", "int4_delta"] = "float16"
     class_aware_w: float = 0.95
     recovery_tolerance: float = 0.02
     post_drift_batches: int = 30
@@ -291,8 +291,9 @@ def codec_payloads(settings: ExperimentSettings, seed: int, data) -> dict[str, f
         helper.process_batch(torch.from_numpy(bx), torch.from_numpy(by))
     sig = helper.significant_for(workload.new_classes, settings.z)
     out = {}
-    for name in ("float32", "float16", "int8"):
-        out[name] = codec.bytes_per_param(codec.encode_blob(sig, value_codec=name), sig)
+    for name in codec.VALUE_CODECS:
+        if name not in codec.DELTA_CODECS:
+            out[name] = codec.bytes_per_param(codec.encode_blob(sig, value_codec=name), sig)
         out[f"{name}+delta"] = codec.bytes_per_param(
             codec.encode_blob(sig, value_codec=name, base=helper._base_params), sig
         )

@@ -18,6 +18,8 @@ from hypothesis import strategies as st
 
 from agent.errors import KtRejected
 from agent.kt.codec import (
+    DELTA_CODECS,
+    VALUE_CODECS,
     BlobLimits,
     bytes_per_param,
     decode_blob,
@@ -37,7 +39,7 @@ SHAPES: dict[str, tuple[int, ...]] = {
     "temp": (),
     "gain": (1,),
 }
-CODECS = ("float32", "float16", "int8")
+CODECS = tuple(c for c in VALUE_CODECS if c not in DELTA_CODECS)
 
 
 def weights(seed: int, shapes: dict[str, tuple[int, ...]] = SHAPES) -> dict[str, torch.Tensor]:
@@ -122,7 +124,7 @@ def test_round_trip_within_documented_bound(codec: str) -> None:
         assert bool((err <= value_error_bound(codec, sent.values)).all())
 
 
-@pytest.mark.parametrize("codec", CODECS)
+@pytest.mark.parametrize("codec", VALUE_CODECS)
 def test_delta_round_trip_within_bound(codec: str) -> None:
     blob = encode_blob(SIG, value_codec=codec, base=BASE)
     assert unpack(blob)["delta"] is True
@@ -146,6 +148,54 @@ def test_int8_delta_is_more_accurate_than_int8_absolute() -> None:
 
     assert worst(encode_blob(SIG, value_codec="int8", base=BASE), base=BASE) < worst(
         encode_blob(SIG, value_codec="int8"))
+
+
+def test_int4_delta_needs_base_and_packs_two_codes_per_byte() -> None:
+    with pytest.raises(ValueError, match="base"):
+        encode_blob(SIG, value_codec="int4_delta")
+    doc = unpack(encode_blob(SIG, value_codec="int4_delta", base=BASE))
+    for t in doc["tensors"]:
+        assert t["dtype"] == "i4" and len(t["val"]) == (t["n"] + 1) // 2
+    assert any(t["n"] % 2 for t in doc["tensors"])  # an odd count, so a padding nibble, is covered
+
+
+def test_int4_delta_is_smaller_than_int8_delta() -> None:
+    def size(codec: str) -> int:
+        return len(encode_blob(SIG, value_codec=codec, base=BASE))
+
+    assert size("int4_delta") < size("int8")
+
+
+def test_int4_delta_codes_every_level_exactly() -> None:
+    # Peaked deltas (many zeros): the step is max / 7 = 0.25, above 0.8 RMS, so every multiple of
+    # 0.25 lands on its code exactly; codes are nibbles, low first (-7 is 0x9, -1 is 0xF).
+    codes = torch.cat([torch.arange(-7, 8), torch.zeros(185, dtype=torch.int64)])
+    base = {"fc1.weight": torch.zeros(48, 20)}
+    sl = TensorSlice("fc1.weight", (48, 20), torch.arange(200), codes.float() * 0.25)
+    blob = encode_blob(SignificantParams(ARCH, LINEAGE, (0,), 0.2, (sl,)), value_codec="int4_delta", base=base)
+    t = unpack(blob)["tensors"][0]
+    assert t["scale"] == 0.25
+    assert t["val"][:8] == bytes([0xA9, 0xCB, 0xED, 0x0F, 0x21, 0x43, 0x65, 0x07])
+    assert torch.equal(decode(blob, base=base).tensors[0].values, sl.values)
+
+
+def test_int4_delta_step_never_drops_below_a_fraction_of_the_rms() -> None:
+    # Spread-out deltas: max / 7 would be finer than needed; the step is 0.8 RMS instead.
+    vals = torch.linspace(-1.0, 1.0, 9)
+    base = {"fc2.bias": torch.zeros(10)}
+    sl = TensorSlice("fc2.bias", (10,), torch.arange(9), vals.clone())
+    blob = encode_blob(SignificantParams(ARCH, LINEAGE, (0,), 0.9, (sl,)), value_codec="int4_delta", base=base)
+    scale = unpack(blob)["tensors"][0]["scale"]
+    assert scale == pytest.approx(0.8 * float(vals.double().square().mean().sqrt()))
+    err = (decode(blob, base=base).tensors[0].values.double() - vals.double()).abs()
+    assert bool((err <= value_error_bound("int4_delta", vals)).all()) and float(err.max()) <= scale / 2 + 1e-7
+
+
+def test_int4_delta_of_unchanged_weights_is_the_base() -> None:
+    sl = TensorSlice("fc2.bias", (10,), torch.tensor([2, 3, 7]), BASE["fc2.bias"][[2, 3, 7]].clone())
+    blob = encode_blob(SignificantParams(ARCH, LINEAGE, (), 0.3, (sl,)), value_codec="int4_delta", base=BASE)
+    assert unpack(blob)["tensors"][0]["scale"] == 1.0
+    assert torch.equal(decode(blob, base=BASE).tensors[0].values, sl.values)
 
 
 def test_float16_overflow_falls_back_to_float32() -> None:
@@ -258,6 +308,7 @@ def test_blob_limits_must_be_positive() -> None:
 # --- hostile blobs -----------------------------------------------------------------------------
 
 GOOD = encode_blob(SIG, value_codec="int8")
+GOOD_I4 = encode_blob(SIG, value_codec="int4_delta", base=BASE)
 
 
 @pytest.mark.parametrize(
@@ -346,6 +397,11 @@ def test_wrong_identity_rejected() -> None:
         decode(GOOD, shapes={k: v for k, v in SHAPES.items() if k != "fc2.bias"})
     with pytest.raises(KtRejected, match="classes"):
         decode(GOOD, num_classes=4)
+
+
+def test_wrong_shape_rejected_for_int4_delta() -> None:
+    with pytest.raises(KtRejected, match="shape"):
+        decode(GOOD_I4, base=BASE, shapes={**SHAPES, "fc1.weight": (20, 48)})
 
 
 def _tensor(doc: dict[str, Any], name: str) -> dict[str, Any]:
@@ -457,6 +513,57 @@ HOSTILE_FIELDS: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
 ]
 
 
+def _i4_code(code: int) -> Callable[[dict[str, Any]], None]:
+    def mutate(doc: dict[str, Any]) -> None:
+        t = _tensor(doc, "fc1.weight")
+        t["val"] = bytes([code & 0x0F | t["val"][0] & 0xF0]) + t["val"][1:]
+    return mutate
+
+
+def _i4_pad(doc: dict[str, Any]) -> None:
+    t = next(t for t in doc["tensors"] if t["n"] % 2)
+    t["val"] = t["val"][:-1] + bytes([t["val"][-1] | 0x10])
+
+
+HOSTILE_I4: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
+    ("i4 truncated", lambda d: _tensor(d, "fc1.weight").update(val=_tensor(d, "fc1.weight")["val"][:-1]),
+     "val is"),
+    ("i4 oversized", lambda d: _tensor(d, "fc1.weight").update(val=_tensor(d, "fc1.weight")["val"] + b"\0"),
+     "val is"),
+    ("i4 empty", _set("val", b"", "fc1.weight"), "val is"),
+    ("i4 n mismatch", lambda d: _tensor(d, "fc1.weight").update(n=_tensor(d, "fc1.weight")["n"] + 2),
+     "bits set|varint"),
+    ("i4 code -8", _i4_code(-8), "-8"),
+    ("i4 padding", _i4_pad, "padding nibble"),
+    ("i4 scale missing", _drop("scale", "fc1.weight"), "missing keys \\['scale'\\]"),
+    ("i4 scale zero", _set("scale", 0.0, "fc1.weight"), "scale"),
+    ("i4 scale nan", _set("scale", math.nan, "fc1.weight"), "scale"),
+    ("i4 scale int", _set("scale", 1, "fc1.weight"), "scale"),
+    ("i4 scale overflows", _set("scale", 1e308, "fc1.weight"), "finite"),
+    ("i4 val str", _set("val", "ab", "fc1.weight"), "bin"),
+    ("i4 shape wrong", _set("shape", [20, 48], "fc1.weight"), "shape"),
+    ("i4 dtype unknown", _set("dtype", "i2", "fc1.weight"), "unknown keys|dtype"),
+]
+
+
+@pytest.mark.parametrize(("mutate", "match"), [(m, r) for _, m, r in HOSTILE_I4],
+                         ids=[i for i, _, _ in HOSTILE_I4])
+def test_hostile_int4_delta_fields_rejected(mutate: Callable[[dict[str, Any]], None], match: str) -> None:
+    doc = unpack(GOOD_I4)
+    mutate(doc)
+    with pytest.raises(KtRejected, match=match):
+        decode(repack(doc), base=BASE)
+
+
+def test_int4_delta_largest_code_is_accepted() -> None:
+    doc = unpack(GOOD_I4)
+    _i4_code(7)(doc)
+    t = _tensor(doc, "fc1.weight")
+    first = decode(repack(doc), base=BASE).by_name()["fc1.weight"]
+    want = BASE["fc1.weight"].reshape(-1)[first.indices[0]].double() + 7 * t["scale"]
+    assert float(first.values[0]) == pytest.approx(float(want), rel=2**-23)
+
+
 @pytest.mark.parametrize(("mutate", "match"), [(m, r) for _, m, r in HOSTILE_FIELDS],
                          ids=[i for i, _, _ in HOSTILE_FIELDS])
 def test_hostile_fields_rejected(mutate: Callable[[dict[str, Any]], None], match: str) -> None:
@@ -489,8 +596,8 @@ def test_msgpack_limits_and_extensions_rejected() -> None:
 SEEDS = [
     encode_blob(select(W, z, seed), value_codec=codec, base=base)
     for z, seed in ((0.5, 4), (0.02, 5))
-    for codec in CODECS
-    for base in (None, BASE)
+    for codec in VALUE_CODECS
+    for base in ((BASE,) if codec in DELTA_CODECS else (None, BASE))
 ]
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

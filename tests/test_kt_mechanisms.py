@@ -8,7 +8,14 @@ from torch import nn
 
 from agent.kt import booster
 from agent.kt.selection import keep_count, random_mask, select, significant_params, top_fraction
-from agent.kt.sensitivity import Reservoir, SensitivityMap, sensitivity
+from agent.kt.sensitivity import (
+    Reservoir,
+    SensitivityMap,
+    _class_output_grads,
+    _class_output_vjp,
+    _dense_stack,
+    sensitivity,
+)
 from agent.models import arch_id, build_model, lineage, param_shapes
 
 
@@ -31,6 +38,75 @@ def test_sensitivity_matches_definition(arch, shape):
     want = _loop_sensitivity(model, x, [1, 3])
     for name in want:
         assert torch.allclose(got[name], want[name], atol=1e-6, rtol=1e-4), name
+
+
+class _Forward(nn.Module):
+    """A net whose forward is not just ``self.net(x)``: the fast path must not claim it."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3))
+
+    def forward(self, x):
+        return self.net(2 * x)
+
+
+def _plain_sequential():
+    # No Flatten, a Linear without bias, and two Linears in a row (no ReLU between them).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, 8, bias=False), nn.ReLU(), nn.Linear(8, 5), nn.Linear(5, 4))
+
+
+DENSE = {
+    "mlp4": (lambda: build_model("mlp4", 10, seed=0), (24, 784)),
+    "intrusion_dnn": (lambda: build_model("intrusion_dnn", 5, seed=0), (24, 122)),
+    "sequential": (_plain_sequential, (9, 6)),
+    "image rows": (lambda: build_model("mlp4", 10, seed=1), (7, 28, 28)),
+}
+
+
+@pytest.mark.parametrize("name", list(DENSE))
+def test_dense_fast_path_equals_the_vjp_reference(name):
+    build, shape = DENSE[name]
+    model = build()
+    assert _dense_stack(model) is not None
+    x = torch.rand(*shape, generator=torch.Generator().manual_seed(3))
+    out = int(model(x).shape[1])
+    classes = [out - 1, 0, 2]
+    fast, ref = _class_output_grads(model, x, classes), _class_output_vjp(model, x, classes)
+    assert list(fast) == list(ref)
+    for k in ref:
+        assert fast[k].shape == ref[k].shape
+        assert torch.allclose(fast[k], ref[k], rtol=1e-5, atol=1e-8), k
+    # What the picker ranks by, and what it picks, are the reference's.
+    s_fast = {k: g.abs().mean(dim=0) for k, g in fast.items()}
+    s_ref = {k: g.abs().mean(dim=0) for k, g in ref.items()}
+    for z in (0.05, 0.3, 0.5):
+        assert all(torch.equal(a, b) for a, b in zip(select(s_fast, z).values(), select(s_ref, z).values()))
+
+
+@pytest.mark.parametrize("model", [
+    build_model("mobilenet_s", 10, seed=0),
+    _Forward(),
+    nn.Sequential(nn.Linear(6, 4), nn.Sigmoid(), nn.Linear(4, 3)),
+    nn.Sequential(nn.Linear(6, 4), nn.ReLU()),
+    nn.Sequential(nn.ReLU(), nn.Linear(6, 3)),
+    nn.Sequential(nn.Linear(6, 4), nn.Flatten(), nn.Linear(4, 3)),
+], ids=["cnn", "custom forward", "sigmoid", "ends in relu", "starts with relu", "flatten inside"])
+def test_other_models_take_the_vjp_path(model):
+    assert _dense_stack(model) is None
+
+
+def test_sensitivity_map_fast_path_equals_the_vjp_reference():
+    model = build_model("mlp4", 10, seed=0)
+    x = torch.rand(32, 784, generator=torch.Generator().manual_seed(2))
+    fast, ref = SensitivityMap(model, 10, decay=0.5, dtype=torch.float32), SensitivityMap(model, 10, decay=0.5, dtype=torch.float32)
+    fast.update(model, x)
+    for name, g in _class_output_vjp(model, x, range(10)).items():
+        ref._maps[name].mul_(ref.decay).add_(g.abs(), alpha=1.0 - ref.decay)
+    for name in ref._maps:
+        assert torch.allclose(fast._maps[name], ref._maps[name], rtol=1e-5, atol=1e-9), name
 
 
 def test_sensitivity_with_batchnorm_leaves_running_stats_alone():
@@ -95,6 +171,27 @@ def test_top_fraction_ties_go_to_lowest_positions():
     assert top_fraction(torch.ones(10), 0.3).tolist() == [0, 1, 2]
     score = torch.tensor([[0.0, 2.0], [2.0, 2.0]])
     assert top_fraction(score, 0.5).tolist() == [1, 2]
+
+
+def _kthvalue_top_fraction(score, z):
+    """The selection rule with torch.kthvalue, as the fast numpy path must reproduce it."""
+    flat = score.reshape(-1)
+    n, k = flat.numel(), keep_count(flat.numel(), z)
+    threshold = torch.kthvalue(flat, n - k + 1).values
+    mask = flat > threshold
+    mask[(flat == threshold).nonzero().reshape(-1)[: k - int(mask.sum())]] = True
+    return mask.nonzero().reshape(-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_top_fraction_equals_kthvalue_rule_with_ties(dtype):
+    g = torch.Generator().manual_seed(4)
+    # Few distinct values: many ties straddle every threshold.
+    score = torch.randint(0, 5, (50, 13), generator=g).to(dtype)
+    for z in (0.01, 0.1, 0.37, 0.5, 0.9):
+        got = top_fraction(score, z)
+        assert got.dtype == torch.int64
+        assert got.tolist() == _kthvalue_top_fraction(score.float(), z).tolist()
 
 
 def test_select_matches_full_sort_on_random_scores():

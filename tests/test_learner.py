@@ -275,3 +275,13 @@ def test_a_full_pool_asks_for_no_more_help():
     # Class 9 is still missing, but taking its helper would evict the one serving class 8.
     later = [target.process_batch(*blobs.batch(list(range(8)) + [9] * 8)).help for _ in range(12)]
     assert later == [None] * 12
+
+
+def test_int4_delta_blobs_go_out_as_deltas_whatever_value_delta_says():
+    target, helper = _fleet(2, value_delta=False)
+    blobs = Blobs()
+    first = _drift_until_help(target, helper, blobs)
+    blob = helper.kt_blob(first.help.classes, 0.5, "int4_delta")
+    installed = target.accept_kt_blob(blob, source="helper")
+    assert installed.classes == (8, 9)
+    assert len(blob) < 0.6 * len(helper.kt_blob(first.help.classes, 0.5, "int8"))

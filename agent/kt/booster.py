@@ -27,10 +27,11 @@ def _write(model: nn.Module, sig: SignificantParams, *, alpha: float = 1.0) -> N
         flat = p.data.view(-1)
         idx = t.indices.to(flat.device)
         values = t.values.to(device=flat.device, dtype=flat.dtype)
-        if alpha == 1.0:
-            flat[idx] = values
-        else:
-            flat[idx] = flat[idx].mul(1.0 - alpha).add(values, alpha=alpha)
+        # index_copy_/index_select rather than flat[idx]: the same writes (indices are unique), and
+        # on CPU about twice as fast as advanced indexing.
+        if alpha != 1.0:
+            values = flat.index_select(0, idx).mul_(1.0 - alpha).add_(values, alpha=alpha)
+        flat.index_copy_(0, idx, values)
 
 
 def _frozen(model: nn.Module) -> nn.Module:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -25,24 +26,26 @@ def keep_count(numel: int, z: float) -> int:
 def top_fraction(score: torch.Tensor, z: float) -> torch.Tensor:
     """Flat positions of the ``keep_count`` highest scores, sorted ascending.
 
-    Partial selection with ``kthvalue`` (no full sort). Ties at the threshold go to the lowest
-    positions, so the result is deterministic.
+    Partial selection (``np.partition``, an introselect: no full sort). Ties at the threshold go
+    to the lowest positions, so the result is deterministic.
 
     >>> top_fraction(torch.tensor([0.1, 0.9, 0.5, 0.9]), 0.5).tolist()
     [1, 3]
     """
-    flat = score.reshape(-1)
+    flat = score.detach().reshape(-1)
     n = flat.numel()
     k = keep_count(n, z)
     if k == n:
         return torch.arange(n, device=flat.device)
-    threshold = torch.kthvalue(flat.float().cpu(), n - k + 1).values.to(flat.device)
-    above = flat > threshold
-    need = k - int(above.sum())
-    at = (flat == threshold).nonzero().reshape(-1)[:need]
-    mask = above
-    mask[at] = True
-    return mask.nonzero().reshape(-1)
+    # On CPU numpy's introselect is ~3x faster than torch.kthvalue and np.flatnonzero than
+    # torch.nonzero; the same order statistic and the same tie rule, so the same positions.
+    v = flat.cpu()
+    v = (v if v.dtype in (torch.float32, torch.float64) else v.float()).numpy()
+    threshold = np.partition(v, n - k)[n - k]
+    mask = v > threshold
+    need = k - int(np.count_nonzero(mask))
+    mask[np.flatnonzero(v == threshold)[:need]] = True
+    return torch.from_numpy(np.flatnonzero(mask)).to(flat.device)
 
 
 def select(scores: Mapping[str, torch.Tensor], z: float) -> dict[str, torch.Tensor]:
@@ -78,7 +81,8 @@ def significant_params(
         if name not in positions:
             continue
         idx = positions[name].to(torch.int64).cpu()
-        values = p.detach().reshape(-1).cpu()[idx].to(torch.float32).clone()
+        # index_select copies, so the values never alias the model's weights.
+        values = p.detach().reshape(-1).cpu().index_select(0, idx).to(torch.float32)
         tensors.append(TensorSlice(name=name, shape=tuple(p.shape), indices=idx, values=values))
     return SignificantParams(
         arch_id=arch_id, lineage=lineage, classes=tuple(int(c) for c in classes), z=float(z), tensors=tuple(tensors)
