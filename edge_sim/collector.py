@@ -17,8 +17,8 @@ import numpy as np
 
 from broker import topics
 from broker.client import Inbound, MqttClient
-from broker.errors import BusError
-from broker.wire import ArrayPayload, Event, Prediction, RequestBatch
+from broker.errors import BusError, MessageTooLarge
+from broker.wire import ArrayPayload, Event, Prediction, RequestBatch, encode
 
 #: Events that end a knowledge transfer a node started (after ``drift``).
 KT_DONE = ("help_done", "help_failed")
@@ -109,7 +109,14 @@ class Feeder:
             x=ArrayPayload.from_numpy(np.ascontiguousarray(x, dtype=np.float32)),
             y=ArrayPayload.from_numpy(np.ascontiguousarray(y, dtype=np.int64)) if y is not None else None,
         )
-        self.client.publish_message(topics.node_batch(node_id), msg)
+        topic, data = topics.node_batch(node_id), encode(msg)
+        # One message whenever the client and the broker take it (every agent accepts 1 MiB), not
+        # 256 KiB chunks: with the shipped broker's save-after-every-change persistence each chunk
+        # is one more database save, and the receiver hashes, reassembles and decodes it twice.
+        try:
+            self.client.publish(topic, data, 1, topic_class="batch")
+        except MessageTooLarge:
+            self.client.publish_blob(topic, data, 1, topic_class="batch")
 
     def step(
         self,
