@@ -276,18 +276,24 @@ def _hostile_blobs(learner):
     }
 
 
-@pytest.mark.timeout(240)
-def test_hostile_blobs_are_rejected_and_weights_stay_bit_identical(fleet):
+def start_victim(fleet, k: int):
+    """An in-process agent named ``victim`` (so the test can look at its weights), and the MdS."""
     from agent.daemon import AgentDaemon
     from agent.settings import load_settings
 
     fleet.mds()
     settings = load_settings(
         node_id="victim", broker=fleet.broker_url, state_dir=str(fleet.state),
-        learner=_learner(k=8), daemon={"meta_interval": 0.0, "kt_timeout": 5.0},
+        learner=_learner(k=k), daemon={"meta_interval": 0.0, "kt_timeout": 5.0},
     )
     victim = AgentDaemon(settings)
     victim.start()
+    return victim
+
+
+@pytest.mark.timeout(240)
+def test_hostile_blobs_are_rejected_and_weights_stay_bit_identical(fleet):
+    victim = start_victim(fleet, k=8)
     try:
         assert victim.wait_ready(20)
         learner = victim.learner

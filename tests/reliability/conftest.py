@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,25 @@ def record(name: str, line: str, counts: dict[str, Any]) -> Path:
     doc = {"test": name, "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine(), "summary": line, "counts": counts}
     path.write_text(json.dumps(doc, indent=2) + "\n")
     return path
+
+
+class Watcher:
+    """A background thread running ``_run`` until ``stop``: what the tests watch while they feed."""
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self):
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        raise NotImplementedError
 
 
 def rss_bytes(pid: int) -> int:

@@ -28,7 +28,7 @@ from broker.wire import ArrayPayload, RequestBatch
 from edge_sim.collector import Collector
 from edge_sim.processes import spawn_agent
 
-from .conftest import TINY, Traffic, record, size
+from .conftest import TINY, Traffic, Watcher, record, size
 
 KILLS = size("AGENT_KILLS", 20)
 CHECKPOINT_EVERY = 2
@@ -37,7 +37,7 @@ NODE = "phoenix"
 pytestmark = [pytest.mark.reliability, pytest.mark.integration]
 
 
-class CheckpointWatcher:
+class CheckpointWatcher(Watcher):
     """Keeps the digest and batch counter of every checkpoint version that appears at ``path``.
 
     Versions are whole files (the agent renames a finished file over the old one), so reading an
@@ -45,18 +45,9 @@ class CheckpointWatcher:
     """
 
     def __init__(self, path: Path) -> None:
+        super().__init__()
         self.path = path
         self.versions: dict[str, int] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def start(self) -> "CheckpointWatcher":
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
 
     def _run(self) -> None:
         last = None

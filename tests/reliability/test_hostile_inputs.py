@@ -20,12 +20,11 @@ import torch
 import zstandard
 
 from agent.daemon import AgentDaemon
-from agent.settings import load_settings
 from broker import topics
 from broker.chunking import split
 from broker.wire import ConfigAck, Event, encode
 
-from test_daemons_e2e import Clusters, Learner_clone_for_blobs, _hostile_blobs, _learner, _rogue, fleet  # noqa: F401
+from test_daemons_e2e import Clusters, Learner_clone_for_blobs, _hostile_blobs, _rogue, fleet, start_victim  # noqa: F401
 
 from .conftest import record
 
@@ -101,13 +100,7 @@ def _identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 @pytest.mark.timeout(400)
 def test_hostile_blobs_configs_and_batches_are_refused_and_state_stays_bit_identical(fleet):
-    fleet.mds()
-    settings = load_settings(
-        node_id="victim", broker=fleet.broker_url, state_dir=str(fleet.state),
-        learner=_learner(k=16), daemon={"meta_interval": 0.0, "kt_timeout": 5.0},
-    )
-    victim = AgentDaemon(settings)
-    victim.start()
+    victim = start_victim(fleet, k=16)
     try:
         assert victim.wait_ready(20)
         learner = victim.learner

@@ -13,7 +13,6 @@ helpers from the others and discards them, again and again. Checked:
 
 from __future__ import annotations
 
-import threading
 import time
 
 import numpy as np
@@ -25,7 +24,7 @@ from broker.wire import ArrayPayload, NodeMeta, RequestBatch
 from edge_sim.collector import Collector
 from edge_sim.processes import spawn_agent, spawn_mds
 
-from .conftest import TINY, Traffic, record, rss_bytes, size
+from .conftest import TINY, Traffic, Watcher, record, rss_bytes, size
 
 AGENTS = size("SOAK_AGENTS", 50)
 SECONDS = size("SOAK_SECONDS", 600)
@@ -49,24 +48,15 @@ def _classes(i: int, t: int) -> tuple[int, ...]:
     return (0, 1, 2, 3, 4) if (t // 12) % 2 else (0, 1, 2)
 
 
-class MetaWatcher:
+class MetaWatcher(Watcher):
     """The largest pool each node reported in its metadata."""
 
     def __init__(self, client) -> None:
+        super().__init__()
         self.client = client
         self.max_helpers: dict[str, int] = {}
         self.count = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
         client.subscribe(topics.all_meta(), 1)
-
-    def start(self) -> "MetaWatcher":
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
 
     def _run(self) -> None:
         while not self._stop.is_set():
