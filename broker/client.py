@@ -578,11 +578,12 @@ class MqttClient:
         topics.validate_filter(topic_filter)
         if qos not in (0, 1, 2):
             raise ValueError("qos must be 0, 1 or 2")
+        # Under the lock `_on_connect` holds from its snapshot of the subscriptions until it marks
+        # the client connected: a subscription added meanwhile is in the snapshot or sent here.
         with self._lock:
             self._subs[topic_filter] = _Subscription(topic_filter, qos, decoding)
-            connected = self._connected.is_set()
-        if connected:
-            self._send_subscribe([self._subs[topic_filter]], retain_handling=0)
+            if self._connected.is_set():
+                self._send_subscribe([self._subs[topic_filter]], retain_handling=0)
 
     def unsubscribe(self, topic_filter: str) -> None:
         with self._lock:
@@ -596,11 +597,10 @@ class MqttClient:
         data = encode(payload) if isinstance(payload, Envelope) else bytes(payload)
         cls = topic_class or (payload.byte_class if isinstance(payload, Envelope) else None)
         self._check_size(topic, data)
-        with self._lock:
+        with self._lock:  # as in `subscribe`: never lost to a connect in progress
             self._retained[topic] = (data, qos, cls)
-            connected = self._connected.is_set()
-        if connected:
-            self.publish(topic, data, qos, True, topic_class=cls)
+            if self._connected.is_set():
+                self.publish(topic, data, qos, True, topic_class=cls)
 
     def clear_retained(self, topic: str) -> None:
         """Forget retained state and delete it on the broker (empty retained payload)."""
@@ -823,22 +823,24 @@ class MqttClient:
             server_max = getattr(properties, "MaximumPacketSize", None)
             self._server_max_packet = int(server_max) if server_max else None
             resumed = bool(flags.session_present)
-            with self._lock:
+            # One critical section from the snapshot to "connected": a `subscribe` or
+            # `set_retained` from another thread lands either in the snapshot or after it, when it
+            # sees the client connected and sends for itself (otherwise it could miss both).
+            with self._cond:
                 subs = list(self._subs.values())
                 retained = list(self._retained.items())
                 self._suback_pending.clear()
                 self._stats["connects"] += 1
                 self._stats["session_present"] += int(resumed)
-            # On a resumed session the broker still has the subscriptions: re-subscribing is then
-            # harmless with retain handling 1 (no second copy of retained messages). A new process
-            # (not yet connected once) wants the retained state, whatever the session says.
-            retain_handling = 1 if (resumed and self._ever_connected) else 0
-            if subs:
-                self._send_subscribe(subs, retain_handling=retain_handling)
-            for topic, (data, qos, cls) in retained:
-                self.publish(topic, data, qos, True, topic_class=cls)
-            self._ever_connected = True
-            with self._cond:
+                # On a resumed session the broker still has the subscriptions: re-subscribing is
+                # then harmless with retain handling 1 (no second copy of retained messages). A new
+                # process (not yet connected once) wants the retained state, whatever the session says.
+                retain_handling = 1 if (resumed and self._ever_connected) else 0
+                if subs:
+                    self._send_subscribe(subs, retain_handling=retain_handling)
+                for topic, (data, qos, cls) in retained:
+                    self.publish(topic, data, qos, True, topic_class=cls)
+                self._ever_connected = True
                 self._connected.set()
                 self._cond.notify_all()
             log.info("%s: connected (session present: %s)", self.name, resumed)

@@ -581,3 +581,36 @@ def test_settings_are_checked_at_once() -> None:
     assert c.unix_socket == "/tmp/x.sock"
     c = MqttClient.from_url("mqtt://10.0.0.2:1999", client_id="a")
     assert (c.host, c.port) == ("10.0.0.2", 1999)
+
+
+@pytest.mark.integration
+def test_a_subscription_made_while_connecting_is_never_lost(fresh_mosquitto, make_client, topic_prefix):
+    """`subscribe` racing the CONNACK: it must land in `_on_connect`'s snapshot or be sent by the
+    caller. Found as a probe that never saw a node's retained status (1 run in about 6)."""
+    topic = f"{topic_prefix}/status"
+    owner = make_client(fresh_mosquitto, client_id=f"{topic_prefix.replace('/', '-')}-owner")
+    assert owner.wait_connected(10)
+    owner.publish(topic, b"online", 1, True).wait_for_publish(5)
+
+    def retained_seen(client: MqttClient) -> bool:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            item = client.get(timeout=0.1)
+            if isinstance(item, Inbound) and item.topic == topic:
+                return item.payload == b"online"
+        return False
+
+    settled = make_client(fresh_mosquitto, client_id=f"{topic_prefix.replace('/', '-')}-settled")
+    assert settled.wait_connected(10)
+    settled.subscribe(topic, 1, decoding="raw")
+    assert retained_seen(settled), "the broker does not hold the retained message"
+    rng = random.Random(7)
+    for i in range(40):
+        client = make_client(fresh_mosquitto, client_id=f"{topic_prefix.replace('/', '-')}-{i}", start=False)
+        for j in range(300):  # a long snapshot-to-connected stretch in `_on_connect`: a wide race window
+            client.subscribe(f"{topic_prefix}/other/{j}", 1, decoding="raw")
+        client.start()
+        time.sleep(rng.uniform(0.0, 0.01))  # somewhere around the CONNACK
+        client.subscribe(topic, 1, decoding="raw")
+        assert retained_seen(client), f"attempt {i}: the subscription was lost"
+        client.stop()
