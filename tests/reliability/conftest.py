@@ -6,6 +6,7 @@ import json
 import os
 import threading
 import time
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ def record(name: str, line: str, counts: dict[str, Any]) -> Path:
     return path
 
 
-class Watcher:
+class Watcher(ABC):
     """A background thread running ``_run`` until ``stop``: what the tests watch while they feed."""
 
     def __init__(self) -> None:
@@ -51,8 +52,9 @@ class Watcher:
         self._stop.set()
         self._thread.join(5)
 
+    @abstractmethod
     def _run(self) -> None:
-        raise NotImplementedError
+        """Watch until ``self._stop`` is set."""
 
 
 def rss_bytes(pid: int) -> int:
