@@ -28,7 +28,7 @@ import torch
 from agent.checkpoint import load_checkpoint, save_checkpoint
 from agent.errors import CheckpointError, ConfigError, KtRejected
 from agent.fl import FlRejected, apply_global, is_round_batch, model_to_update, participants
-from agent.helper_selection import Ask, CandidateInfo, build_selection
+from agent.helper_selection import CandidateInfo, HelperSelection, build_selection
 from agent.kt.codec import VALUE_CODECS
 from agent.learner import HelpRequest, Learner
 from agent.logs import configure_logging
@@ -73,6 +73,8 @@ class HelpFlow:
 
     request: HelpRequest
     request_number: int
+    #: Fixed for the flow's life: a config patch mid-transfer does not switch strategy half-way.
+    selection: HelperSelection
     detected_at: float
     detected_batch: int
     stage: str
@@ -81,7 +83,6 @@ class HelpFlow:
     candidates: list[CandidateInfo] = field(default_factory=list)
     tried: list[str] = field(default_factory=list)
     helper: str | None = None
-    asked: tuple[int, ...] = ()
     installed: int = 0
 
 
@@ -360,19 +361,24 @@ class AgentDaemon:
         now = time.perf_counter()
         number = self._help_requests
         self._help_requests += 1
+        selection = build_selection(self.learner.config.helper_selection)
         if self.knobs.kt_mode == "relay":
-            flow = HelpFlow(help, number, now, help.batch_index, "kt", concurrent.futures.Future(), set(help.classes), candidates=[CandidateInfo(RELAY)])
+            # A candidate that names no classes vouches for all of them: the relay is asked for every one.
+            flow = HelpFlow(
+                help, number, selection, now, help.batch_index, "kt", concurrent.futures.Future(), set(help.classes),
+                candidates=[CandidateInfo(RELAY)],
+            )
             self._help = flow
             self._next_candidate(flow)
             return
-        cover, rank = build_selection(self.learner.config.helper_selection).query(number)
+        cover, rank = selection.query(number)
         query = HelpQuery(
             node_id=self.node_id, arch_id=self.learner.arch_id, lineage=self.learner.lineage,
             classes=list(help.classes), hist=[float(v) for v in self.learner.histogram()], k=self.learner.config.k,
             cover=cover, rank=rank,
         )
         future = self.client.send_request(topics.mds_query(), query, timeout=self.knobs.mds_timeout, retries=1, to_inbox=True)
-        self._help = HelpFlow(help, number, now, help.batch_index, "query", future, set(help.classes))
+        self._help = HelpFlow(help, number, selection, now, help.batch_index, "query", future, set(help.classes))
         self._set_status(f"asking the MdS for classes {list(help.classes)}")
 
     def _send_kt(self, helper: str, classes: tuple[int, ...], help: HelpRequest) -> concurrent.futures.Future:
@@ -436,16 +442,11 @@ class AgentDaemon:
         self._next_candidate(flow)
 
     def _next_candidate(self, flow: HelpFlow) -> None:
-        if flow.candidates and flow.candidates[0].node_id == RELAY:
-            ask = None if RELAY in flow.tried else Ask(RELAY, tuple(sorted(flow.missing)))
-        else:
-            selection = build_selection(self.learner.config.helper_selection)
-            ask = selection.next_ask(flow.candidates, flow.missing, flow.tried, flow.request_number)
+        ask = flow.selection.next_ask(flow.candidates, flow.missing, flow.tried, flow.request_number)
         if ask is None:
             self._end_help(flow)
             return
         flow.helper = ask.helper
-        flow.asked = ask.classes
         flow.tried.append(ask.helper)
         flow.stage = "kt"
         flow.future = self._send_kt(ask.helper, ask.classes, flow.request)

@@ -127,8 +127,8 @@ class Learner:
         self._asked: dict[tuple[int, ...], int] = {}
         self._pending_baseline: float | None = None
         self._delayed_help: HelpRequest | None = None
-        self._retry: tuple[int, HelpRequest] | None = None
-        self._retry_baseline: float | None = None
+        # A request due at its batch_index, with the pre-drift error its helper must restore.
+        self._retry: tuple[HelpRequest, float] | None = None
         self._unhelpful: dict[int, set[str]] = {}
 
     def apply_config(self, values: Mapping[str, Any]) -> LearnerConfig:
@@ -256,13 +256,13 @@ class Learner:
             for helper in self.pool.drop_unhelpful():
                 discarded.append(helper.helper_id)
                 self._schedule_retry(index, helper)
-        if result.help is None and self._retry is not None and index >= self._retry[0]:
-            retry = self._retry[1]
+        if result.help is None and self._retry is not None and index >= self._retry[0].batch_index:
+            retry, baseline = self._retry
             self._retry = None
             classes = tuple(c for c in retry.classes if c not in self.pool.classes())
             if classes and len(self.pool) < self.pool.max_size:
                 self._asked[classes] = index
-                self._pending_baseline = self._retry_baseline
+                self._pending_baseline = baseline
                 result.help = dataclasses.replace(retry, classes=classes, batch_index=index, avoid=self._avoid_for(classes))
         result.discarded = tuple(discarded)
         return result
@@ -272,12 +272,11 @@ class Learner:
         for c in helper.classes:
             self._unhelpful.setdefault(c, set()).add(helper.source)
         due = max(index + 1, helper.installed_at + self.config.help_cooldown)
-        self._retry_baseline = helper.baseline_error
         request = HelpRequest(
             classes=helper.classes, z=self.config.z, value_codec=self.config.value_codec, batch_index=due,
             reason="unhelpful_helper",
         )
-        self._retry = (due, request)
+        self._retry = (request, helper.baseline_error)
 
     def _avoid_for(self, classes: Sequence[int]) -> tuple[str, ...]:
         return tuple(sorted({s for c in classes for s in self._unhelpful.get(c, ()) if s}))
