@@ -83,9 +83,9 @@ def sample_messages() -> dict[str, Envelope]:
         "config.ack": ConfigAck(node_id="n1", ok=True, applied={"z": 0.3}, patch_id="abc123"),
         "mds.query": HelpQuery(
             node_id="n1", arch_id="mlp-abc", lineage="base-1", classes=[3, 4], hist=[0.2, 0.8], k=2,
-            reply_to=topics.node_reply("n1"), corr="c0ffee",
+            cover="any", rank="least_similar", reply_to=topics.node_reply("n1"), corr="c0ffee",
         ),
-        "mds.reply": HelperList(corr="c0ffee", candidates=[Candidate(node_id="h1", score=0.9)]),
+        "mds.reply": HelperList(corr="c0ffee", candidates=[Candidate(node_id="h1", score=0.9, classes=[3])]),
         "kt.request": KtRequest(
             classes=[3], z=0.3, arch_id="mlp-abc", lineage="base-1", reply_to=topics.node_reply("n1"), corr="beef"
         ),
@@ -555,3 +555,19 @@ def test_zero_dim_array_keeps_its_shape():
     """BatchNorm's num_batches_tracked is 0-d: it must come back 0-d, not shape (1,)."""
     payload = ArrayPayload.from_numpy(np.array(7, dtype=np.int64))
     assert payload.shape == [] and payload.to_numpy().shape == () and int(payload.to_numpy()) == 7
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"cover": "some"}, {"rank": "random"}, {"cover": 1}],
+)
+def test_help_query_refuses_unknown_cover_and_rank(bad: dict) -> None:
+    doc = {"v": 1, "type": "mds.query", "node_id": "n1", "arch_id": "a", "lineage": "b", "classes": [1], "hist": [1.0, 0.0], **bad}
+    with pytest.raises(SchemaError):
+        decode(msgpack.packb(doc))
+
+
+def test_candidate_classes_are_bounded() -> None:
+    doc = {"v": 1, "type": "mds.reply", "corr": "c", "candidates": [{"node_id": "h", "score": 0.5, "classes": [70000]}]}
+    with pytest.raises(SchemaError):
+        decode(msgpack.packb(doc))
