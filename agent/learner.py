@@ -346,7 +346,10 @@ class Learner:
             else:
                 if len(self.reservoir) == 0:
                     raise KtRejected("this node has seen no request batch yet, so it has nothing to pick from")
-                scores = sensitivity(self.model, self.reservoir.batches(), classes)
+                scores = sensitivity(
+                    self.model, self.reservoir.batches(), classes,
+                    samples=self.config.picker_samples or None, generator=self._rng,
+                )
             positions = select(scores, z)
         return significant_params(
             self.model, positions, arch_id=self.arch_id, lineage=self.lineage, classes=classes, z=z

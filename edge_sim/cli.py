@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Settings: Fashion-MNIST, {s.arch}, {s.nodes} nodes, batches of {s.batch_size}, drift at batch "
         f"{s.drift_at} of {s.batches} ({s.new_share:.0%} new classes), online Adam lr {s.lr}, W = {s.window}, "
-        f"margin {s.margin}, Z = {s.z}, {s.value_codec} values; adaptability = batches from the drift until the "
+        f"margin {s.margin}, Z = {s.z}, {s.value_codec} values, "
+        f"sensitivity over {s.picker_samples or 'every'} reservoir rows; adaptability = batches from the drift until the "
         f"served rolling error (W = {s.window}) is within {s.recovery_tolerance} of the pre-drift mean; seeds 0..{len(seeds) - 1}.",
         f"Wall time: {time.perf_counter() - started:.0f} s.",
     ]

@@ -59,6 +59,7 @@ class ExperimentSettings:
     window: int = 3
     margin: float = 0.1
     value_codec: Literal["float32", "float16", "int8", "int4_delta"] = "float16"
+    picker_samples: int = 32
     class_aware_w: float = 0.95
     recovery_tolerance: float = 0.02
     post_drift_batches: int = 30
@@ -179,6 +180,7 @@ def _learner_config(settings: ExperimentSettings, mode: str) -> LearnerConfig:
         "z": settings.z,
         "lr": settings.lr,
         "value_codec": settings.value_codec,
+        "picker_samples": settings.picker_samples,
         "drift": {"type": "rolling_error", "window": settings.window, "margin": settings.margin},
     }
     base.update(MODES[mode])

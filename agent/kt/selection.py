@@ -42,9 +42,12 @@ def top_fraction(score: torch.Tensor, z: float) -> torch.Tensor:
     v = flat.cpu()
     v = (v if v.dtype in (torch.float32, torch.float64) else v.float()).numpy()
     threshold = np.partition(v, n - k)[n - k]
-    mask = v > threshold
-    need = k - int(np.count_nonzero(mask))
-    mask[np.flatnonzero(v == threshold)[:need]] = True
+    mask = v >= threshold
+    # Ties at the threshold are rare in real scores, so only then pay a second pass to drop the
+    # extras from the highest positions.
+    extra = int(np.count_nonzero(mask)) - k
+    if extra:
+        mask[np.flatnonzero(v == threshold)[-extra:]] = False
     return torch.from_numpy(np.flatnonzero(mask)).to(flat.device)
 
 

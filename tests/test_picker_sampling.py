@@ -1,0 +1,89 @@
+"""The on-demand picker over a random sample of the reservoir's rows (``picker_samples``)."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from agent.config import LearnerConfig
+from agent.errors import ConfigError
+from agent.kt.selection import select
+from agent.kt.sensitivity import sensitivity
+from agent.learner import Learner
+from agent.models import build_model
+
+
+def _x(n=64, seed=0):
+    return torch.rand(n, 784, generator=torch.Generator().manual_seed(seed))
+
+
+def _same(a, b):
+    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_samples_at_or_above_the_row_count_use_every_row():
+    model, x = build_model("mlp4", 10, seed=0), _x(32)
+    every = sensitivity(model, [x[:16], x[16:]], [8, 9])
+    for samples in (32, 1000):
+        got = sensitivity(model, [x[:16], x[16:]], [8, 9], samples=samples, generator=torch.Generator().manual_seed(1))
+        assert _same(got, every)
+
+
+def test_samples_below_the_row_count_are_the_generators_draw():
+    model, x = build_model("mlp4", 10, seed=0), _x(64)
+    got = sensitivity(model, [x], [2, 5], samples=8, generator=torch.Generator().manual_seed(3))
+    rows = torch.randperm(64, generator=torch.Generator().manual_seed(3))[:8]
+    want = sensitivity(model, [x[rows]], [2, 5])
+    assert _same(got, want)
+    assert not _same(got, sensitivity(model, [x], [2, 5]))
+
+
+def test_samples_must_be_positive():
+    with pytest.raises(ValueError, match="samples must be at least 1"):
+        sensitivity(build_model("mlp4", 10, seed=0), [_x(4)], [1], samples=0)
+
+
+def test_a_sample_keeps_most_of_the_exact_selection():
+    """Far above what a random mask keeps (Z itself): the sample ranks the same weights highest."""
+    model, x = build_model("mlp4", 10, seed=0), _x(200)
+    # A few training steps, so the sensitivity has the structure of a real helper's.
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    y = torch.randint(10, (200,), generator=torch.Generator().manual_seed(4))
+    for _ in range(5):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    exact = select(sensitivity(model, [x], [8, 9]), 0.5)
+    sampled = select(sensitivity(model, [x], [8, 9], samples=32, generator=torch.Generator().manual_seed(0)), 0.5)
+    kept = sum(np.intersect1d(exact[k].numpy(), sampled[k].numpy()).size for k in exact)
+    assert kept / sum(v.numel() for v in exact.values()) > 0.75
+
+
+def _learner(**cfg):
+    base = build_model("mlp4", 10, seed=0).state_dict()
+    model = build_model("mlp4", 10)
+    model.load_state_dict(copy.deepcopy(base))
+    return Learner(model, num_classes=10, config=LearnerConfig(**cfg), base_state=base, seed=0)
+
+
+def test_learner_picks_from_a_sample_by_default_and_from_every_row_with_zero():
+    sampled, every = _learner(), _learner(picker_samples=0)
+    assert sampled.config.picker_samples == 32
+    x = _x(100)
+    y = torch.randint(10, (100,), generator=torch.Generator().manual_seed(0))
+    for node in (sampled, every):
+        node.process_batch(x, y)
+    a, b = sampled.significant_for((8, 9), 0.5), every.significant_for((8, 9), 0.5)
+    assert a.count == b.count
+    assert any(not torch.equal(s.indices, t.indices) for s, t in zip(a.tensors, b.tensors))
+    exact = select(sensitivity(every.model, every.reservoir.batches(), (8, 9)), 0.5)
+    assert all(torch.equal(t.indices, exact[t.name]) for t in b.tensors)
+
+
+def test_picker_samples_is_a_validated_run_time_knob():
+    node = _learner()
+    assert node.apply_config({"picker_samples": 64}).picker_samples == 64
+    with pytest.raises(ConfigError, match="picker_samples"):
+        node.apply_config({"picker_samples": -1})
+    assert node.config.picker_samples == 64
