@@ -28,7 +28,8 @@ from agent.errors import KtRejected
 from agent.kt import booster, codec
 from agent.kt.pool import HelperPool, PooledHelper, build_discard_policy
 from agent.kt.selection import random_mask, select, significant_params
-from agent.kt.sensitivity import Reservoir, SensitivityMap, sensitivity
+from agent.kt.sensitivity import Reservoir, sensitivity
+from agent.kt.sensitivity_map import SensitivityMap
 from agent.kt.significant import SignificantParams
 from agent.models import arch_id as compute_arch_id
 from agent.models import lineage as compute_lineage
@@ -341,7 +342,7 @@ class Learner:
         if self.config.selection == "random":
             positions = random_mask(self._shapes, z, self._rng)
         else:
-            if self.sensitivity_map is not None and self.sensitivity_map.updates > 0:
+            if self.sensitivity_map is not None and self.sensitivity_map.covers(classes):
                 scores = self.sensitivity_map.lookup(classes)
             else:
                 if len(self.reservoir) == 0:

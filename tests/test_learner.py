@@ -8,6 +8,7 @@ import torch
 from agent.config import LearnerConfig
 from agent.errors import ConfigError, KtRejected
 from agent.kt import codec
+from agent.kt.selection import select
 from agent.learner import Learner
 from agent.models import build_model
 
@@ -188,9 +189,18 @@ def test_continuous_picker_answers_from_the_map():
     (node,) = _fleet(1, picker="continuous")
     with pytest.raises(KtRejected):
         node.kt_blob((8,), 0.5)
-    node.process_batch(*Blobs().batch(range(10)))
+    blobs = Blobs()
+    node.process_batch(*blobs.batch(range(10)))
     assert node.sensitivity_map.updates == 1
+    # Class 8 is not refreshed yet (one class per update, round-robin): the reservoir answers.
+    assert not node.sensitivity_map.covers((8,))
     assert node.significant_for((8,), 0.5).count > 0
+    for _ in range(8):
+        node.process_batch(*blobs.batch(range(10)))
+    assert node.sensitivity_map.covers((8,))
+    from_map = select(node.sensitivity_map.lookup((8,)), 0.5)
+    got = node.significant_for((8,), 0.5)
+    assert all(torch.equal(t.indices, from_map[t.name]) for t in got.tensors)
 
 
 def test_config_patch_is_atomic():

@@ -193,55 +193,6 @@ def _mean_abs(g: torch.Tensor) -> torch.Tensor:
     return out.div_(g.shape[0]) if g.shape[0] > 1 else out
 
 
-class SensitivityMap:
-    """The continuous picker: per-class sensitivity kept up to date after every batch.
-
-    Each update adds |∂(Σ softmax_c)/∂W| of the new batch for every class into an exponential
-    moving average (``decay`` per batch), so a request is a lookup and a mean instead of a fresh
-    backward pass. Stored in ``dtype`` (float16 by default) to halve the memory; ranking only needs
-    the order of the scores, not their last bits.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        num_classes: int,
-        *,
-        decay: float = 0.9,
-        dtype: torch.dtype = torch.float16,
-    ) -> None:
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"decay must be in [0, 1), got {decay}")
-        self.num_classes = num_classes
-        self.decay = decay
-        self.updates = 0
-        self._maps = {
-            name: torch.zeros((num_classes, *p.shape), dtype=dtype, device=p.device)
-            for name, p in model.named_parameters()
-        }
-
-    def update(self, model: nn.Module, x: torch.Tensor) -> None:
-        """Fold one batch's per-class sensitivity into the map."""
-        grads = _class_output_grads(model, x, range(self.num_classes))
-        for name, g in grads.items():
-            m = self._maps[name]
-            m.mul_(self.decay).add_(g.abs_().to(m.dtype), alpha=1.0 - self.decay)
-        self.updates += 1
-
-    def lookup(self, classes: Sequence[int]) -> dict[str, torch.Tensor]:
-        """Mean over ``classes`` of the stored sensitivity, per parameter (float32)."""
-        if self.updates == 0:
-            raise ValueError("the sensitivity map has seen no batch yet")
-        _check_classes(self.num_classes, classes)
-        idx = torch.as_tensor(list(classes))
-        return {name: m[idx.to(m.device)].float().mean(dim=0) for name, m in self._maps.items()}
-
-    @property
-    def nbytes(self) -> int:
-        """Memory held by the map, in bytes."""
-        return sum(m.numel() * m.element_size() for m in self._maps.values())
-
-
 class Reservoir:
     """The helper's last B request batches (inputs only), for the on-demand picker."""
 
