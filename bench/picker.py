@@ -5,14 +5,16 @@ batches of all ten classes from a shared pre-trained base. Every repetition, bac
 
 1. the batch: ``process_batch`` (predict + train; the denominator is the learner's own
    ``predict`` + ``train`` timings);
-2. the on-demand picker: ``significant_for((8, 9), Z)`` = sensitivity over the reservoir, top-Z
-   selection and gathering the values;
+2. the on-demand picker: ``significant_for((8, 9), Z)`` = sensitivity over ``picker_samples``
+   rows of the reservoir (the default 32 of 200), top-Z selection and gathering the values;
 3. helper creation at a target of the same lineage: ``accept_kt_blob`` (decode + boosted helper
    + pool add) of that selection's float16 blob (the default codec), and of its ``int4_delta`` blob;
 4. the continuous picker's per-batch cost: ``SensitivityMap.update`` (the factored, rotating map of
    ``agent.kt.sensitivity_map``, its defaults) on the same batch.
 
-Memory: the map's ``nbytes`` ÷ the model's parameter bytes. Paper: 0.95–1.35× (picker),
+Memory: the map's ``nbytes`` ÷ the model's parameter bytes. Quality, after the timed loop: the
+share of the exact pick (every reservoir row) that the sampled picker and the map keep, beside
+a random mask's. Paper: 0.95–1.35× (picker),
 0.08–0.14× (helper creation), 0.7× and 140–470 MB (continuous map). Targets: ≤ 0.3×, ≤ 0.05×,
 ≤ 0.25×, ≤ model size.
 """
@@ -28,6 +30,8 @@ import torch
 
 from agent.config import LearnerConfig
 from agent.kt import codec
+from agent.kt.selection import random_mask, select
+from agent.kt.sensitivity import sensitivity
 from agent.kt.sensitivity_map import SensitivityMap
 from agent.learner import Learner
 from agent.models import build_model
@@ -41,6 +45,8 @@ Z = 0.5
 TARGETS = {"picker": 0.3, "create": 0.05, "create_int4": 0.05, "map": 0.25, "map_memory": 1.0}
 PAPER = {"picker": "0.95–1.35×", "create": "0.08–0.14×", "create_int4": "0.08–0.14×", "map": "0.7×",
          "map_memory": "140–470 MB"}
+OVERLAP_ZS = (0.2, 0.5)
+OVERLAP_DRAWS = 5
 MEASURES = (("picker", "on-demand picker"), ("create", "helper creation (float16)"),
             ("create_int4", "helper creation (int4_delta)"), ("map", "continuous map update"))
 
@@ -96,6 +102,7 @@ def measure(arch: str, data: tuple[np.ndarray, np.ndarray, int], *, reps: int, w
         samples["create_int4"].append(t6 - t5)
         samples["map"].append(t7 - t6)
     param_bytes = sum(p.numel() * p.element_size() for p in helper.model.parameters())
+    overlap = selection_overlap(helper, smap)
     return {
         "arch": arch,
         "reps": reps,
@@ -105,9 +112,42 @@ def measure(arch: str, data: tuple[np.ndarray, np.ndarray, int], *, reps: int, w
         "map_memory_ratio": smap.nbytes / param_bytes,
         "blob_bytes": len(blob),
         "int4_blob_bytes": len(small),
+        "overlap": overlap,
         "ms": {k: stats(v, 1e3) for k, v in samples.items()},
         "ratio": {k: paired_ratio(samples[k], samples["batch"]) for k, _ in MEASURES},
     }
+
+
+def _kept(exact: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> float:
+    """Share of the exact top-Z positions that ``got`` also picked."""
+    kept = sum(np.intersect1d(exact[k].numpy(), got[k].numpy()).size for k in exact)
+    return kept / sum(v.numel() for v in exact.values())
+
+
+def selection_overlap(helper: Learner, smap: SensitivityMap) -> dict[str, Any]:
+    """What the cheap pickers give up: the share of the exact pick (every reservoir row) they keep.
+
+    Per Z: the on-demand picker over ``picker_samples`` rows (mean of OVERLAP_DRAWS draws), the
+    continuous map, and a random mask (which keeps Z, the floor).
+    """
+    rows = sum(b.shape[0] for b in helper.reservoir.batches())
+    scores = sensitivity(helper.model, helper.reservoir.batches(), NEW_CLASSES)
+    gen = torch.Generator().manual_seed(0)
+    out: dict[str, Any] = {"picker_samples": helper.config.picker_samples, "reservoir_rows": rows}
+    for z in OVERLAP_ZS:
+        exact = select(scores, z)
+        sampled = [
+            _kept(exact, select(sensitivity(helper.model, helper.reservoir.batches(), NEW_CLASSES,
+                                            samples=helper.config.picker_samples, generator=gen), z))
+            for _ in range(OVERLAP_DRAWS)
+        ]
+        shapes = {name: tuple(p.shape) for name, p in helper.model.named_parameters()}
+        out[str(z)] = {
+            "sampled": float(np.mean(sampled)),
+            "map": _kept(exact, select(smap.lookup(NEW_CLASSES), z)) if smap.covers(NEW_CLASSES) else None,
+            "random": _kept(exact, random_mask(shapes, z, gen)),
+        }
+    return out
 
 
 def run(quick: bool) -> dict[str, Any]:
@@ -124,6 +164,11 @@ def run(quick: bool) -> dict[str, Any]:
         rows.append([r["arch"], f"map memory {r['map_bytes'] / 1e6:.1f} MB", "—", "—", round(r["map_memory_ratio"], 2),
                      "≤ 1 (model)", r["map_memory_ratio"] <= TARGETS["map_memory"]])
     print(table(["model", "measure", "p50 ms", "p99 ms", "÷ batch", "target", "met"], rows))
+    print("\nShare of the exact pick (sensitivity over every reservoir row) that each picker keeps:")
+    print(table(["model", "Z", f"on-demand, {results[0]['overlap']['picker_samples']} rows", "continuous map", "random mask"],
+                [[r["arch"], z, round(r["overlap"][str(z)]["sampled"], 3),
+                  "—" if r["overlap"][str(z)]["map"] is None else round(r["overlap"][str(z)]["map"], 3),
+                  round(r["overlap"][str(z)]["random"], 3)] for r in results for z in OVERLAP_ZS]))
     summary = []
     for r in results:
         for key, label in MEASURES:

@@ -87,3 +87,29 @@ def test_picker_samples_is_a_validated_run_time_knob():
     with pytest.raises(ConfigError, match="picker_samples"):
         node.apply_config({"picker_samples": -1})
     assert node.config.picker_samples == 64
+
+
+def _reference_top(v, z):
+    """The definition: the keep_count highest, ties to the lowest positions, sorted."""
+    from agent.kt.selection import keep_count
+
+    k = keep_count(v.size, z)
+    return sorted(sorted(range(v.size), key=lambda i: (-v[i], i))[:k])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_top_fraction_integer_keys_keep_the_float_order_and_ties(dtype):
+    """Signs, -0.0 against +0.0 (equal, so a tie), infinities and heavy ties, in both widths."""
+    from agent.kt.selection import top_fraction
+
+    rng = np.random.default_rng(0)
+    draws = [
+        lambda n: rng.standard_normal(n),
+        lambda n: rng.integers(-3, 3, n).astype(float),
+        lambda n: rng.integers(0, 3, n).astype(float),
+        lambda n: rng.choice([-0.0, 0.0, 1.0, -1.0, np.inf, -np.inf], n),
+    ]
+    for trial in range(200):
+        v = draws[trial % 4](int(rng.integers(1, 60))).astype(dtype)
+        for z in (0.1, 0.3, 0.5, 0.9):
+            assert top_fraction(torch.from_numpy(v.copy()), z).tolist() == _reference_top(v, z), (v, z)

@@ -41,14 +41,31 @@ def top_fraction(score: torch.Tensor, z: float) -> torch.Tensor:
     # torch.nonzero; the same order statistic and the same tie rule, so the same positions.
     v = flat.cpu()
     v = (v if v.dtype in (torch.float32, torch.float64) else v.float()).numpy()
-    threshold = np.partition(v, n - k)[n - k]
-    mask = v >= threshold
+    keys = _order_keys(v)
+    threshold = np.partition(keys, n - k)[n - k]
+    mask = keys >= threshold
     # Ties at the threshold are rare in real scores, so only then pay a second pass to drop the
     # extras from the highest positions.
     extra = int(np.count_nonzero(mask)) - k
     if extra:
-        mask[np.flatnonzero(v == threshold)[-extra:]] = False
+        mask[np.flatnonzero(keys == threshold)[-extra:]] = False
     return torch.from_numpy(np.flatnonzero(mask)).to(flat.device)
+
+
+def _order_keys(v: np.ndarray) -> np.ndarray:
+    """Unsigned integers in the same order as the floats ``v`` (equal floats, equal keys).
+
+    Integer comparisons make the introselect about twice as fast. Non-negative IEEE floats
+    already order as their bit patterns (sensitivity scores always are); with a sign bit set
+    anywhere, -0.0 becomes +0.0 (the floats are equal) and negative patterns are flipped.
+    """
+    bits_dtype = np.uint32 if v.dtype == np.float32 else np.uint64
+    bits = v.view(bits_dtype)
+    top = bits_dtype(1) << bits_dtype(8 * v.itemsize - 1)
+    if not (bits >= top).any():
+        return bits
+    bits = (v + v.dtype.type(0.0)).view(bits_dtype)
+    return np.where(bits >= top, ~bits, bits | top)
 
 
 def select(scores: Mapping[str, torch.Tensor], z: float) -> dict[str, torch.Tensor]:

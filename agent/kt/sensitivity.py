@@ -30,9 +30,9 @@ _NET_FORWARD = (MLP4, IntrusionDNN)
 
 
 def _class_output_vjp(
-    model: nn.Module, x: torch.Tensor, classes: Sequence[int]
+    model: nn.Module, x: torch.Tensor, classes: Sequence[int], scale: float = 1.0
 ) -> dict[str, torch.Tensor]:
-    """Per requested class, ∂(Σ_batch softmax_c)/∂W for every parameter: tensors of shape (|S|, *W.shape)."""
+    """Per requested class, ``scale`` · ∂(Σ_batch softmax_c)/∂W for every parameter: tensors of shape (|S|, *W.shape)."""
     params = {name: p.detach() for name, p in model.named_parameters()}
     buffers = {name: b for name, b in model.named_buffers()}
 
@@ -46,7 +46,7 @@ def _class_output_vjp(
     try:
         totals, pullback = vjp(class_totals, params)
         cotangents = torch.zeros(len(classes), totals.shape[0], dtype=totals.dtype, device=totals.device)
-        cotangents[torch.arange(len(classes)), torch.as_tensor(list(classes), device=totals.device)] = 1.0
+        cotangents[torch.arange(len(classes)), torch.as_tensor(list(classes), device=totals.device)] = scale
         (grads,) = vmap(pullback)(cotangents)
     finally:
         model.train(was_training)
@@ -80,7 +80,7 @@ def _dense_stack(model: nn.Module) -> list[nn.Module] | None:
 
 @torch.no_grad()
 def _dense_class_grads(
-    model: nn.Module, layers: list[nn.Module], x: torch.Tensor, classes: Sequence[int]
+    model: nn.Module, layers: list[nn.Module], x: torch.Tensor, classes: Sequence[int], scale: float = 1.0
 ) -> dict[str, torch.Tensor]:
     """``_class_output_vjp`` for a dense stack, by hand: same shapes, same values to rounding."""
     names = {id(p): name for name, p in model.named_parameters()}
@@ -101,6 +101,8 @@ def _dense_class_grads(
     onehot[torch.arange(s), 0, idx] = 1.0
     # softmax's backward for the cotangent e_c on Σ_batch softmax: p ⊙ (e_c − p_c), per sample.
     delta = p.unsqueeze(0) * (onehot - p.t()[idx].unsqueeze(2))
+    if scale != 1.0:
+        delta.mul_(scale)
     grads: dict[str, torch.Tensor] = {}
     for j in range(len(linears) - 1, -1, -1):
         lin, a_in, relu_in = linears[j]
@@ -118,12 +120,14 @@ def _dense_class_grads(
 
 
 def _class_output_grads(
-    model: nn.Module, x: torch.Tensor, classes: Sequence[int]
+    model: nn.Module, x: torch.Tensor, classes: Sequence[int], scale: float = 1.0
 ) -> dict[str, torch.Tensor]:
+    # ``scale`` multiplies the cotangent: the gradients are linear in it, and scaling the few
+    # cotangents is cheaper than scaling |S| model-sized results afterwards.
     layers = _dense_stack(model)
     if layers is None or (x.dim() != 2 and not isinstance(layers[0], nn.Flatten)):
-        return _class_output_vjp(model, x, classes)
-    return _dense_class_grads(model, layers, x, classes)
+        return _class_output_vjp(model, x, classes, scale)
+    return _dense_class_grads(model, layers, x, classes, scale)
 
 
 def _check_classes(model_out: int, classes: Sequence[int]) -> None:
@@ -138,6 +142,10 @@ def _check_classes(model_out: int, classes: Sequence[int]) -> None:
 
 @torch.no_grad()
 def _num_outputs(model: nn.Module, x: torch.Tensor) -> int:
+    layers = _dense_stack(model)
+    if layers is not None:
+        # A dense stack's width is its last Linear's: no forward pass (about 0.5 ms on the MLP).
+        return int(layers[-1].out_features)
     was_training = model.training
     model.eval()
     try:
@@ -181,16 +189,19 @@ def sensitivity(
         rows = torch.randperm(x.shape[0], generator=generator)[:samples]
         x = x.index_select(0, rows.to(x.device))
     _check_classes(_num_outputs(model, x), classes)
-    grads = _class_output_grads(model, x, classes)
-    return {name: _mean_abs(g) for name, g in grads.items()}
+    grads = _class_output_grads(model, x, classes, scale=1.0 / len(classes))
+    return {name: _sum_abs(g) for name, g in grads.items()}
 
 
-def _mean_abs(g: torch.Tensor) -> torch.Tensor:
-    """Mean of |g| over the class axis, overwriting ``g`` (a scratch tensor) to save passes."""
+def _sum_abs(g: torch.Tensor) -> torch.Tensor:
+    """Σ |g| over the class axis, overwriting ``g`` where it may (a scratch tensor) to save passes."""
+    if not g.is_contiguous():
+        # The VJP may hand back an expanded (aliased) zero tensor for an unused parameter.
+        return g.abs().sum(dim=0)
     out = g[0].abs_()
     for i in range(1, g.shape[0]):
         out.add_(g[i].abs_())
-    return out.div_(g.shape[0]) if g.shape[0] > 1 else out
+    return out
 
 
 class Reservoir:
