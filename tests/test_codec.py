@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.errors import KtRejected
+from agent.kt import codec as codec_module
 from agent.kt.codec import (
     DELTA_CODECS,
     VALUE_CODECS,
@@ -206,6 +207,72 @@ def test_float16_overflow_falls_back_to_float32() -> None:
     assert [t["dtype"] for t in unpack(blob)["tensors"]] == ["f4", "f2"]
     assert decode(blob).tensors[0].values.tolist() == [1e6, -3.0]
     assert bool((value_error_bound("float16", big.values) == 0).all())
+
+
+BIG = {"big": (3, 4000)}  # more values than the small-tensor (numpy) widening path takes
+
+
+@pytest.mark.parametrize("numel", [3, 12_000])
+def test_float16_widens_every_kind_of_value_exactly(numel: int) -> None:
+    special = np.array([0.0, -0.0, 65504.0, -65504.0, 2.0**-24, -(2.0**-24), 2.0**-14, 1.0 / 3], np.float16)
+    rest = np.random.default_rng(0).standard_normal(max(numel - special.size, 0)).astype(np.float16)
+    half = np.concatenate([special, rest])[:numel]
+    sl = TensorSlice("t", (numel,), torch.arange(numel), torch.from_numpy(half.astype(np.float32)))
+    blob = encode_blob(SignificantParams(ARCH, LINEAGE, (), 1.0, (sl,)), value_codec="float16")
+    got = decode(blob, shapes={"t": (numel,)}).tensors[0].values
+    assert got.dtype == torch.float32 and got.numpy().flags.writeable
+    assert np.array_equal(got.numpy().view(np.uint32), half.astype(np.float32).view(np.uint32))
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+@pytest.mark.parametrize("dtype", ["f2", "f4"])
+def test_non_finite_value_in_a_large_tensor_rejected(bad: float, dtype: str) -> None:
+    n = math.prod(BIG["big"])
+    sl = TensorSlice("big", BIG["big"], torch.arange(n), torch.zeros(n))
+    doc = unpack(encode_blob(SignificantParams(ARCH, LINEAGE, (), 1.0, (sl,)), value_codec="float16"))
+    vals = np.zeros(n, "<f2" if dtype == "f2" else "<f4")
+    vals[n - 1] = bad
+    doc["tensors"][0].update(dtype=dtype, val=vals.tobytes())
+    with pytest.raises(KtRejected, match="finite"):
+        decode(repack(doc), shapes=BIG)
+
+
+def _reference(doc_tensor: dict[str, Any], base: torch.Tensor | None) -> np.ndarray:
+    """The format's definition, one value at a time: code * scale (+ base) in float64, then float32."""
+    raw, n = doc_tensor["val"], doc_tensor["n"]
+    if doc_tensor["dtype"] == "i1":
+        codes = [int.from_bytes(raw[i : i + 1], "little", signed=True) for i in range(n)]
+    else:
+        nibbles = [(raw[i // 2] >> (4 * (i % 2))) & 0x0F for i in range(n)]
+        codes = [c - 16 if c >= 8 else c for c in nibbles]
+    rebuilt = np.array([c * doc_tensor["scale"] for c in codes], np.float64)
+    return rebuilt if base is None else rebuilt + base.double().numpy()
+
+
+@pytest.mark.parametrize("dtype", ["i1", "i4"])
+@pytest.mark.parametrize("with_base", [False, True])
+def test_scaled_codes_rebuild_exactly_as_defined(dtype: str, with_base: bool) -> None:
+    # Every code each byte can carry, at an awkward scale: the lookup-table rebuild must give the
+    # very float32 the definition does.
+    codes = np.arange(-128, 128) if dtype == "i1" else np.tile(np.arange(-7, 8), 20)
+    n = codes.size if dtype == "i1" else codes.size - 1  # an odd i4 count: a padding nibble
+    base = torch.randn(1000, generator=torch.Generator().manual_seed(5))
+    sl = TensorSlice("t", (1000,), torch.arange(n), torch.zeros(n))
+    doc = unpack(encode_blob(SignificantParams(ARCH, LINEAGE, (), 1.0, (sl,)), value_codec="int8"))
+    t = doc["tensors"][0]
+    scale = 0.1 / 3
+    if dtype == "i1":
+        val = codes.astype(np.int8).tobytes()
+    else:
+        val = codec_module._nibbles_encode(codes[:n].astype(np.int8))
+    t.update(dtype=dtype, scale=scale, val=val)
+    doc["delta"] = with_base
+    kw: dict[str, Any] = {"shapes": {"t": (1000,)}}
+    if with_base:
+        kw["base"] = {"t": base}
+    got = decode(repack(doc), **kw).tensors[0].values.numpy()
+    want = _reference(t, base[:n] if with_base else None).astype(np.float32)
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
 
 
 def test_int8_all_zero_tensor() -> None:

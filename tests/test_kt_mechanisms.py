@@ -1,5 +1,6 @@
 """Sensitivity, selection and boosting: the pure KT mechanisms, checked on exact small cases."""
 
+import copy
 import math
 
 import pytest
@@ -249,6 +250,106 @@ def test_replace_and_average_change_the_target_in_place():
     assert torch.allclose(now, (original + t.values) / 2)
     booster.apply_replace(target, sig)
     assert torch.equal(dict(target.named_parameters())[t.name].detach().reshape(-1)[t.indices], t.values)
+
+
+def _storages(model):
+    return {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()] if t.numel()}
+
+
+def _trained_cnn():
+    model = build_model("mobilenet_s", 10, seed=0).train()
+    model(torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))).sum().backward()  # stats + grads
+    return model
+
+
+@pytest.mark.parametrize("build", [lambda: build_model("mlp4", 10, seed=0), _trained_cnn], ids=["mlp4", "mobilenet_s"])
+def test_frozen_copy_is_an_independent_frozen_equal_model(build):
+    target = build()
+    state = {k: v.clone() for k, v in target.state_dict().items()}
+    grads = [None if p.grad is None else p.grad.clone() for p in target.parameters()]
+    frozen = booster.frozen_copy(target)
+    # The target: same values, still training, still trainable, its grads untouched.
+    assert all(torch.equal(state[k], v) for k, v in target.state_dict().items())
+    assert all(m.training for m in target.modules()) and all(p.requires_grad for p in target.parameters())
+    assert all((g is None and p.grad is None) or torch.equal(g, p.grad) for g, p in zip(grads, target.parameters()))
+    # The copy: the same parameters and buffers (batch-norm statistics included), in storage of its own.
+    assert type(frozen) is type(target) and frozen is not target
+    assert list(frozen.state_dict()) == list(target.state_dict())
+    assert all(torch.equal(state[k], v) for k, v in frozen.state_dict().items())
+    assert not _storages(frozen) & _storages(target)
+    assert not any(m.training for m in frozen.modules())
+    assert not any(p.requires_grad or p.grad is not None for p in frozen.parameters())
+    assert all(type(p) is nn.Parameter for p in frozen.parameters())
+    # It computes what the target does in eval mode, and writing into it leaves the target alone.
+    x = torch.rand(3, 784, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = copy.deepcopy(target).eval()(x)
+        assert torch.equal(frozen(x), want)
+        for t in [*frozen.parameters(), *frozen.buffers()]:
+            t.fill_(3)
+    assert all(torch.equal(state[k], v) for k, v in target.state_dict().items())
+
+
+def test_frozen_copy_keeps_ties_and_copies_hooks_and_attributes():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+            self.b.weight = self.a.weight
+            self.register_buffer("scale", torch.ones(4))
+            self.mask = torch.ones(4)  # a plain tensor attribute
+            self.widths = [4, 4]
+
+        def forward(self, x):
+            return self.b(self.a(x)) * self.scale * self.mask
+
+    target = Tied()
+    calls = []
+    target.register_forward_hook(lambda m, i, o: calls.append(1))
+    frozen = booster.frozen_copy(target)
+    assert frozen.a.weight is frozen.b.weight and frozen.a.weight is not target.a.weight
+    assert len(list(frozen.parameters())) == len(list(target.parameters()))
+    assert torch.equal(frozen.mask, target.mask) and frozen.mask.data_ptr() != target.mask.data_ptr()
+    assert frozen.widths == target.widths and frozen.widths is not target.widths
+    frozen(torch.rand(2, 4))
+    assert calls == [1]  # the hook came along, as with deepcopy
+    frozen.register_forward_hook(lambda m, i, o: calls.append(2))
+    target(torch.rand(2, 4))
+    assert calls == [1, 1]  # but the tables are the copy's own
+
+
+def test_frozen_copy_of_aliased_buffers_keeps_them_aliased():
+    target = nn.Module()
+    target.register_buffer("whole", torch.arange(6.0))
+    target.register_buffer("head", target.whole[:3])
+    frozen = booster.frozen_copy(target)
+    frozen.whole.zero_()
+    assert not frozen.head.any() and torch.equal(target.head, torch.arange(3.0))
+
+
+def test_frozen_copy_with_zero_params_zeroes_parameters_only():
+    target = _trained_cnn()
+    frozen = booster.frozen_copy(target, zero_params=True)
+    assert not any(p.any() for p in frozen.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(frozen.buffers(), target.buffers()))
+    assert any(p.any() for p in target.parameters())
+
+
+def test_boost_on_a_cnn_with_batch_norm():
+    target, helper = build_model("mobilenet_s", 10, seed=0), build_model("mobilenet_s", 10, seed=1)
+    rnd = random_mask(param_shapes(helper), 0.5, torch.Generator().manual_seed(0))
+    sig = significant_params(helper, rnd, arch_id="a", lineage="l", classes=(8, 9), z=0.5)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    boosted = booster.boosted_helper(target, sig)
+    assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
+    params = dict(boosted.named_parameters())
+    for t in sig.tensors:
+        flat = params[t.name].reshape(-1)
+        assert torch.equal(flat[t.indices], t.values)
+        keep = torch.ones_like(flat, dtype=torch.bool)
+        keep[t.indices] = False
+        assert torch.equal(flat[keep], before[t.name].reshape(-1)[keep])
+    assert not _storages(boosted) & _storages(target) and not boosted.training
 
 
 def test_booster_refuses_wrong_shapes():

@@ -8,11 +8,22 @@ for comparison: a zero-filled helper, and ``replace``/``average`` that change th
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
+from typing import Any
 
 import torch
 from torch import nn
 
 from agent.kt.significant import SignificantParams
+
+# Attribute types a module copy may share with its original: immutable, and holding no tensor.
+_ATOMIC = frozenset({type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device})
+# Containers every module carries (its registries, hook tables, non-persistent buffer names).
+_CONTAINERS = frozenset({dict, OrderedDict, list, set})
+
+
+class _AliasedBuffers(Exception):
+    """Two buffers of the model view one storage: only deepcopy keeps them that way."""
 
 
 def _write(model: nn.Module, sig: SignificantParams, *, alpha: float = 1.0) -> None:
@@ -27,36 +38,128 @@ def _write(model: nn.Module, sig: SignificantParams, *, alpha: float = 1.0) -> N
         flat = p.data.view(-1)
         idx = t.indices.to(flat.device)
         values = t.values.to(device=flat.device, dtype=flat.dtype)
-        # index_copy_/index_select rather than flat[idx]: the same writes (indices are unique), and
-        # on CPU about twice as fast as advanced indexing.
+        # scatter_/index_select rather than flat[idx]: the same writes (indices are unique), and on
+        # CPU about twice as fast as advanced indexing (scatter_ a fifth faster than index_copy_).
         if alpha != 1.0:
             values = flat.index_select(0, idx).mul_(1.0 - alpha).add_(values, alpha=alpha)
-        flat.index_copy_(0, idx, values)
+        flat.scatter_(0, idx, values)
 
 
-def _frozen(model: nn.Module) -> nn.Module:
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
+def _is_atomic(value: object) -> bool:
+    if type(value) is tuple:
+        return all(_is_atomic(v) for v in value)
+    return type(value) in _ATOMIC
+
+
+def _clone_tensor(t: torch.Tensor, memo: dict[int, Any], zero: bool) -> torch.Tensor:
+    new = memo.get(id(t))
+    if new is not None:
+        return new
+    if type(t) is nn.Parameter or type(t) is torch.Tensor:
+        data = torch.zeros_like(t) if zero else t.detach().clone(memory_format=torch.preserve_format)
+        new = nn.Parameter(data, False) if type(t) is nn.Parameter else data
+    else:
+        # A tensor subclass may copy itself its own way.
+        new = copy.deepcopy(t, memo)
+        new.requires_grad_(False)
+        new.grad = None
+        if zero:
+            new.zero_()
+    memo[id(t)] = new
+    return new
+
+
+def _clone_buffer(t: torch.Tensor, memo: dict[int, Any], storages: set[int]) -> torch.Tensor:
+    if id(t) not in memo and t.numel():
+        # deepcopy keeps buffers that view one storage as views of one new storage; cloning
+        # them one by one would part them. (Parameters are cloned one by one by deepcopy too.)
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in storages:
+            raise _AliasedBuffers
+        storages.add(ptr)
+    return _clone_tensor(t, memo, False)
+
+
+def _clone_module(module: nn.Module, memo: dict[int, Any], storages: set[int], zero: bool) -> nn.Module:
+    new = memo.get(id(module))
+    if new is not None:
+        return new
+    cls = type(module)
+    new = cls.__new__(cls)
+    memo[id(module)] = new
+    state: dict[str, Any] = {}
+    for key, value in module.__dict__.items():
+        kind = type(value)
+        if kind in _ATOMIC:
+            pass
+        elif kind in _CONTAINERS:
+            if key == "_parameters":
+                value = kind((k, p if p is None else _clone_tensor(p, memo, zero)) for k, p in value.items())
+            elif key == "_buffers":
+                value = kind((k, b if b is None else _clone_buffer(b, memo, storages)) for k, b in value.items())
+            elif key == "_modules":
+                value = kind((k, m if m is None else _clone_module(m, memo, storages, zero)) for k, m in value.items())
+            elif value:
+                value = copy.deepcopy(value, memo)
+            else:
+                value = kind()
+        elif isinstance(value, torch.Tensor):
+            value = _clone_buffer(value, memo, storages)
+        elif not _is_atomic(value):
+            # Anything else (a hook, a submodule held outside _modules, an enum): what deepcopy
+            # makes of it, reusing the tensors and modules already copied.
+            value = copy.deepcopy(value, memo)
+        state[key] = value
+    new.__dict__.update(state)
+    return new
+
+
+@torch.no_grad()
+def frozen_copy(model: nn.Module, *, zero_params: bool = False) -> nn.Module:
+    """An independent copy of ``model`` in eval mode with every parameter ``requires_grad=False``.
+
+    What ``copy.deepcopy`` then ``eval()`` and ``requires_grad_(False)`` give, without deepcopy's
+    per-object overhead (a third of its time on the MLP, a quarter on the CNN): each module is
+    copied attribute by attribute, its parameters, buffers and tensor attributes are cloned (no
+    storage is shared with ``model``, no gradient is copied, nothing requires grad), immutable
+    attributes are shared, empty containers made anew, and only what is left (a padding list, a
+    registered hook) goes through deepcopy. Tied parameters stay tied; a model whose buffers view
+    one another's storage is deep-copied whole, which keeps them so. ``model`` is left as it was.
+    With ``zero_params`` every parameter of the copy is zero (buffers are still copied).
+
+    >>> net = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    >>> frozen = frozen_copy(net)
+    >>> frozen.training, frozen[0].weight.requires_grad, net.training, net[0].weight.requires_grad
+    (False, False, True, True)
+    >>> frozen[0].weight.data_ptr() != net[0].weight.data_ptr()
+    True
+    """
+    try:
+        copied = _clone_module(model, {}, set(), zero_params)
+    except _AliasedBuffers:
+        copied = copy.deepcopy(model)
+        for p in copied.parameters():
+            p.requires_grad_(False)
+            p.grad = None
+            if zero_params:
+                p.zero_()
+    return copied.eval()
 
 
 @torch.no_grad()
 def boosted_helper(target: nn.Module, sig: SignificantParams) -> nn.Module:
     """Frozen copy of ``target`` with the significant weights overwritten (the target is untouched)."""
-    helper = copy.deepcopy(target)
+    helper = frozen_copy(target)
     _write(helper, sig)
-    return _frozen(helper)
+    return helper
 
 
 @torch.no_grad()
 def zero_filled_helper(target: nn.Module, sig: SignificantParams) -> nn.Module:
     """Frozen model holding only the significant weights, every other parameter zero (paper Fig. 3)."""
-    helper = copy.deepcopy(target)
-    for p in helper.parameters():
-        p.zero_()
+    helper = frozen_copy(target, zero_params=True)
     _write(helper, sig)
-    return _frozen(helper)
+    return helper
 
 
 @torch.no_grad()

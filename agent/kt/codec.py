@@ -79,6 +79,8 @@ _F16_RELATIVE = 2.0**-11
 _F16_SUBNORMAL_ABS = 2.0**-25
 # One float32 rounding of the rebuilt value, with slack for the float64 steps before it.
 _F32_ROUNDING = 2.0**-23
+# Below this many float16 values numpy's widening beats torch's call overhead.
+_TORCH_WIDEN_MIN = 4096
 
 
 def _is_int(x: object) -> bool:
@@ -315,19 +317,41 @@ def _nibbles_encode(q: np.ndarray) -> bytes:
 
 
 def _nibbles_decode(buf: bytes, n: int, name: str) -> np.ndarray:
+    """Check ``i4`` value bytes (length, zero padding, no code -8); they come back as uint8."""
     want = (n + 1) // 2
     if len(buf) != want:
         raise KtRejected(f"tensor {name!r}: val is {len(buf)} bytes, expected {want}")
-    b = np.frombuffer(buf, dtype=np.uint8)
-    codes = np.empty(2 * b.size, dtype=np.uint8)
-    codes[0::2] = b & 0x0F
-    codes[1::2] = b >> 4
-    if n % 2 and codes[-1]:
+    if n % 2 and buf[-1] >> 4:
         raise KtRejected(f"tensor {name!r}: i4 padding nibble is not zero")
-    signed = (codes[:n].view(np.int8) ^ 8) - 8
-    if (signed == -8).any():
+    b = np.frombuffer(buf, dtype=np.uint8)
+    if (((b & 0x0F) == 0x08) | ((b & 0xF0) == 0x80)).any():
         raise KtRejected(f"tensor {name!r}: i4 code -8 is outside [-7, 7]")
-    return signed
+    return b
+
+
+def _code_table(dtype: str) -> np.ndarray:
+    """What each value byte holds, as float64 codes: one per byte (``i1``), or (low, high) (``i4``)."""
+    byte = np.arange(256)
+    if dtype == "i1":
+        return byte.astype(np.uint8).view(np.int8).astype(np.float64)
+    return np.stack([((byte & 0x0F) ^ 8) - 8, ((byte >> 4) ^ 8) - 8], axis=1).astype(np.float64)
+
+
+# Rebuilding scaled values is a lookup of the byte in ``table * scale``: the same float64
+# products ``code * scale`` as multiplying code by code, without splitting nibbles first.
+_CODE_TABLES = {dtype: _code_table(dtype) for dtype in _SCALED_DTYPES}
+
+
+def _widen_float16(buf: bytes) -> np.ndarray:
+    """Little-endian float16 wire values as a new float32 array (exact: float32 holds them all)."""
+    if len(buf) < 2 * _TORCH_WIDEN_MIN:
+        return np.frombuffer(buf, dtype="<f2").astype(np.float32)
+    # torch widens ~10x faster than numpy; the bytearray copy gives it a writable buffer (a
+    # read-only one draws a warning).
+    half = np.frombuffer(bytearray(buf), dtype="<f2")
+    if not half.dtype.isnative:
+        half = half.astype("=f2")
+    return torch.from_numpy(half).to(torch.float32).numpy()
 
 
 def _varint_lengths(u: np.ndarray) -> np.ndarray:
@@ -381,11 +405,12 @@ def _bitmask_decode(buf: bytes, n: int, numel: int, name: str) -> np.ndarray:
     want = (numel + 7) // 8
     if len(buf) != want:
         raise KtRejected(f"tensor {name!r}: bitmask is {len(buf)} bytes, expected {want}")
-    b = np.frombuffer(buf, dtype=np.uint8)
-    if numel % 8 and b[-1] >> (numel % 8):
+    if numel % 8 and buf[-1] >> (numel % 8):
         raise KtRejected(f"tensor {name!r}: bitmask padding bits are not zero")
-    # flatnonzero over a bool view is several times faster than over the uint8 bits themselves.
-    positions = np.flatnonzero(np.unpackbits(b, bitorder="little").view(bool)).astype(np.int64, copy=False)
+    # nonzero over a bool view is several times faster than over the uint8 bits themselves (and
+    # than torch's nonzero, or a byte lookup table); it is most of this function's time.
+    bits = np.unpackbits(np.frombuffer(buf, dtype=np.uint8), bitorder="little").view(bool)
+    positions = bits.nonzero()[0].astype(np.int64, copy=False)
     if positions.size != n:
         raise KtRejected(f"tensor {name!r}: bitmask has {positions.size} bits set, n says {n}")
     return positions
@@ -402,6 +427,14 @@ def _decompress(data: bytes, cap: int) -> bytes:
     if declared > cap:
         raise KtRejected(f"blob declares {declared} decoded bytes, over the {cap} cap")
     dctx = zstandard.ZstdDecompressor()
+    if declared > 0:
+        # The common case in one call straight into a buffer of the declared size (the streaming
+        # path below joins 128 KiB pieces): it too checks the checksum, the size and that nothing
+        # follows the frame. Whatever it refuses, the streaming path refuses and names.
+        try:
+            return dctx.decompress(data, allow_extra_data=False)
+        except zstandard.ZstdError:
+            pass
     try:
         if declared < 0:
             # No declared size: measure through a reader that never holds more than cap + 1.
@@ -526,12 +559,17 @@ def _verify_tensor(
             raise KtRejected(
                 f"tensor {name!r}: val is {len(val_bytes)} bytes, expected {n * np_dtype.itemsize}"
             )
-        coded = np.frombuffer(val_bytes, dtype=np_dtype)
+        if dtype == "f2":
+            coded = _widen_float16(val_bytes)
+        else:
+            # int8 codes stay raw bytes: the rebuild below looks each byte up in a table.
+            coded = np.frombuffer(val_bytes, dtype=np.uint8 if scaled else np_dtype)
     scale = 1.0
     if scaled:
         scale = t["scale"]
         if not isinstance(scale, float) or not math.isfinite(scale) or scale <= 0.0:
             raise KtRejected(f"tensor {name!r}: {dtype} scale must be a finite float > 0")
+    positions_t = torch.from_numpy(positions)
     base_vals = None
     if base is not None:
         if name not in base:
@@ -541,20 +579,26 @@ def _verify_tensor(
             raise ValueError(f"base[{name!r}] has {flat.numel()} elements, shapes says {numel}")
         # index_select, not flat[idx]: the advanced-indexing path is ~3x slower here. float32 and
         # float64 stay as they are (the float64 sum below widens them exactly).
-        gathered = flat.index_select(0, torch.from_numpy(positions))
+        gathered = flat.index_select(0, positions_t)
         if gathered.dtype not in (torch.float32, torch.float64):
             gathered = gathered.to(torch.float64)
         base_vals = gathered.numpy()
     if scaled or base_vals is not None:
-        # Hostile scales or values may overflow here; the finiteness check below catches them.
+        # Rebuilt in float64 (code * scale, + base) and rounded to float32 once. (In float32 it
+        # would be faster but round up to three times, and could tell finite from overflow apart
+        # differently.) Hostile scales or values may overflow here; the check below catches them.
         with np.errstate(over="ignore", invalid="ignore"):
-            rebuilt = np.multiply(coded, scale, dtype=np.float64)
+            if scaled:
+                rebuilt = np.take(_CODE_TABLES[dtype] * scale, coded, axis=0).reshape(-1)[:n]
+            else:
+                rebuilt = coded.astype(np.float64)
             if base_vals is not None:
                 rebuilt += base_vals
             values = rebuilt.astype(np.float32)
+    elif dtype == "f2":
+        values = coded  # already a new float32 array
     else:
-        # float16 and float32 widen to float32 exactly: no float64 detour needed.
         values = coded.astype(np.float32)
     if not np.isfinite(values).all():
         raise KtRejected(f"tensor {name!r}: values are not all finite")
-    return TensorSlice(name, local, torch.from_numpy(positions), torch.from_numpy(values))
+    return TensorSlice(name, local, positions_t, torch.from_numpy(values))
