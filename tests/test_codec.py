@@ -281,6 +281,15 @@ def test_int8_all_zero_tensor() -> None:
     assert decode(blob).tensors[0].values.tolist() == [0.0, 0.0]
 
 
+@pytest.mark.parametrize("n,enc", [(9, "varint"), (10, "bitmask"), (11, "bitmask")])
+def test_index_encoding_boundary_at_one_byte_per_position(n: int, enc: str) -> None:
+    """80 positions: a 10-byte bitmask against one byte per varint; a tie goes to the bitmask."""
+    sl = TensorSlice("w", (80,), torch.arange(n) * 7, torch.ones(n))
+    blob = encode_blob(SignificantParams(ARCH, LINEAGE, (0,), 0.5, (sl,)), value_codec="float32")
+    assert [t["enc"] for t in unpack(blob)["tensors"]] == [enc]
+    assert decode(blob, shapes={"w": (80,)}).tensors[0].indices.tolist() == (torch.arange(n) * 7).tolist()
+
+
 def test_dense_selection_uses_bitmask_and_sparse_uses_varint() -> None:
     shapes = {"dense": (1000, 3), "sparse": (100_000,), "huge": (1 << 40,)}
     positions = {

@@ -79,7 +79,7 @@ _F16_RELATIVE = 2.0**-11
 _F16_SUBNORMAL_ABS = 2.0**-25
 # One float32 rounding of the rebuilt value, with slack for the float64 steps before it.
 _F32_ROUNDING = 2.0**-23
-# Below this many float16 values numpy's widening beats torch's call overhead.
+# Below this many float16 values numpy's conversions (to and from float32) beat torch's call overhead.
 _TORCH_WIDEN_MIN = 4096
 
 
@@ -263,7 +263,10 @@ def _encode_tensor(
     if idx_t.numel() != val_t.numel():
         raise ValueError(f"tensor {name!r}: {idx_t.numel()} indices but {val_t.numel()} values")
     idx = idx_t.detach().cpu().numpy()
-    vals = val_t.detach().cpu().numpy().astype(np.float64)
+    # float16/float32 round straight from float32 (one rounding either way); the scaled codecs
+    # and deltas compute in float64.
+    plain = base is None and codec in ("float16", "float32")
+    vals = val_t.detach().cpu().numpy() if plain else val_t.detach().cpu().numpy().astype(np.float64)
     if idx.size and (idx[0] < 0 or idx[-1] >= numel or (np.diff(idx) <= 0).any()):
         raise ValueError(f"tensor {name!r}: indices must be strictly increasing in [0, {numel})")
     if not np.isfinite(vals).all():
@@ -280,10 +283,13 @@ def _encode_tensor(
         if not delta_fits:
             raise ValueError(f"tensor {name!r}: delta to base is not finite in float32")
 
-    gaps = (np.diff(idx, prepend=-1) - 1).astype(np.uint64)
-    lengths = _varint_lengths(gaps)
     bitmask_len = (numel + 7) // 8
-    if bitmask_len <= int(lengths.sum()):
+    # Every varint is at least a byte, so from n >= numel / 8 on the bitmask wins unmeasured.
+    lengths = None
+    if bitmask_len > idx.size:
+        gaps = (np.diff(idx, prepend=-1) - 1).astype(np.uint64)
+        lengths = _varint_lengths(gaps)
+    if lengths is None or bitmask_len <= int(lengths.sum()):
         mask = np.zeros(numel, dtype=bool)
         mask[idx] = True
         enc, idx_bytes = "bitmask", np.packbits(mask, bitorder="little").tobytes()
@@ -304,9 +310,26 @@ def _encode_values(v: np.ndarray, codec: ValueCodec) -> dict[str, Any]:
         scale = _int4_scale(v)
         q = np.clip(np.rint(v / scale), -_INT4_LEVELS, _INT4_LEVELS).astype(np.int8)
         return {"dtype": "i4", "scale": scale, "val": _nibbles_encode(q)}
-    if codec == "float16" and _fits_float16(v):
-        return {"dtype": "f2", "val": v.astype("<f2").tobytes()}
-    return {"dtype": "f4", "val": v.astype("<f4").tobytes()}
+    if codec == "float16":
+        half = _to_float16(v)
+        if half is not None:
+            return {"dtype": "f2", "val": half.astype("<f2", copy=False).tobytes()}
+    return {"dtype": "f4", "val": v.astype("<f4", copy=False).tobytes()}
+
+
+def _to_float16(v: np.ndarray) -> np.ndarray | None:
+    """``v`` (finite) rounded to float16, or None if a value overflows it."""
+    if v.size < _TORCH_WIDEN_MIN or v.dtype != np.float32:
+        # (From float64 torch would round through float32, twice; numpy rounds once.)
+        with np.errstate(over="ignore"):
+            half = v.astype(np.float16)
+    else:
+        # torch rounds float32 ~10x faster than numpy, with the same round-to-nearest-even.
+        half = torch.from_numpy(np.ascontiguousarray(v)).to(torch.float16).numpy()
+    # Finite input is non-finite in float16 only by overflow: exponent bits all ones.
+    if ((half.view(np.uint16) & 0x7C00) == 0x7C00).any():
+        return None
+    return half
 
 
 def _nibbles_encode(q: np.ndarray) -> bytes:
