@@ -3,7 +3,7 @@
 A shared base is pre-trained on Fashion-MNIST classes 0–7 (``edge_sim.experiment.pretrain_base``);
 a helper starts from it and takes a few Adam steps on batches of all ten classes; its on-demand
 picker then selects the top Z of each tensor for classes 8–9 over its last batch (the reservoir,
-B = 1). Each selection is encoded with every value codec, plain and as deltas from the shared base
+B = 1; sensitivity over the default ``picker_samples`` rows of it). Each selection is encoded with every value codec, plain and as deltas from the shared base
 (what the helper started from; ``int4_delta`` only as deltas), and the blob length is divided by
 the parameters it carries.
 
@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from agent.config import LearnerConfig
 from agent.kt import codec
 from agent.kt.selection import select, significant_params
 from agent.kt.sensitivity import sensitivity
@@ -37,6 +39,9 @@ NEW_CLASSES = (8, 9)
 CODECS = codec.VALUE_CODECS
 SMALL = "int4_delta"
 ZS = (0.2, 0.5)
+# zstd levels for int4_delta: encode_blob's default, and zstd's strongest non-ultra level (what more
+# helper CPU would buy).
+LEVELS = (3, 19)
 
 # Sizes per architecture: the CNN costs ~100× the MLP per step on this box, so it gets fewer,
 # smaller steps. Keys: pre-training samples/epochs, helper Adam steps and batch size.
@@ -78,7 +83,9 @@ def measure_arch(arch: str, data: tuple[np.ndarray, np.ndarray, int], sizes: dic
     base_params = {name: base[name] for name, _ in helper.named_parameters()}
     shapes = {name: tuple(p.shape) for name, p in helper.named_parameters()}
     ids = {"arch_id": arch_id(helper), "lineage": lineage(base)}
-    scores = sensitivity(helper, [reservoir], NEW_CLASSES)
+    # What a helper's default picker sends: sensitivity over ``picker_samples`` rows of the reservoir.
+    samples = LearnerConfig().picker_samples or None
+    scores = sensitivity(helper, [reservoir], NEW_CLASSES, samples=samples, generator=torch.Generator().manual_seed(seed))
     rows = []
     for z in ZS:
         sig = significant_params(helper, select(scores, z), classes=NEW_CLASSES, z=z, **ids)
@@ -89,18 +96,21 @@ def measure_arch(arch: str, data: tuple[np.ndarray, np.ndarray, int], sizes: dic
             for name in CODECS:
                 if name in codec.DELTA_CODECS and not delta:
                     continue
-                blob = codec.encode_blob(sig, value_codec=name, base=base_params if delta else None)
-                # The blob must decode: a size is only worth reporting for a blob a target accepts.
-                codec.decode_blob(blob, shapes=shapes, num_classes=num_classes, base=base_params, **ids)
-                bpp = codec.bytes_per_param(blob, sig)
-                if name == "float32" and not delta:
-                    f32_plain = bpp
-                rows.append({
-                    "arch": arch, "z": z, "codec": name, "delta": delta, "params": sig.count, "bytes": len(blob),
-                    "bytes_per_param": bpp, "bitmask_bytes_per_param": bitmask,
-                    "vs_raw": bpp / RAW_BYTES_PER_PARAM, "vs_float32_blob": bpp / f32_plain,
-                    "met": bpp <= TARGET,
-                })
+                for level in LEVELS if name == SMALL else LEVELS[:1]:
+                    t0 = time.perf_counter()
+                    blob = codec.encode_blob(sig, value_codec=name, base=base_params if delta else None, level=level)
+                    encode_ms = (time.perf_counter() - t0) * 1e3
+                    # The blob must decode: a size is only worth reporting for a blob a target accepts.
+                    codec.decode_blob(blob, shapes=shapes, num_classes=num_classes, base=base_params, **ids)
+                    bpp = codec.bytes_per_param(blob, sig)
+                    if name == "float32" and not delta:
+                        f32_plain = bpp
+                    rows.append({
+                        "arch": arch, "z": z, "codec": name, "delta": delta, "level": level, "params": sig.count,
+                        "bytes": len(blob), "bytes_per_param": bpp, "bitmask_bytes_per_param": bitmask,
+                        "vs_raw": bpp / RAW_BYTES_PER_PARAM, "vs_float32_blob": bpp / f32_plain,
+                        "encode_ms": encode_ms, "met": bpp <= TARGET,
+                    })
     return rows
 
 
@@ -110,10 +120,11 @@ def run(quick: bool) -> dict[str, Any]:
     sizes = SIZES[quick]
     rows = [r for arch in sizes for r in measure_arch(arch, data, sizes[arch], seed=0)]
     print(table(
-        ["model", "Z", "codec", "delta", "params", "bytes", "B/param", "÷ raw 8 B", "÷ f32 blob", "bitmask B/param",
-         f"≤ {TARGET} B"],
-        [[r["arch"], r["z"], r["codec"], r["delta"], r["params"], r["bytes"], round(r["bytes_per_param"], 3),
-          round(r["vs_raw"], 3), round(r["vs_float32_blob"], 3), round(r["bitmask_bytes_per_param"], 3), r["met"]]
+        ["model", "Z", "codec", "delta", "zstd", "params", "bytes", "B/param", "÷ raw 8 B", "÷ f32 blob",
+         "bitmask B/param", "encode ms", f"≤ {TARGET} B"],
+        [[r["arch"], r["z"], r["codec"], r["delta"], r["level"], r["params"], r["bytes"], round(r["bytes_per_param"], 3),
+          round(r["vs_raw"], 3), round(r["vs_float32_blob"], 3), round(r["bitmask_bytes_per_param"], 3),
+          round(r["encode_ms"], 1), r["met"]]
          for r in rows],
     ))
     summary = []
@@ -121,14 +132,16 @@ def run(quick: bool) -> dict[str, Any]:
         for z in ZS:
             cell = [r for r in rows if r["arch"] == arch and r["z"] == z]
             default = next(r for r in cell if r["codec"] == "float16" and not r["delta"])
-            small = next(r for r in cell if r["codec"] == SMALL)
+            small = next(r for r in cell if r["codec"] == SMALL and r["level"] == LEVELS[0])
+            tight = next(r for r in cell if r["codec"] == SMALL and r["level"] == LEVELS[-1])
             summary.append(summary_row(
                 f"KT bytes/param {arch} Z={z}", PAPER, f"≤ {TARGET}",
-                f"{SMALL} {small['bytes_per_param']:.2f} ({small['vs_float32_blob']:.3f}× the f32 blob), "
+                f"{SMALL} {small['bytes_per_param']:.2f} ({small['vs_float32_blob']:.3f}× the f32 blob; zstd "
+                f"{tight['level']}: {tight['bytes_per_param']:.2f} in {tight['encode_ms']:.0f} ms), "
                 f"f16 {default['bytes_per_param']:.2f}; raw 8",
                 small["met"],
             ))
-    path = write_json("kt_payload", quick=quick, settings={"sizes": sizes, "classes": NEW_CLASSES, "zs": ZS, "seed": 0},
+    path = write_json("kt_payload", quick=quick, settings={"sizes": sizes, "classes": NEW_CLASSES, "zs": ZS, "levels": LEVELS, "seed": 0},
                       results=rows, summary=summary)
     print(f"\nwritten {path}")
     return {"rows": rows, "summary": summary}
