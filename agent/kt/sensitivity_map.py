@@ -8,7 +8,7 @@ memory and more than a training step per batch, so this one stores and refreshes
 - **Factored.** A weight tensor (viewed as a matrix ``shape[0] × prod(shape[1:])``) keeps, per
   class, only the row sums and column sums of |G_c|; a lookup rebuilds the rank-1 estimate
   ``outer(rows, cols) / total``. Callers only rank positions within a tensor (top Z), and on the
-  MLP that ranking recovers about 0.9 of the exact top-Z positions at Z = 0.2–0.5 (random would
+  MLP that ranking recovers most of the exact top-Z positions (figures below; random would
   recover Z). 1-D tensors (biases, norms) are small and keep their full vector. Memory is
   ~C·Σ(rows + cols) floats, a few percent of the model.
 - **Rotated.** Each update refreshes only ``classes_per_update`` classes, round-robin, on a random
@@ -42,12 +42,12 @@ class SensitivityMap:
     one class per update that takes ``num_classes`` updates, and until then the caller answers
     from its reservoir.
 
-    Defaults, measured on the MLP with Fashion-MNIST batches of 200 and online Adam training: one
-    class and 16 rows per update cost ~0.21× a batch (predict + train); 32 rows cost ~0.25×, the
-    target, for an overlap with the on-demand pick only 0.01 higher (0.91 against 0.90 at Z = 0.5;
-    two on-demand picks of different batches agree at 0.93). ``decay`` = 0.5 per refresh averages
-    about two refreshes, which damps the 16-row noise; with ten classes that is ~20 batches, so
-    the map still follows a model that trains online (0.8 tracked it less well than 0.5).
+    Defaults, on the MLP with Fashion-MNIST batches of 200 and online Adam training
+    (``bench.picker``): one class and 16 rows per update cost ~0.2× a batch (predict + train), and
+    a lookup keeps ~0.87 (Z = 0.5) and ~0.73–0.78 (Z = 0.2) of the exact pick's positions, where a
+    random mask keeps Z. More rows per update cost more for little more overlap. ``decay`` = 0.5
+    per refresh averages about two refreshes, which damps the 16-row noise; with ten classes that
+    is ~20 batches, so the map still follows a model that trains online.
 
     >>> from agent.models import build_model
     >>> m = build_model("mlp4", 10, seed=0)
