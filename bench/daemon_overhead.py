@@ -265,6 +265,13 @@ def run(quick: bool) -> dict[str, Any]:
               f"the agent's own compute per batch {agent_ms:.1f} ms (mean); CPU ms per pipelined batch: {cpu}")
     shipped = results[0]
     extra = "".join(f"; no-persistence broker {r['pipelined_ratio']:.2f}" for r in results[1:])
+    # Where the gap is: the learner's own time inside the agent against in-process, and the agent's
+    # CPU outside the learner (decoding, publishing, metadata, checkpoints).
+    learner_ms = (shipped["agent_stats"] or {}).get("batch_ms", float("nan"))
+    outside_ms = shipped["pipelined_cpu_ms_per_batch"]["agent"] - learner_ms
+    extra += (f"; the learner itself {learner_ms:.1f} ms/batch in the agent vs "
+              f"{shipped['pipelined_in_process_ms_per_batch']['p50']:.1f} in-process, the agent's CPU "
+              f"outside it {outside_ms:.1f} ms/batch")
     summary = [summary_row(
         "daemon ÷ in-process batches/s (MLP, b200, pipelined)", "—", f"≥ {TARGET}",
         f"{shipped['pipelined_ratio']:.2f} ({shipped['pipelined_daemon_batches_per_s']:.1f} vs "

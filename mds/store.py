@@ -129,7 +129,8 @@ class _Group:
     def __init__(self, n_classes: int) -> None:
         self.ids: list[str] = []
         self.rows: dict[str, int] = {}
-        self.hists = np.zeros((_INITIAL_ROWS, n_classes))
+        # Column-major: a query reads the requested classes' columns of every row, not whole rows.
+        self.hists = np.zeros((_INITIAL_ROWS, n_classes), order="F")
         self.dists = np.zeros((_INITIAL_ROWS, n_classes))
         self.norms = np.zeros(_INITIAL_ROWS)
         self.totals = np.zeros(_INITIAL_ROWS)
@@ -175,7 +176,7 @@ class _Group:
         self.ids.pop()
 
     def _grow(self) -> None:
-        self.hists = np.concatenate([self.hists, np.zeros_like(self.hists)])
+        self.hists = np.asfortranarray(np.concatenate([self.hists, np.zeros_like(self.hists)]))
         self.dists = np.concatenate([self.dists, np.zeros_like(self.dists)])
         self.norms = np.concatenate([self.norms, np.zeros_like(self.norms)])
         self.totals = np.concatenate([self.totals, np.zeros_like(self.totals)])
@@ -348,9 +349,14 @@ class NodeStore:
             asker_row = group.rows.get(asker)
             if asker_row is not None:
                 eligible[asker_row] = False
-            # share >= min  <=>  count >= min * total, without normalising the whole matrix
-            holds = hists[:, wanted] >= min_class_share * group.totals[:n, None]
-            held = holds.sum(axis=1)
+            # share >= min  <=>  count >= min * total, without normalising the whole matrix; one
+            # column at a time (the matrix is column-major), counting as it goes.
+            thresholds = min_class_share * group.totals[:n]
+            holds = np.empty((n, wanted.size), dtype=bool, order="F")
+            held = np.zeros(n, dtype=np.intp)
+            for j, c in enumerate(wanted):
+                np.greater_equal(hists[:, c], thresholds, out=holds[:, j])
+                held += holds[:, j]
             if cover == "all":
                 eligible &= held == wanted.size
             elif cover == "any" and wanted.size:
@@ -358,16 +364,20 @@ class NodeStore:
             eligible &= group.totals[:n] > 0  # a node that has seen nothing knows nothing
             total = q.sum()
             p = q / total if total > 0 else np.zeros_like(q)
-            scores = OF_DISTRIBUTIONS[metric](p, group.dists[:n], group.norms[:n])
+            # Only eligible rows are scored: each row's score is computed the same way whatever
+            # rows surround it, so this gives the same numbers for a fraction of the reads.
+            cand = np.flatnonzero(eligible)
+            scores = OF_DISTRIBUTIONS[metric](p, np.take(group.dists, cand, axis=0), group.norms[cand])
+            cand_held = held[cand]
             found: list[Match] = []
             # Best coverage first; within one level of coverage, by similarity.
-            levels = np.unique(held[eligible])[::-1] if cover == "any" else [None]
+            levels = np.flatnonzero(np.bincount(cand_held))[::-1] if cover == "any" else [None]
             for level in levels:
                 if len(found) >= k:
                     break
-                rows = np.flatnonzero(eligible if level is None else eligible & (held == level))
-                picked, picked_scores = best_rows(scores, rows, int(k) - len(found), least=rank == "least_similar")
-                for r, score in zip(picked, picked_scores):
+                at = np.arange(cand.size) if level is None else np.flatnonzero(cand_held == level)
+                picked, picked_scores = best_rows(scores, at, int(k) - len(found), least=rank == "least_similar")
+                for r, score in zip(cand[picked], picked_scores):
                     found.append(Match(group.ids[r], float(score), tuple(int(c) for c in wanted[holds[r]])))
             return found
 
