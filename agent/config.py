@@ -24,10 +24,10 @@ class LearnerConfig(BaseModel):
     z: float = Field(0.5, gt=0.0, le=1.0, description="fraction of each parameter tensor a helper sends")
     reservoir_batches: int = Field(1, ge=1, le=64, description="B: request batches a helper keeps for on-demand sensitivity")
     picker_samples: int = Field(
-        32,
+        0,
         ge=0,
         le=1_000_000,
-        description="rows of the reservoir the on-demand picker computes sensitivity over, drawn at random; 0: every row",
+        description="rows of the reservoir the on-demand picker computes sensitivity over, drawn at random; 0: every row (cheaper with fewer, at some cost in adaptability)",
     )
     picker: Literal["on_demand", "continuous"] = Field("on_demand", description="sensitivity from the reservoir, or a running per-class map")
     selection: Literal["sensitivity", "random"] = Field(

@@ -3,9 +3,9 @@
 A shared base is pre-trained on Fashion-MNIST classes 0–7 (``edge_sim.experiment.pretrain_base``);
 a helper starts from it and takes a few Adam steps on batches of all ten classes; its on-demand
 picker then selects the top Z of each tensor for classes 8–9 over its last batch (the reservoir,
-B = 1; sensitivity over the default ``picker_samples`` rows of it). Each selection is encoded with every value codec, plain and as deltas from the shared base
-(what the helper started from; ``int4_delta`` only as deltas), and the blob length is divided by
-the parameters it carries.
+B = 1, as many of its rows as the default ``picker_samples`` says). Each selection is encoded with
+every value codec, plain and as deltas from the shared base (what the helper started from;
+``int4_delta`` only as deltas), and the blob length is divided by the parameters it carries.
 
 Baselines: int32 indices + float32 values (8 B/param, uncompressed) and the float32 blob without
 deltas. Paper: ≈2.6 B/param. Target: ≤ 0.5 B/param, checked for ``int4_delta`` (the codec built

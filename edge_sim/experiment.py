@@ -59,7 +59,7 @@ class ExperimentSettings:
     window: int = 3
     margin: float = 0.1
     value_codec: Literal["float32", "float16", "int8", "int4_delta"] = "float16"
-    picker_samples: int = 32
+    picker_samples: int = 0
     class_aware_w: float = 0.95
     recovery_tolerance: float = 0.02
     post_drift_batches: int = 30

@@ -67,9 +67,9 @@ def _learner(**cfg):
     return Learner(model, num_classes=10, config=LearnerConfig(**cfg), base_state=base, seed=0)
 
 
-def test_learner_picks_from_a_sample_by_default_and_from_every_row_with_zero():
-    sampled, every = _learner(), _learner(picker_samples=0)
-    assert sampled.config.picker_samples == 32
+def test_learner_picks_from_every_row_by_default_and_from_a_sample_when_set():
+    sampled, every = _learner(picker_samples=32), _learner()
+    assert every.config.picker_samples == 0
     x = _x(100)
     y = torch.randint(10, (100,), generator=torch.Generator().manual_seed(0))
     for node in (sampled, every):
