@@ -113,3 +113,33 @@ def test_top_fraction_integer_keys_keep_the_float_order_and_ties(dtype):
         v = draws[trial % 4](int(rng.integers(1, 60))).astype(dtype)
         for z in (0.1, 0.3, 0.5, 0.9):
             assert top_fraction(torch.from_numpy(v.copy()), z).tolist() == _reference_top(v, z), (v, z)
+
+
+def test_cnn_sensitivity_leaves_grads_alone_and_works_under_no_grad():
+    """The autograd path (one backward pass per class) builds its own leaves."""
+    model = build_model("mobilenet_s", 10, seed=0)
+    model.features[0].weight.requires_grad_(False)
+    x = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        under_no_grad = sensitivity(model, [x], [2, 7])
+    plain = sensitivity(model, [x], [2, 7])
+    assert _same(under_no_grad, plain)
+    assert all(p.grad is None for p in model.parameters())
+    assert not model.features[0].weight.requires_grad
+    assert all(p.requires_grad for name, p in model.named_parameters() if name != "features.0.weight")
+    assert plain["features.0.weight"].abs().sum() > 0
+
+
+def test_cnn_sensitivity_matches_the_definition_in_eval_mode():
+    model = build_model("mobilenet_s", 10, seed=0)
+    x = torch.rand(6, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    got = sensitivity(model, [x], [3, 8])
+    model.eval()
+    want = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
+    for c in (3, 8):
+        model.zero_grad()
+        torch.softmax(model(x), dim=1)[:, c].sum().backward()
+        for name, p in model.named_parameters():
+            want[name] += p.grad.abs() / 2
+    for name in want:
+        assert torch.allclose(got[name], want[name], atol=1e-6, rtol=1e-4), name
