@@ -119,8 +119,7 @@ class SensitivityMap:
         fresh = self._fresh
         for name, g in grads.items():
             _, off, rows, cols = self._layout[name]
-            # In place where it is safe: the VJP may hand back an expanded (aliased) zero tensor.
-            g = g.abs_() if g.is_contiguous() else g.abs()
+            g = g.abs_()
             if cols:
                 g = g.view(len(classes), rows, cols)
                 torch.sum(g, dim=2, out=fresh[:, off : off + rows])
