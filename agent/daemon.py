@@ -32,6 +32,7 @@ from agent.helper_selection import CandidateInfo, HelperSelection, build_selecti
 from agent.kt.codec import VALUE_CODECS
 from agent.learner import HelpRequest, Learner
 from agent.logs import configure_logging
+from agent.malloc import retain_freed_memory
 from agent.models import build_model, load_weights
 from agent.notify import Notifier, Watchdog
 from agent.runtime import EnsembleRuntime, resolve_device
@@ -96,6 +97,8 @@ class AgentDaemon:
         self.knobs: DaemonKnobs = settings.daemon
         self.notifier = notifier or Notifier()
         torch.set_num_threads(settings.torch_threads)
+        if retain_freed_memory(settings.malloc_retain_mb << 20):
+            log.info("malloc keeps up to %d MiB of freed memory for reuse", settings.malloc_retain_mb)
         self.device = resolve_device(settings.device)
         model = build_model(settings.arch, settings.num_classes, seed=settings.model_seed)
         if settings.base_weights is not None:

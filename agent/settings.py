@@ -57,6 +57,10 @@ class AgentSettings(BaseSettings):
     runtime: Literal["torch", "onnx"] = Field("torch", description="inference engine for the target and the frozen helpers")
     onnx_providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"], description="onnxruntime execution providers, in order")
     torch_threads: int = Field(1, ge=1, le=256, description="torch intra-op threads (set explicitly: several agents share a box)")
+    malloc_retain_mb: int = Field(
+        64, ge=0, le=2047,
+        description="glibc: freed memory kept for reuse, so each batch's tensors are not page-faulted back (0: glibc's adaptive default)",
+    )
     max_batch_bytes: int = Field(16 << 20, ge=1024, le=1 << 30, description="largest request batch accepted")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
     daemon: DaemonKnobs = Field(default_factory=DaemonKnobs, description="run-time knobs of the daemon")

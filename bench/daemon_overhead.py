@@ -26,14 +26,20 @@ Two ways of feeding, both shown:
   0.95 would need the whole round trip under ~0.6 ms against 11–14 ms per batch in-process.
 
 Also shown: the CPU each process spent per pipelined batch (agent, broker, the bench process as
-feeder and collector) against the in-process learner's, and everything again against a broker
-without persistence.
+feeder and collector) against the in-process learner's, the CPU of each of the agent's threads, the
+minor page faults per batch of the agent's worker and of the in-process learner, and everything
+again for an agent with glibc's adaptive malloc thresholds (``malloc_retain_mb = 0``: its learner
+faults freed memory back every batch, see ``agent/malloc.py``) and against a broker without
+persistence.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import resource
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -69,15 +75,34 @@ ECHO_REQUEST = f"{topics.PREFIX}/bench/echo/request"
 ECHO_REPLY = f"{topics.PREFIX}/bench/echo/reply"
 #: About an encoded ``Prediction`` of 200 labels.
 ECHO_REPLY_BYTES = 2000
-# Broker persistence per run: the shipped default (a save after every change), and without it, to
-# show how much of the gap is the broker's disk writes.
-VARIANTS = (True, False)
+# (broker persistence, the agent's malloc_retain_mb) per run: as shipped (a save after every change,
+# the agent's default); the agent with glibc's adaptive malloc thresholds, to show what fixing them
+# gains (agent/malloc.py); and a broker without persistence, to show how much of the gap is its disk
+# writes.
+VARIANTS: tuple[tuple[bool, int | None], ...] = ((True, None), (True, 0), (False, None))
+
+
+def _variant(r: dict[str, Any]) -> str:
+    bus = "shipped" if r["broker_persistence"] else "no persistence"
+    return bus if r["malloc_retain_mb"] is None else f"{bus}, malloc_retain_mb {r['malloc_retain_mb']}"
 
 
 def _cpu_s(pid: int) -> float:
     """User + system CPU seconds of a process so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _thread_usage(pid: int) -> dict[int, tuple[float, int]]:
+    """(user + system CPU seconds, minor page faults) so far of each thread of a process, by thread id."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:  # the thread ended between listing and reading
+            continue
+        out[int(task.name)] = ((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), int(fields[7]))
+    return out
 
 
 class Echo:
@@ -125,8 +150,10 @@ class Echo:
             c.stop()
 
 
-def measure(persistence: bool, plan: dict[str, int], data: tuple[np.ndarray, np.ndarray, int]) -> dict[str, Any]:
-    """Lock-step and pipelined throughput of a fresh agent on a fresh broker, each against in-process."""
+def measure(persistence: bool, malloc_retain_mb: int | None, plan: dict[str, int], data: tuple[np.ndarray, np.ndarray, int]) -> dict[str, Any]:
+    """Lock-step and pipelined throughput of a fresh agent on a fresh broker, each against in-process.
+
+    ``malloc_retain_mb`` is the agent's setting of that name (None: its default)."""
     x, y, num_classes = data
     pre_idx, rest = split_pool(y, holdout_classes=range(num_classes), holdout=2000, seed=0)
     base = pretrain_base("mlp4", x[pre_idx], y[pre_idx], num_classes=num_classes, epochs=2, seed=0)
@@ -145,6 +172,18 @@ def measure(persistence: bool, plan: dict[str, int], data: tuple[np.ndarray, np.
             learner.process_batch(torch.from_numpy(bx), torch.from_numpy(by))
         return time.perf_counter() - t0
 
+    def beside_busy_core(chunk: list[tuple[np.ndarray, np.ndarray]]) -> float:
+        # The daemon's learner never runs alone: the broker, the feeder and the agent's network
+        # thread keep the other core busy. This is the in-process learner with a spinning process
+        # there instead, which costs it no memory traffic, only the core.
+        spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        try:
+            time.sleep(0.2)
+            return in_process(chunk)
+        finally:
+            spinner.kill()
+            spinner.wait()
+
     bx0, by0 = batches[0]
     echo_payload = encode(RequestBatch(batch_id=0, x=ArrayPayload.from_numpy(bx0), y=ArrayPayload.from_numpy(by0)))
     with tempfile.TemporaryDirectory(prefix="bench-daemon-") as tmp, PrivateMosquitto(persistence=persistence) as broker:
@@ -156,8 +195,10 @@ def measure(persistence: bool, plan: dict[str, int], data: tuple[np.ndarray, np.
         collector = Collector(client).start()
         client.start()
         echo = Echo(url).start()
-        agent = spawn_agent(NODE, url, work / "state", work / "logs", threads=1,
-                            settings={"base_weights": str(base_path), "learner": {"kt_apply": "off"}})
+        agent_settings: dict[str, Any] = {"base_weights": str(base_path), "learner": {"kt_apply": "off"}}
+        if malloc_retain_mb is not None:
+            agent_settings["malloc_retain_mb"] = malloc_retain_mb
+        agent = spawn_agent(NODE, url, work / "state", work / "logs", threads=1, settings=agent_settings)
         try:
             if not client.wait_subscribed(30) or not collector.wait_for(lambda: collector.events_of(NODE, "started"), 120):
                 raise RuntimeError(f"the agent did not start:\n{agent.log_text()[-2000:]}")
@@ -200,19 +241,32 @@ def measure(persistence: bool, plan: dict[str, int], data: tuple[np.ndarray, np.
                 daemon_s.append(lockstep(chunk))
                 local_s.append(in_process(chunk))
                 echo_s.append(echo.round_trips(echo_payload, BLOCK))
-            piped_s, piped_local_s = [], []
+            piped_s, piped_local_s, piped_busy_s = [], [], []
             cpu = {"agent": 0.0, "broker": 0.0, "feeder": 0.0, "in_process": 0.0}
+            threads: dict[int, float] = {}
+            faults = {"agent_worker": 0, "in_process": 0}
             for b in range(plan["pipe_blocks"]):
                 start = plan["warmup"] + plan["blocks"] * BLOCK + b * PIPE_BLOCK
                 chunk = batches[start: start + PIPE_BLOCK]
                 before = (_cpu_s(agent.pid), _cpu_s(broker.pid), time.process_time())
+                threads_before = _thread_usage(agent.pid)
                 piped_s.append(pipelined(chunk))
+                block_faults = {}
+                for tid, (spent, minflt) in _thread_usage(agent.pid).items():
+                    spent0, minflt0 = threads_before.get(tid, (0.0, 0))
+                    threads[tid] = threads.get(tid, 0.0) + spent - spent0
+                    block_faults[tid] = minflt - minflt0
+                # The worker is the thread that spent the most CPU in this block.
+                faults["agent_worker"] += block_faults[max(block_faults, key=lambda t: threads[t])]
+                faults_before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
                 cpu["agent"] += _cpu_s(agent.pid) - before[0]
                 cpu["broker"] += _cpu_s(broker.pid) - before[1]
                 cpu["feeder"] += time.process_time() - before[2]
                 before_local = time.process_time()
                 piped_local_s.append(in_process(chunk))
                 cpu["in_process"] += time.process_time() - before_local
+                faults["in_process"] += resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - faults_before
+                piped_busy_s.append(beside_busy_core(chunk))
             piped_n = plan["pipe_blocks"] * PIPE_BLOCK
             agent.terminate(30)
             collector.wait_for(lambda: collector.events_of(NODE, "stats"), 10)
@@ -224,6 +278,7 @@ def measure(persistence: bool, plan: dict[str, int], data: tuple[np.ndarray, np.
             client.stop()
     return {
         "broker_persistence": persistence,
+        "malloc_retain_mb": malloc_retain_mb,
         "lockstep_ratio": paired_ratio(local_s, daemon_s),
         "lockstep_daemon_batches_per_s": BLOCK * len(daemon_s) / sum(daemon_s),
         "in_process_batches_per_s": BLOCK * len(local_s) / sum(local_s),
@@ -236,7 +291,12 @@ def measure(persistence: bool, plan: dict[str, int], data: tuple[np.ndarray, np.
         "pipelined_in_process_batches_per_s": piped_n / sum(piped_local_s),
         "pipelined_daemon_ms_per_batch": stats([s / PIPE_BLOCK for s in piped_s], 1e3),
         "pipelined_in_process_ms_per_batch": stats([s / PIPE_BLOCK for s in piped_local_s], 1e3),
+        "in_process_beside_busy_core_ms_per_batch": stats([s / PIPE_BLOCK for s in piped_busy_s], 1e3),
+        "pipelined_ratio_to_busy_core": paired_ratio(piped_busy_s, piped_s),
         "pipelined_cpu_ms_per_batch": {k: 1e3 * v / piped_n for k, v in cpu.items()},
+        # Largest first: the worker that runs the learner, then the MQTT network thread, ...
+        "pipelined_minor_faults_per_batch": {k: v / piped_n for k, v in faults.items()},
+        "pipelined_agent_thread_cpu_ms_per_batch": sorted((1e3 * v / piped_n for v in threads.values() if v > 0), reverse=True),
         "agent_stats": agent_stats.detail if agent_stats is not None else None,
     }
 
@@ -245,10 +305,10 @@ def run(quick: bool) -> dict[str, Any]:
     setup(1)
     plan = PLANS[quick]
     data = load_data("mlp4")
-    results = [measure(persistence, plan, data) for persistence in VARIANTS]
+    results = [measure(persistence, retain, plan, data) for persistence, retain in VARIANTS]
     rows = []
     for r in results:
-        bus = "shipped" if r["broker_persistence"] else "no persistence"
+        bus = _variant(r)
         rows.append([bus, "pipelined", round(r["pipelined_daemon_batches_per_s"], 1),
                      round(r["pipelined_in_process_batches_per_s"], 1), round(r["pipelined_ratio"], 3),
                      round(r["pipelined_daemon_ms_per_batch"]["p50"], 1), round(r["pipelined_in_process_ms_per_batch"]["p50"], 1),
@@ -256,22 +316,31 @@ def run(quick: bool) -> dict[str, Any]:
         rows.append([bus, "lock-step", round(r["lockstep_daemon_batches_per_s"], 1), round(r["in_process_batches_per_s"], 1),
                      round(r["lockstep_ratio"], 3), round(r["lockstep_daemon_ms_per_batch"]["p50"], 1),
                      round(r["in_process_ms_per_batch"]["p50"], 1), f"— (ceiling {r['lockstep_ceiling']:.2f})", None])
-    print(table(["broker", "feeding", "daemon batches/s", "in-process batches/s", "daemon ÷ in-process",
+    print(table(["run", "feeding", "daemon batches/s", "in-process batches/s", "daemon ÷ in-process",
                  "daemon ms/batch", "in-process ms/batch", "target", "met"], rows))
     for r in results:
         agent_ms = (r["agent_stats"] or {}).get("batch_ms", float("nan"))
         cpu = ", ".join(f"{k} {v:.1f}" for k, v in r["pipelined_cpu_ms_per_batch"].items())
-        print(f"persistence {r['broker_persistence']}: echo of one batch {r['echo_ms']['p50']:.1f} ms (p50); "
-              f"the agent's own compute per batch {agent_ms:.1f} ms (mean); CPU ms per pipelined batch: {cpu}")
+        faults = r["pipelined_minor_faults_per_batch"]
+        print(f"{_variant(r)}: echo of one batch {r['echo_ms']['p50']:.1f} ms (p50); "
+              f"the agent's own compute per batch {agent_ms:.1f} ms (mean); CPU ms per pipelined batch: {cpu}; "
+              f"the agent's threads: {', '.join(f'{v:.1f}' for v in r['pipelined_agent_thread_cpu_ms_per_batch'])}; "
+              f"minor page faults per batch: agent worker {faults['agent_worker']:.0f}, in-process {faults['in_process']:.0f}; "
+              f"in-process beside a busy core {r['in_process_beside_busy_core_ms_per_batch']['p50']:.1f} ms/batch, "
+              f"the daemon ÷ that {r['pipelined_ratio_to_busy_core']:.2f}")
     shipped = results[0]
-    extra = "".join(f"; no-persistence broker {r['pipelined_ratio']:.2f}" for r in results[1:])
+    extra = "".join(f"; {_variant(r)} {r['pipelined_ratio']:.2f}" for r in results[1:])
     # Where the gap is: the learner's own time inside the agent against in-process, and the agent's
     # CPU outside the learner (decoding, publishing, metadata, checkpoints).
     learner_ms = (shipped["agent_stats"] or {}).get("batch_ms", float("nan"))
     outside_ms = shipped["pipelined_cpu_ms_per_batch"]["agent"] - learner_ms
     extra += (f"; the learner itself {learner_ms:.1f} ms/batch in the agent vs "
               f"{shipped['pipelined_in_process_ms_per_batch']['p50']:.1f} in-process, the agent's CPU "
-              f"outside it {outside_ms:.1f} ms/batch")
+              f"outside it {outside_ms:.1f} ms/batch; in-process beside a busy core "
+              f"{shipped['in_process_beside_busy_core_ms_per_batch']['p50']:.1f} ms/batch, the daemon ÷ that "
+              f"{shipped['pipelined_ratio_to_busy_core']:.2f}; the worker's page faults per batch "
+              f"{shipped['pipelined_minor_faults_per_batch']['agent_worker']:.0f} "
+              f"(malloc_retain_mb 0: {results[1]['pipelined_minor_faults_per_batch']['agent_worker']:.0f})")
     summary = [summary_row(
         "daemon ÷ in-process batches/s (MLP, b200, pipelined)", "—", f"≥ {TARGET}",
         f"{shipped['pipelined_ratio']:.2f} ({shipped['pipelined_daemon_batches_per_s']:.1f} vs "
