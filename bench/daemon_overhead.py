@@ -175,7 +175,8 @@ def measure(persistence: bool, malloc_retain_mb: int | None, plan: dict[str, int
     def beside_busy_core(chunk: list[tuple[np.ndarray, np.ndarray]]) -> float:
         # The daemon's learner never runs alone: the broker, the feeder and the agent's network
         # thread keep the other core busy. This is the in-process learner with a spinning process
-        # there instead, which costs it no memory traffic, only the core.
+        # there instead, which costs it no memory traffic, only the core. It trains on the chunk a
+        # second time: the same arithmetic, so the same time.
         spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
         try:
             time.sleep(0.2)
@@ -256,7 +257,7 @@ def measure(persistence: bool, malloc_retain_mb: int | None, plan: dict[str, int
                     spent0, minflt0 = threads_before.get(tid, (0.0, 0))
                     threads[tid] = threads.get(tid, 0.0) + spent - spent0
                     block_faults[tid] = minflt - minflt0
-                # The worker is the thread that spent the most CPU in this block.
+                # The worker is the thread that has spent the most CPU so far.
                 faults["agent_worker"] += block_faults[max(block_faults, key=lambda t: threads[t])]
                 faults_before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
                 cpu["agent"] += _cpu_s(agent.pid) - before[0]
