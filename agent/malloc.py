@@ -16,6 +16,7 @@ import ctypes
 import ctypes.util
 import logging
 import os
+from collections.abc import Mapping
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ MMAP_THRESHOLD_MAX = 32 << 20
 OPERATOR_VARIABLES = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")
 
 
-def operator_tuned(environ: os._Environ[str] | dict[str, str] = os.environ) -> bool:
+def operator_tuned(environ: Mapping[str, str] = os.environ) -> bool:
     """Whether the environment already sets glibc's trim or mmap threshold."""
     tunables = environ.get("GLIBC_TUNABLES", "")
     return any(v in environ for v in OPERATOR_VARIABLES) or any(
