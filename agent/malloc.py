@@ -51,7 +51,7 @@ def retain_freed_memory(retain_bytes: int) -> bool:
         return False
     libc = _libc()
     # The parameter numbers are glibc's: another C library's mallopt may read them differently.
-    if libc is None or not hasattr(libc, "gnu_get_libc_version") or not hasattr(libc, "mallopt"):
+    if libc is None or not is_glibc(libc) or not hasattr(libc, "mallopt"):
         return False
     mallopt = libc.mallopt
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
@@ -60,6 +60,12 @@ def retain_freed_memory(retain_bytes: int) -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, min(retain_bytes, MMAP_THRESHOLD_MAX))) and bool(
         mallopt(M_TRIM_THRESHOLD, min(retain_bytes, 2**31 - 1))
     )
+
+
+def is_glibc(libc: object | None = None) -> bool:
+    """Whether ``libc`` (default: this process's C library) is glibc."""
+    libc = _libc() if libc is None else libc
+    return libc is not None and hasattr(libc, "gnu_get_libc_version")
 
 
 def _libc() -> ctypes.CDLL | None:

@@ -87,10 +87,19 @@ def _variant(r: dict[str, Any]) -> str:
     return bus if r["malloc_retain_mb"] is None else f"{bus}, malloc_retain_mb {r['malloc_retain_mb']}"
 
 
+def _stat_fields(path: Path) -> list[str]:
+    """The fields of a /proc ``stat`` file after the command name (field 3 of proc(5) is index 0)."""
+    return path.read_text().rsplit(")", 1)[1].split()
+
+
+def _cpu_of(fields: list[str]) -> float:
+    """User + system CPU seconds in ``stat`` fields."""
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _cpu_s(pid: int) -> float:
     """User + system CPU seconds of a process so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return _cpu_of(_stat_fields(Path(f"/proc/{pid}/stat")))
 
 
 def _thread_usage(pid: int) -> dict[int, tuple[float, int]]:
@@ -98,10 +107,10 @@ def _thread_usage(pid: int) -> dict[int, tuple[float, int]]:
     out = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            fields = _stat_fields(task / "stat")
         except FileNotFoundError:  # the thread ended between listing and reading
             continue
-        out[int(task.name)] = ((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), int(fields[7]))
+        out[int(task.name)] = (_cpu_of(fields), int(fields[7]))
     return out
 
 

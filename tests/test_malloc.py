@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import subprocess
 import sys
 from pathlib import Path
@@ -11,16 +9,9 @@ from pathlib import Path
 import pytest
 
 from agent import malloc
-from agent.malloc import operator_tuned, retain_freed_memory
+from agent.malloc import is_glibc, operator_tuned, retain_freed_memory
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _glibc() -> bool:
-    try:
-        return hasattr(ctypes.CDLL(ctypes.util.find_library("c") or None), "gnu_get_libc_version")
-    except OSError:
-        return False
 
 
 # Like the agent: a worker thread allocates a batch's worth of tensors and frees them, again and
@@ -55,7 +46,7 @@ def _faults_per_round(retain_mb: int, **env: str) -> tuple[bool, float]:
     return applied == "True", float(faults)
 
 
-@pytest.mark.skipif(not _glibc(), reason="glibc's mallopt only")
+@pytest.mark.skipif(not is_glibc(), reason="glibc's mallopt only")
 def test_fixed_thresholds_stop_the_page_faults_of_each_round() -> None:
     adaptive_applied, adaptive = _faults_per_round(0)
     fixed_applied, fixed = _faults_per_round(64)
@@ -65,7 +56,7 @@ def test_fixed_thresholds_stop_the_page_faults_of_each_round() -> None:
     assert fixed <= 5, fixed
 
 
-@pytest.mark.skipif(not _glibc(), reason="glibc's mallopt only")
+@pytest.mark.skipif(not is_glibc(), reason="glibc's mallopt only")
 def test_the_operators_environment_wins() -> None:
     applied, faults = _faults_per_round(64, MALLOC_TRIM_THRESHOLD_="131072")
     assert not applied
