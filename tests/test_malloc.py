@@ -91,3 +91,12 @@ def test_no_glibc_no_call(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
     monkeypatch.setattr(malloc, "_libc", lambda: Musl())
     assert retain_freed_memory(64 << 20) is False
+
+
+@pytest.mark.parametrize("value", [-1, 2048, "lots", 1.5])
+def test_settings_refuse_an_out_of_range_retain(value: object, tmp_path: Path) -> None:
+    from agent.errors import ConfigError
+    from agent.settings import load_settings
+
+    with pytest.raises(ConfigError, match="malloc_retain_mb"):
+        load_settings(node_id="edge-1", state_dir=str(tmp_path), malloc_retain_mb=value)
