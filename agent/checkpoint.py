@@ -17,9 +17,11 @@ built for one drift and discarded after it), the drift detector's window, the re
 recent per-batch histories, which refill within a few batches after a restart.
 
 Writes go to a temporary file beside the target, are fsynced, renamed over it, and the directory
-is fsynced: a crash at any point leaves either the old or the new checkpoint, never a mix. One
-process saves a given path (the temporary name is fixed, so a crashed save leaves one stray file
-that the next save overwrites).
+is fsynced: a crash at any point leaves either the old or the new checkpoint, never a mix. The
+checkpoint it replaces is kept as ``<name>.prev.npz``, and ``load_newest_good`` falls back to it when
+the newest one is refused, so one bad file never bricks a node. A state holding a NaN or an
+infinity is never written. One process saves a given path (the temporary name is fixed, so a
+crashed save leaves one stray file that the next save overwrites).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 import zipfile
 from collections.abc import Callable, Mapping
@@ -91,9 +94,38 @@ def save_checkpoint(path: str | os.PathLike[str], learner: Learner) -> Path:
             "scalars": scalars,
         },
     }
+    bad = [name for name, array in arrays.items() if array.dtype.kind == "f" and not np.isfinite(array).all()]
+    if bad:
+        raise CheckpointError(f"refusing to checkpoint a non-finite state: {', '.join(sorted(bad)[:5])} hold NaN or infinity")
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-    _atomic_write(path, lambda f: np.savez(f, **arrays))
+    _atomic_write(path, lambda f: np.savez(f, **arrays), keep=previous_path(path))
     return path
+
+
+def previous_path(path: str | os.PathLike[str]) -> Path:
+    """Where the checkpoint before the newest one is kept: ``x.ckpt.npz`` → ``x.ckpt.prev.npz``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def load_newest_good(
+    path: str | os.PathLike[str], learner: Learner, *, restore_config: bool = True
+) -> tuple[CheckpointInfo | None, list[str]]:
+    """Restore from ``path``, or from the previous checkpoint when the newest is missing or refused.
+
+    Returns the checkpoint used (None when neither file exists) and why each file tried before it
+    was refused. Raises CheckpointError, the learner untouched, when files exist and none is good.
+    """
+    refusals: list[str] = []
+    candidates = [p for p in (Path(path), previous_path(path)) if p.exists()]
+    for candidate in candidates:
+        try:
+            return load_checkpoint(candidate, learner, restore_config=restore_config), refusals
+        except CheckpointError as exc:
+            refusals.append(str(exc))
+    if refusals:
+        raise CheckpointError("no usable checkpoint: " + "; ".join(refusals))
+    return None, refusals
 
 
 def load_checkpoint(path: str | os.PathLike[str], learner: Learner, *, restore_config: bool = True) -> CheckpointInfo:
@@ -156,13 +188,22 @@ def _to_numpy(tensor: torch.Tensor, name: str) -> np.ndarray:
     return array
 
 
-def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+def _atomic_write(path: Path, write: Callable[[BinaryIO], None], *, keep: Path | None = None) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if keep is not None and path.exists():
+            # A second name for the old file, so ``path`` exists at every instant of the swap.
+            kept = keep.with_name(f".{keep.name}.tmp")
+            kept.unlink(missing_ok=True)
+            try:
+                os.link(path, kept)
+            except OSError:  # a file system without hard links
+                shutil.copyfile(path, kept)
+            os.replace(kept, keep)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

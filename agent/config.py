@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+import math
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from agent.drift import DriftConfig, RollingErrorConfig
 from agent.ensemble import ClassAwareOperatorConfig, OperatorConfig
@@ -21,7 +23,15 @@ class LearnerConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
-    z: float = Field(0.5, gt=0.0, le=1.0, description="fraction of each parameter tensor a helper sends")
+    z: float = Field(0.5, ge=0.01, le=1.0, description="fraction of each parameter tensor a helper sends")
+    serve_max_z: float = Field(
+        0.5, ge=0.01, le=1.0,
+        description="largest fraction of a tensor this node sends as a helper; a KT request asking for more is refused",
+    )
+    input_range: tuple[float, float] = Field(
+        (-16.0, 16.0),
+        description="[low, high] every input value must lie in; a batch with a value outside is refused (raw 0-255 pixels, overflowed or garbage inputs), normalised inputs fit the default",
+    )
     reservoir_batches: int = Field(1, ge=1, le=64, description="B: request batches a helper keeps for on-demand sensitivity")
     picker_samples: int = Field(
         0,
@@ -53,12 +63,24 @@ class LearnerConfig(BaseModel):
         True,
         description="drop a helper that was no better than the target on its own classes over its first L batches, and ask another node",
     )
+    helper_probe: bool = Field(
+        True,
+        description="a new helper must be no worse than chance on its classes in the last labelled batch before it serves (its outputs must be finite either way); off only for the random-mask control",
+    )
     value_codec: Literal["float32", "float16", "int8", "int4_delta"] = Field("float16", description="how transferred weights are encoded")
     value_delta: bool = Field(False, description="send weights as deltas from the shared base weights (quantise better)")
-    lr: float = Field(1e-3, gt=0.0, le=1.0, description="online Adam learning rate, one step per labelled batch")
+    lr: float = Field(1e-3, ge=1e-6, le=0.05, description="online Adam learning rate, one step per labelled batch (above 0.05 Adam destroys a trained model within a few batches)")
     help_delay: int = Field(0, ge=0, le=100_000, description="batches between drift detection and the help request (the paper's 'delayed by X')")
     help_cooldown: int = Field(10, ge=0, le=100_000, description="batches before the same classes may be asked for again")
     history_window: int = Field(3, ge=1, le=1000, description="recent batches whose class histogram, against the long run, names the classes to ask for")
+
+    @field_validator("input_range")
+    @classmethod
+    def _ordered_finite(cls, value: tuple[float, float]) -> tuple[float, float]:
+        low, high = value
+        if not (math.isfinite(low) and math.isfinite(high) and low < high):
+            raise ValueError(f"input_range must be two finite numbers, low < high; got {list(value)}")
+        return value
 
 
 def patched(config: LearnerConfig, values: dict[str, Any]) -> LearnerConfig:

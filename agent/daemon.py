@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from agent.checkpoint import load_checkpoint, save_checkpoint
+from agent.checkpoint import load_newest_good, save_checkpoint
 from agent.errors import CheckpointError, ConfigError, KtRejected
 from agent.fl import FlRejected, apply_global, is_round_batch, model_to_update, participants
 from agent.helper_selection import CandidateInfo, HelperSelection, build_selection
@@ -36,7 +36,16 @@ from agent.malloc import retain_freed_memory
 from agent.models import build_model, load_weights
 from agent.notify import Notifier, Watchdog
 from agent.runtime import EnsembleRuntime, resolve_device
-from agent.settings import AgentSettings, DaemonKnobs, credential_path, load_settings, split_patch
+from agent.settings import (
+    AgentSettings,
+    DaemonKnobs,
+    credential_path,
+    load_settings,
+    merge_patch,
+    read_patches,
+    split_patch,
+    write_patches,
+)
 from broker import topics
 from broker.topology import kt_channel
 from broker.client import ErrorEvent, Inbound, MqttClient, Responder
@@ -84,6 +93,8 @@ class HelpFlow:
     candidates: list[CandidateInfo] = field(default_factory=list)
     tried: list[str] = field(default_factory=list)
     helper: str | None = None
+    #: The classes the current helper was asked for: its blob must bring exactly these.
+    asked: tuple[int, ...] = ()
     installed: int = 0
 
 
@@ -97,8 +108,6 @@ class AgentDaemon:
         self.knobs: DaemonKnobs = settings.daemon
         self.notifier = notifier or Notifier()
         torch.set_num_threads(settings.torch_threads)
-        if retain_freed_memory(settings.malloc_retain_mb << 20):
-            log.info("malloc keeps up to %d MiB of freed memory for reuse", settings.malloc_retain_mb)
         self.device = resolve_device(settings.device)
         model = build_model(settings.arch, settings.num_classes, seed=settings.model_seed)
         if settings.base_weights is not None:
@@ -111,11 +120,19 @@ class AgentDaemon:
             model, num_classes=settings.num_classes, config=settings.learner, base_state=base,
             device=self.device, seed=settings.model_seed,
         )
-        self.resumed = False
-        ckpt = settings.checkpoint_path()
-        if ckpt.exists():
-            load_checkpoint(ckpt, self.learner)
-            self.resumed = True
+        # Run-time patches live in their own file, laid over the settings file at every start and
+        # reload; the checkpoint's copy of the config is not what decides.
+        info, self.checkpoint_refusals = load_newest_good(settings.checkpoint_path(), self.learner, restore_config=False)
+        self.resumed = info is not None
+        if info is not None:
+            log.info("resumed from %s at batch %d", info.path, info.batch_index)
+        for refusal in self.checkpoint_refusals:
+            log.error("checkpoint refused, fell back to the previous one: %s", refusal)
+        self.patches: dict[str, Any] = {}
+        self.patch_drops: list[str] = []
+        self._apply_stored_patches(settings.learner, settings.daemon)
+        if retain_freed_memory(settings.malloc_retain_mb << 20):
+            log.info("malloc keeps up to %d MiB of freed memory for reuse", settings.malloc_retain_mb)
         if settings.runtime == "onnx":
             self.learner.inference = EnsembleRuntime(providers=settings.onnx_providers, intra_op_num_threads=settings.torch_threads)
         self.client = self._make_client(settings)
@@ -147,6 +164,7 @@ class AgentDaemon:
             tls_key=credential_path(settings.tls_key),
             tls_key_password_file=credential_path(settings.tls_key_password_file),
             max_message_bytes=max(settings.max_batch_bytes, 1 << 20),
+            max_blob_bytes=max(64 << 20, settings.max_batch_bytes),
         )
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -154,10 +172,14 @@ class AgentDaemon:
     def start(self) -> None:
         """Subscribe, connect (in the background) and start the worker; returns at once."""
         nid = self.node_id
-        for topic in (topics.node_batch(nid), topics.node_kt(nid), topics.node_config(nid), topics.fleet_config()):
-            self.client.subscribe(topic, 1)
+        # Each topic takes its own message type only, and every limit holds for the message as
+        # reassembled from chunks (the bus's defaults for KT and config topics: 1 MiB, 64 KiB).
+        self.client.subscribe(topics.node_batch(nid), 1, accept=(RequestBatch,), max_bytes=self.settings.max_batch_bytes)
+        self.client.subscribe(topics.node_kt(nid), 1, accept=(KtRequest,))
+        for topic in (topics.node_config(nid), topics.fleet_config()):
+            self.client.subscribe(topic, 1, accept=(ConfigPatch,))
         if self.settings.fl is not None:
-            self.client.subscribe(topics.fl_global(self.settings.fl.job), 1)
+            self.client.subscribe(topics.fl_global(self.settings.fl.job), 1, accept=(GlobalModel,))
         self.client.start()
         self._worker = threading.Thread(target=self._run_worker, name=f"clue-agent-{nid}", daemon=True)
         self._worker.start()
@@ -169,6 +191,10 @@ class AgentDaemon:
         self.notifier.ready()
         self._set_status("serving" if not self.resumed else f"serving (resumed at batch {self.learner.batch_index})")
         self._event("started", resumed=self.resumed, batch=self.learner.batch_index, arch_id=self.learner.arch_id, lineage=self.learner.lineage)
+        for refusal in self.checkpoint_refusals:
+            self._event("checkpoint_refused", error=refusal[:1000])
+        for drop in self.patch_drops:
+            self._event("config_refused", source="stored", error=drop[:1000])
         return True
 
     def worker_alive(self) -> bool:
@@ -197,6 +223,7 @@ class AgentDaemon:
         self.checkpoint()
         self._publish_stats()
         self.client.stop()
+        log.info("stopped at batch %d", self.learner.batch_index)
 
     def stats(self) -> dict[str, float]:
         """Bytes in/out per topic class (real payload sizes) and mean times of each operation, in ms."""
@@ -219,9 +246,14 @@ class AgentDaemon:
             log.warning("could not publish stats: %s", exc)
 
     def checkpoint(self) -> None:
-        self.settings.state_dir.mkdir(parents=True, exist_ok=True)
-        save_checkpoint(self.settings.checkpoint_path(), self.learner)
+        """Write a checkpoint; a refused or failed write is logged and reported, never fatal."""
         self._batches_since_ckpt = 0
+        try:
+            self.settings.state_dir.mkdir(parents=True, exist_ok=True)
+            save_checkpoint(self.settings.checkpoint_path(), self.learner)
+        except (CheckpointError, OSError) as exc:
+            log.error("checkpoint not written: %s", exc)
+            self._event("checkpoint_failed", error=str(exc)[:1000])
 
     def _set_status(self, text: str) -> None:
         if text != self._status:
@@ -239,13 +271,26 @@ class AgentDaemon:
                     self._reload_config_file()
                 item = self.client.get(timeout=0.05)
                 if item is not None:
-                    self._handle(item)
+                    self._handle_contained(item)
                 self._advance_help()
                 self._maybe_publish_meta()
         except BaseException as exc:  # the worker dying must stop the daemon, not hang it
             log.exception("worker crashed")
             self.crashed = exc
             self._stop.set()
+
+    def _handle_contained(self, item: Inbound | ErrorEvent) -> None:
+        """Handle one message; whatever it raises refuses that message, and the worker lives on.
+
+        The handlers change the learner only once a message has passed its checks, so a message
+        that fails part-way leaves the model as it was (a training step is rolled back by itself).
+        """
+        try:
+            self._handle(item)
+        except Exception as exc:  # noqa: BLE001 - the boundary of one message
+            topic = getattr(item, "topic", None) or "the connection"
+            log.exception("message on %s refused: it raised %s", topic, type(exc).__name__)
+            self._reject(f"message on {topic} raised {type(exc).__name__}: {exc}", context="handler")
 
     def _handle(self, item: Inbound | ErrorEvent) -> None:
         if isinstance(item, ErrorEvent) and item.context == "timeout":
@@ -260,27 +305,28 @@ class AgentDaemon:
             else:
                 self._event("error", context=item.context, topic=item.topic or "", error=str(item.error)[:500])
             return
-        leaf = None
-        if item.topic == topics.fleet_config():
-            leaf = "config"
-        else:
-            try:
-                _, leaf = topics.parse_node_topic(item.topic)
-            except BusError:
-                leaf = None
-        if leaf == "config":
+        # Each topic takes only its own message type (the bus checks it too): a KT request slipped
+        # onto the batch topic must not make this node publish its model.
+        nid = self.node_id
+        message = item.message
+        if item.topic in (topics.node_config(nid), topics.fleet_config()):
             self._on_config(item)
-        elif isinstance(item.message, RequestBatch):
-            self._on_batch(item.message)
-        elif isinstance(item.message, KtRequest):
+        elif item.topic == topics.node_batch(nid) and isinstance(message, RequestBatch):
+            self._on_batch(message)
+        elif item.topic == topics.node_kt(nid) and isinstance(message, KtRequest):
             self.responder.handle(item)
-        elif isinstance(item.message, GlobalModel):
-            self._on_global(item.message)
-        elif item.message is not None and not item.message.is_reply:
-            self._reject(f"unexpected {item.message.type} message on {item.topic}")
+        elif self.settings.fl is not None and item.topic == topics.fl_global(self.settings.fl.job) and isinstance(message, GlobalModel):
+            self._on_global(message)
+        elif message is not None and message.is_reply:
+            return  # a reply the KT flow already has through its future
+        else:
+            kind = message.type if message is not None else "an empty"
+            self._reject(f"{kind} message is not accepted on {item.topic}", context="topic")
 
     def _event(self, kind: str, **detail: Any) -> None:
         clean = {k: (float(v) if isinstance(v, (np.floating,)) else v) for k, v in detail.items()}
+        if kind != "rejected":  # _reject logs its own line
+            log.log(_EVENT_LEVELS.get(kind, logging.INFO), "%s %s", kind, _describe(clean))
         try:
             self.client.publish_message(topics.node_events(self.node_id), Event(node_id=self.node_id, kind=kind, detail=clean))
         except BusError as exc:
@@ -301,6 +347,8 @@ class AgentDaemon:
             self._reject(f"batch {msg.batch_id}: {exc}", batch_id=msg.batch_id)
             return
         self._meta_dirty = True
+        if result.train_refused is not None:
+            self._event("train_rolled_back", batch_id=msg.batch_id, batch=result.batch_index, reason=result.train_refused)
         self._timings["predict"].append(result.timings.get("predict", 0.0))
         if "train" in result.timings:
             self._timings["train"].append(result.timings["train"])
@@ -414,7 +462,7 @@ class AgentDaemon:
             return
         if isinstance(reply, KtBlob):
             try:
-                installed = self.learner.accept_kt_blob(reply.blob, source=flow.helper)
+                installed = self.learner.accept_kt_blob(reply.blob, classes=flow.asked, z=flow.request.z, source=flow.helper)
             except KtRejected as exc:
                 self._reject(f"KT blob from {flow.helper}: {exc}")
                 self._next_candidate(flow)
@@ -450,6 +498,7 @@ class AgentDaemon:
             self._end_help(flow)
             return
         flow.helper = ask.helper
+        flow.asked = tuple(ask.classes)
         flow.tried.append(ask.helper)
         flow.stage = "kt"
         flow.future = self._send_kt(ask.helper, ask.classes, flow.request)
@@ -475,6 +524,8 @@ class AgentDaemon:
             raise RequestRejected("lineage_mismatch", f"this node descends from base {self.learner.lineage}")
         if request.value_codec not in VALUE_CODECS:
             raise RequestRejected("unsupported", f"value codec {request.value_codec!r} is not supported")
+        if request.z > self.learner.config.serve_max_z:
+            raise RequestRejected("rejected", f"z={request.z} is above this helper's serve_max_z={self.learner.config.serve_max_z}")
         t0 = time.perf_counter()
         try:
             blob = self.learner.kt_blob(request.classes, request.z, request.value_codec)
@@ -515,19 +566,62 @@ class AgentDaemon:
             patch_id = patch.msg_id
             self.apply_patch(patch.values)
         except (ConfigError, BusError) as exc:
-            log.warning("config refused: %s", exc)
             self._ack(ok=False, error=str(exc)[:1000], patch_id=patch_id)
             self._event("config_refused", error=str(exc)[:1000])
             return
         self._ack(ok=True, applied=self.config_values(), patch_id=patch.msg_id)
         self._event("config_applied", keys=sorted(patch.values)[:64])
 
-    def apply_patch(self, values: dict[str, Any]) -> None:
-        """Validate the whole patch, then apply it between batches; ConfigError keeps the old config."""
+    def apply_patch(self, values: dict[str, Any], *, persist: bool = True) -> None:
+        """Validate the whole patch, then apply it between batches; ConfigError keeps the old config.
+
+        An applied patch is stored beside the checkpoint (``persist``), so it survives a restart
+        and a reload of the settings file.
+        """
         new_learner, new_knobs = split_patch(values, self.learner.config, self.knobs)
-        if new_learner != self.learner.config:
-            self.learner.apply_config(new_learner.model_dump())
-        self.knobs = new_knobs
+        stored = merge_patch(self.patches, values) if persist else self.patches
+        if persist:
+            try:
+                write_patches(self.settings.patches_path(), stored)
+            except OSError as exc:
+                raise ConfigError(f"cannot store the patch, so it would not survive a restart: {exc}") from exc
+        self._switch_to(new_learner, new_knobs)
+        self.patches = stored
+
+    def _switch_to(self, learner_config: Any, knobs: DaemonKnobs) -> None:
+        if learner_config != self.learner.config:
+            self.learner.apply_config(learner_config.model_dump())
+        self.knobs = knobs
+
+    def _apply_stored_patches(self, learner_config: Any, knobs: DaemonKnobs) -> list[str]:
+        """Lay the stored run-time patches over ``learner_config``/``knobs`` (the settings file's)
+        and switch to the result; a stored key that no longer validates is dropped and reported.
+
+        Returns the knobs whose values changed.
+        """
+        before = self.config_values()
+        try:
+            stored = read_patches(self.settings.patches_path())
+        except ConfigError as exc:
+            self.patch_drops.append(str(exc))
+            log.error("run-time patches ignored: %s", exc)
+            stored = {}
+        kept: dict[str, Any] = {}
+        for key, value in stored.items():
+            try:
+                split_patch(merge_patch(kept, {key: value}), learner_config, knobs)
+            except ConfigError as exc:
+                self.patch_drops.append(f"stored patch of {key!r} dropped: {exc}")
+                log.error("stored patch of %r dropped: %s", key, exc)
+                continue
+            kept = merge_patch(kept, {key: value})
+        new_learner, new_knobs = split_patch(kept, learner_config, knobs)
+        self._switch_to(new_learner, new_knobs)
+        self.patches = kept
+        if kept != stored:
+            write_patches(self.settings.patches_path(), kept)
+        after = self.config_values()
+        return sorted(k for k in after if after[k] != before.get(k))
 
     def config_values(self) -> dict[str, Any]:
         values = self.learner.config.model_dump(mode="json")
@@ -539,17 +633,36 @@ class AgentDaemon:
         self.client.publish_message(topics.node_config_ack(self.node_id), ack)
 
     def _reload_config_file(self) -> None:
+        """SIGHUP: the settings file again, with the run-time patches laid over it."""
         self.notifier.reloading()
         try:
             fresh = load_settings(self.config_file, node_id=self.node_id)
-            values = fresh.learner.model_dump()
-            values.update(fresh.daemon.model_dump())
-            self.apply_patch(values)
-            self._event("config_applied", source="reload")
+            changed = self._apply_stored_patches(fresh.learner, fresh.daemon)
         except ConfigError as exc:
             log.error("reload refused, old config kept: %s", exc)
             self._event("config_refused", source="reload", error=str(exc)[:1000])
+        else:
+            self._event("config_applied", source="reload", changed=changed[:64], patched=sorted(self.patches)[:64])
+            for drop in self.patch_drops:
+                self._event("config_refused", source="stored", error=drop[:1000])
+            self.patch_drops.clear()
         self.notifier.ready()
+
+
+#: Events an operator must notice in the journal; the rest are logged at INFO.
+_EVENT_LEVELS = {
+    "help_failed": logging.WARNING,
+    "kt_failed": logging.WARNING,
+    "config_refused": logging.WARNING,
+    "train_rolled_back": logging.WARNING,
+    "checkpoint_refused": logging.ERROR,
+    "checkpoint_failed": logging.ERROR,
+    "error": logging.ERROR,
+}
+
+
+def _describe(detail: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v}" for k, v in detail.items())[:2000]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -573,10 +686,15 @@ def main(argv: list[str] | None = None) -> int:
     flags = {k: v for k, v in vars(args).items() if k != "config"}
     try:
         settings = load_settings(args.config, **flags)
-        configure_logging(settings.log_level)
-        daemon = AgentDaemon(settings, config_file=args.config)
-    except (ConfigError, CheckpointError) as exc:
+    except ConfigError as exc:
         print(f"clue-agent: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    configure_logging(settings.log_level)
+    try:
+        daemon = AgentDaemon(settings, config_file=args.config)
+    except (ConfigError, CheckpointError, BusError, ValueError) as exc:
+        # The first line in the journal says why: nothing is logged before the settings are used.
+        log.error("cannot start: %s", exc)
         return EXIT_CONFIG
     signal.signal(signal.SIGTERM, lambda *_: daemon.request_stop())
     signal.signal(signal.SIGINT, lambda *_: daemon.request_stop())
@@ -586,9 +704,12 @@ def main(argv: list[str] | None = None) -> int:
     watchdog.start()
     ready = False
     try:
-        while not daemon.wait_stopped(0.2):
+        while True:
             if not ready:
-                ready = daemon.wait_ready(0.01)
+                # Blocks on the connection itself: "started" (and READY=1) the moment it is up.
+                ready = daemon.wait_ready(0.2)
+            if daemon.wait_stopped(0.2 if ready else 0.0):
+                break
     finally:
         watchdog.stop()
         daemon.stop()

@@ -51,7 +51,7 @@ class RollingErrorConfig(_DetectorConfig):
     type: Literal["rolling_error"] = Field(
         "rolling_error", description="Selects RollingErrorDrift."
     )
-    window: int = Field(3, ge=1, description="Number of most recent batches averaged (W).")
+    window: int = Field(3, ge=1, le=1000, description="Number of most recent batches averaged (W).")
     threshold: float | None = Field(
         None, gt=0.0, lt=1.0, description="Fixed error threshold; None uses baseline + margin."
     )
@@ -59,7 +59,7 @@ class RollingErrorConfig(_DetectorConfig):
         0.1, gt=0.0, lt=1.0, description="Rise over the sliding baseline that counts as drift."
     )
     baseline_window: int = Field(
-        10, ge=1, description="Batches just before the window whose mean error is the baseline."
+        10, ge=1, le=10_000, description="Batches just before the window whose mean error is the baseline."
     )
 
 
@@ -67,13 +67,13 @@ class PageHinkleyConfig(_DetectorConfig):
     """Page-Hinkley test on the batch error (river), one-sided: rises only."""
 
     type: Literal["page_hinkley"] = Field("page_hinkley", description="Selects PageHinkleyDrift.")
-    min_instances: int = Field(30, ge=1, description="Batches seen before a drift may be reported.")
-    delta: float = Field(0.005, ge=0.0, description="Error change tolerated per batch.")
+    min_instances: int = Field(30, ge=1, le=1_000_000, description="Batches seen before a drift may be reported.")
+    delta: float = Field(0.005, ge=0.0, le=1.0, description="Error change tolerated per batch.")
     threshold: float = Field(
-        1.0, gt=0.0, description="Cumulative rise (lambda) that counts as drift."
+        1.0, gt=0.0, le=1e6, description="Cumulative rise (lambda) that counts as drift."
     )
     alpha: float = Field(
-        0.9999, gt=0.0, le=1.0, description="Forgetting factor of the cumulative sum."
+        0.9999, ge=0.5, le=1.0, description="Forgetting factor of the cumulative sum."
     )
 
 
@@ -82,14 +82,14 @@ class AdwinConfig(_DetectorConfig):
 
     type: Literal["adwin"] = Field("adwin", description="Selects AdwinDrift.")
     delta: float = Field(
-        0.002, gt=0.0, lt=1.0, description="Confidence of a cut; smaller is stricter."
+        0.002, ge=1e-12, lt=1.0, description="Confidence of a cut; smaller is stricter."
     )
-    clock: int = Field(1, ge=1, description="Check for a cut every this many batches.")
-    max_buckets: int = Field(5, ge=2, description="Buckets kept per exponential-histogram row.")
+    clock: int = Field(1, ge=1, le=10_000, description="Check for a cut every this many batches.")
+    max_buckets: int = Field(5, ge=2, le=100, description="Buckets kept per exponential-histogram row.")
     min_window_length: int = Field(
-        5, ge=1, description="Smallest sub-window on either side of a cut."
+        5, ge=1, le=100_000, description="Smallest sub-window on either side of a cut."
     )
-    grace_period: int = Field(10, ge=1, description="Batches seen before a drift may be reported.")
+    grace_period: int = Field(10, ge=1, le=1_000_000, description="Batches seen before a drift may be reported.")
 
 
 class NoveltyConfig(_DetectorConfig):
@@ -102,9 +102,9 @@ class NoveltyConfig(_DetectorConfig):
     min_batch_share: float = Field(
         0.05, gt=0.0, le=1.0, description="Share of a batch a new class must make up to fire."
     )
-    min_count: int = Field(5, ge=1, description="Samples of a new class a batch must hold to fire.")
+    min_count: int = Field(5, ge=1, le=1_000_000, description="Samples of a new class a batch must hold to fire.")
     warmup_samples: int = Field(
-        1000, ge=0, description="Labelled samples seen before the trigger may fire."
+        1000, ge=0, le=10**9, description="Labelled samples seen before the trigger may fire."
     )
 
     @model_validator(mode="after")

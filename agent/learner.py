@@ -25,7 +25,7 @@ from agent.config import LearnerConfig, patched
 from agent.drift import DriftDetector, NoveltyTrigger, RollingErrorDrift, build_detector, classes_to_request
 from agent.ensemble import EnsembleOperator, build_operator
 from agent.errors import KtRejected
-from agent.kt import booster, codec
+from agent.kt import booster, codec, vetting
 from agent.kt.pool import HelperPool, PooledHelper, build_discard_policy
 from agent.kt.selection import random_mask, select, significant_params
 from agent.kt.sensitivity import Reservoir, sensitivity
@@ -67,6 +67,8 @@ class BatchResult:
     help: HelpRequest | None = None
     discarded: tuple[str, ...] = ()
     timings: dict[str, float] = field(default_factory=dict)
+    #: Why the training step was rolled back (None: it was taken, or the batch had no labels).
+    train_refused: str | None = None
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,8 @@ class Learner:
         self._rng = torch.Generator().manual_seed(seed)
         self._helper_ids = itertools.count()
         self.batch_index = 0
+        #: The last request batch and its labels (None if unlabelled): a new helper is tried on it.
+        self._last_batch: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self.longrun_hist = np.zeros(num_classes, dtype=np.int64)
         # Another engine (onnxruntime) may serve the probabilities; the torch model stays the truth.
         self.inference: Callable[[Learner, torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]] | None = None
@@ -187,10 +191,7 @@ class Learner:
         """
         t0 = time.perf_counter()
         x = x.to(self.device)
-        if not torch.is_floating_point(x) or x.shape[0] == 0:
-            raise ValueError(f"inputs must be a non-empty float tensor, got {x.dtype} {tuple(x.shape)}")
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError("inputs contain NaN or infinite values")
+        self.check_inputs(x)
         if y is not None:
             y = y.to(self.device)
             if y.shape != (x.shape[0],) or y.dtype not in (torch.int64, torch.int32):
@@ -209,6 +210,7 @@ class Learner:
         result.timings["predict"] = t1 - t0
 
         self.reservoir.add(x)
+        self._last_batch = (x, y)
         if y is None:
             return result
         y = y.long()
@@ -229,9 +231,13 @@ class Learner:
                     float(target_wrong[mask].mean()),
                 )
 
-        self._train_step(x, y)
+        refused = self._train_step(x, y)
         t2 = time.perf_counter()
         result.timings["train"] = t2 - t1
+        if refused is not None:
+            # The step was rolled back: these labels taught nothing, so they count nowhere.
+            result.train_refused = refused
+            return result
         if self.sensitivity_map is not None:
             self.sensitivity_map.update(self.model, x)
             result.timings["sensitivity_map"] = time.perf_counter() - t2
@@ -282,12 +288,46 @@ class Learner:
     def _avoid_for(self, classes: Sequence[int]) -> tuple[str, ...]:
         return tuple(sorted({s for c in classes for s in self._unhelpful.get(c, ()) if s}))
 
-    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+    def check_inputs(self, x: torch.Tensor) -> None:
+        """Raise ValueError, changing nothing, for a batch the model must not see or learn from."""
+        if not torch.is_floating_point(x) or x.ndim < 2 or x.shape[0] == 0:
+            raise ValueError(
+                f"inputs must be a float tensor with a sample axis and at least one feature axis, got {x.dtype} {tuple(x.shape)}"
+            )
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("inputs contain NaN or infinite values")
+        low, high = self.config.input_range
+        lowest, highest = float(x.min()), float(x.max())
+        if lowest < low or highest > high:
+            raise ValueError(
+                f"inputs span [{lowest:.4g}, {highest:.4g}], outside the declared input_range [{low:g}, {high:g}]"
+            )
+
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> str | None:
+        """One optimiser step; returns None, or why it was rolled back (model and optimiser as before).
+
+        Finite inputs can still overflow inside the network; a step that produced a non-finite
+        loss, gradient, weight, buffer (batch-norm statistics move in the forward pass) or
+        optimiser moment would poison every later batch and checkpoint.
+        """
+        before = _snapshot(self.model, self.optimizer)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         loss = F.cross_entropy(self.model(x), y)
-        loss.backward()
-        self.optimizer.step()
+        if not bool(torch.isfinite(loss)):
+            reason = f"the loss is {float(loss.detach())}"
+        else:
+            loss.backward()
+            if not _all_finite([p.grad for p in self.model.parameters() if p.grad is not None]):
+                reason = "a gradient is not finite"
+            else:
+                self.optimizer.step()
+                if _all_finite([*self.model.parameters(), *self.model.buffers(), *_optimizer_tensors(self.optimizer)]):
+                    return None
+                reason = "the step made a weight, a buffer or an optimiser moment non-finite"
+        _restore(self.model, self.optimizer, before)
+        self.optimizer.zero_grad(set_to_none=True)
+        return reason
 
     def _window(self) -> int:
         """The error window W: the detector's when it has one, else the paper's default of 3."""
@@ -382,14 +422,36 @@ class Learner:
             base=self._base_params,
         )
 
-    def accept_kt_blob(self, blob: bytes, *, source: str = "") -> Installed:
-        """Decode, validate and use a KT blob per ``kt_apply``; on any rejection nothing changes."""
+    def accept_kt_blob(self, blob: bytes, *, classes: Sequence[int], z: float, source: str = "") -> Installed:
+        """Decode, vet and use a KT blob per ``kt_apply``; on any rejection nothing changes.
+
+        ``classes`` and ``z`` are what this node asked for: a blob must answer that request, hold
+        values a model of this lineage could have, and give a helper whose outputs on the last
+        batch are finite and not worse than chance on the classes it brings — checked before it
+        serves a single request.
+        """
         t0 = time.perf_counter()
         sig = self.decode_blob(blob)
-        return self.install(sig, source=source, started=t0)
+        vetting.vet_significant(sig, classes=classes, z=z, reference=dict(self.model.named_parameters()))
+        mode = self.config.kt_apply
+        if mode == "off":
+            raise KtRejected("knowledge transfer is off on this node (kt_apply = 'off')")
+        probe = booster.boosted_helper(self.model, sig)
+        # A zero-filled helper is the paper's deliberately crippled baseline (Fig. 3): only the
+        # boosted model, which every other mode writes or serves, is held to chance.
+        if self._last_batch is not None:
+            x, y = self._last_batch
+            with torch.no_grad():
+                vetting.vet_helper_outputs(probe, x, y if self.config.helper_probe else None, sig.classes, self.num_classes)
+        return self.install(sig, source=source, started=t0, helper_model=probe if mode == "boost" else None)
 
-    def install(self, sig: SignificantParams, *, source: str = "", started: float | None = None) -> Installed:
-        """Use already-validated significant parameters: pool a helper, or change the target."""
+    def install(
+        self, sig: SignificantParams, *, source: str = "", started: float | None = None, helper_model: nn.Module | None = None
+    ) -> Installed:
+        """Use already-validated significant parameters: pool a helper, or change the target.
+
+        ``helper_model``: the boosted helper already built from ``sig`` (to vet it), reused as is.
+        """
         t0 = started if started is not None else time.perf_counter()
         mode = self.config.kt_apply
         helper_id = None
@@ -401,7 +463,7 @@ class Learner:
             evicted = self.pool.add(
                 PooledHelper(
                     helper_id=helper_id,
-                    model=build(self.model, sig),
+                    model=helper_model if helper_model is not None else build(self.model, sig),
                     classes=sig.classes,
                     installed_at=self.batch_index,
                     baseline_error=baseline if baseline is not None else self._pre_drift_error(),
@@ -430,3 +492,37 @@ class Learner:
 
     def rolling_error(self) -> float | None:
         return self._target_rolling_error()
+
+
+def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:
+    if not tensors:
+        return True
+    # One reduction per tensor, then one sync: cheap next to the step itself.
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+
+
+def _snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {name: t.detach().clone() for name, t in model.state_dict(keep_vars=True).items()}
+    state = {
+        id(p): {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in st.items()}
+        for p, st in optimizer.state.items()
+    }
+    return tensors, state
+
+
+def _restore(model: nn.Module, optimizer: torch.optim.Optimizer, snapshot: tuple[dict[str, torch.Tensor], dict]) -> None:
+    tensors, state = snapshot
+    live = model.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for name, saved in tensors.items():
+            live[name].copy_(saved)
+    for p in list(optimizer.state):
+        saved = state.get(id(p))
+        if saved is None:
+            del optimizer.state[p]  # the rolled-back step was this parameter's first
+        else:
+            optimizer.state[p] = saved

@@ -8,6 +8,7 @@ are never settings values: settings name *files*, and a relative name is looked 
 from __future__ import annotations
 
 import contextvars
+import json
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -19,6 +20,7 @@ from agent.config import LearnerConfig, patched
 from agent.errors import ConfigError
 from agent.fl import FlConfig
 from agent.models import ARCHITECTURES
+from broker import topics
 
 _TOML_FILE: contextvars.ContextVar[Path | None] = contextvars.ContextVar("clue_agent_toml", default=None)
 
@@ -29,8 +31,8 @@ class DaemonKnobs(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     kt_mode: Literal["direct", "relay"] = Field("direct", description="KT straight to the helper's topic, or through the trusted relay")
-    kt_timeout: float = Field(10.0, gt=0.0, le=600.0, description="seconds to wait for one KT answer before the next candidate")
-    mds_timeout: float = Field(5.0, gt=0.0, le=600.0, description="seconds to wait for the MdS")
+    kt_timeout: float = Field(10.0, ge=0.1, le=600.0, description="seconds to wait for one KT answer before the next candidate")
+    mds_timeout: float = Field(5.0, ge=0.1, le=600.0, description="seconds to wait for the MdS")
     meta_interval: float = Field(1.0, ge=0.0, le=3600.0, description="least seconds between two metadata publications")
     checkpoint_every: int = Field(50, ge=1, le=1_000_000, description="batches between checkpoints")
 
@@ -67,6 +69,14 @@ class AgentSettings(BaseSettings):
     learner: LearnerConfig = Field(default_factory=LearnerConfig, description="the learner's knobs (ARCHITECTURE §6)")
     fl: FlConfig | None = Field(None, description="take part in a FedAvg job (the simulator's baseline); absent: no FedAvg")
 
+    @field_validator("node_id")
+    @classmethod
+    def _usable_in_topics(cls, value: str) -> str:
+        # The bus owns the rule (".." and "." pass the character class but are not topic levels).
+        if not topics.is_valid_node_id(value):
+            raise ValueError(f"node id {value!r} cannot name MQTT topics: use 1-64 of A-Z a-z 0-9 _ . - other than '.' and '..'")
+        return value
+
     @field_validator("arch")
     @classmethod
     def _known_arch(cls, value: str) -> str:
@@ -91,6 +101,10 @@ class AgentSettings(BaseSettings):
 
     def checkpoint_path(self) -> Path:
         return self.state_dir / f"{self.node_id}.ckpt.npz"
+
+    def patches_path(self) -> Path:
+        """Where the run-time config patches live, so that they survive a restart and a reload."""
+        return self.state_dir / f"{self.node_id}.patches.json"
 
 
 def _problems(exc: ValidationError) -> str:
@@ -165,3 +179,51 @@ def split_patch(
         raise ConfigError(f"invalid config patch: {_problems(exc)}") from exc
     new_learner = patched(learner, learner_part) if learner_part else learner
     return new_learner, new_daemon
+
+
+def merge_patch(stored: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """``stored`` with the patch ``values`` laid over it, as ``patched`` applies a patch.
+
+    A nested table is merged key by key unless the patch picks another ``type`` (another drift
+    detector, operator or discard policy), which replaces it whole.
+    """
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in stored.items()}
+    for key, value in nest_dotted(values).items():
+        old = out.get(key)
+        if isinstance(value, dict) and isinstance(old, dict) and value.get("type", old.get("type")) == old.get("type"):
+            old.update(value)
+        else:
+            out[key] = dict(value) if isinstance(value, dict) else value
+    return out
+
+
+def read_patches(path: Path) -> dict[str, Any]:
+    """The stored run-time patches (empty when there are none); ConfigError for an unreadable file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read the run-time patches {path}: {exc}") from exc
+    try:
+        values = json.loads(text, parse_constant=_no_constant)
+    except ValueError as exc:
+        raise ConfigError(f"run-time patches {path} are not JSON: {exc}") from exc
+    if not isinstance(values, dict):
+        raise ConfigError(f"run-time patches {path} must hold a JSON object")
+    return values
+
+
+def write_patches(path: Path, values: dict[str, Any]) -> None:
+    """Store the run-time patches atomically (a crash leaves the old file or the new one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(values, f, indent=2, sort_keys=True, allow_nan=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed")

@@ -7,6 +7,12 @@ the sha256 of the whole, so the receiver can reassemble chunks that arrive out o
 and refuse a payload that does not check out. Incomplete transfers are discarded after a deadline;
 the number of concurrent transfers and the bytes buffered are bounded.
 
+Limits are the receiver's: each `add` may pass the `max_bytes` of where the chunk arrived (the
+client passes its subscription's limit for the topic), and a chunk whose declared `total` is above
+it is refused before anything is buffered; the sender's `cls` only labels bytes. A transfer belongs
+to the `source` (topic) its chunks arrive on, so chunks sent to another topic can neither complete
+nor disturb it.
+
 Pure: no MQTT here (the client wires it in).
 
 >>> chunks = split(b"x" * 1000, chunk_bytes=700)
@@ -24,7 +30,7 @@ import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from broker.errors import ChunkError, MessageTooLarge
+from broker.errors import ChunkError, ChunkTooLarge, MessageTooLarge
 from broker.topics import TopicClass
 from broker.wire import BlobChunk, encode
 
@@ -83,15 +89,19 @@ class DiscardedTransfer:
     received_chunks: int
     count: int
     age_s: float
+    source: str = ""
 
 
 class ChunkAssembler:
     """Reassemble `BlobChunk`s into payloads; thread-safe.
 
     `add` returns the payload when its last missing chunk arrives, `None` otherwise, and raises
-    `ChunkError` for a chunk that cannot belong to a valid payload (inconsistent header, too large,
-    too many transfers at once, checksum mismatch). Duplicates (also of finished transfers) are
-    ignored and counted. Call `expire` periodically to discard transfers past their deadline.
+    `ChunkError` for a chunk that cannot belong to a valid payload (inconsistent header, too many
+    transfers at once, checksum mismatch; `ChunkTooLarge` above the size limit). Duplicates (also
+    of finished transfers) are ignored and counted; so are the later chunks of a transfer refused
+    as too large (`refused_chunks`), which raised once. Call `expire` periodically to discard
+    transfers past their deadline. `max_bytes` here bounds every transfer; `add(..., max_bytes=n)`
+    lowers it for one chunk's transfer.
     """
 
     def __init__(
@@ -111,13 +121,15 @@ class ChunkAssembler:
         self._remember = remember
         self._clock = clock
         self._lock = threading.Lock()
-        self._transfers: dict[str, _Transfer] = {}
-        self._finished: OrderedDict[str, None] = OrderedDict()
+        self._transfers: dict[tuple[str, str], _Transfer] = {}
+        #: Transfers done or dropped -> True when refused as too large (their chunks are not duplicates).
+        self._finished: OrderedDict[tuple[str, str], bool] = OrderedDict()
         self._buffered = 0
         self.completed = 0
         self.duplicates = 0
         self.discarded = 0
         self.rejected = 0
+        self.refused_chunks = 0
 
     @property
     def buffered_bytes(self) -> int:
@@ -127,16 +139,32 @@ class ChunkAssembler:
     def pending(self) -> int:
         return len(self._transfers)
 
-    def add(self, chunk: BlobChunk, now: float | None = None) -> bytes | None:
+    def add(
+        self, chunk: BlobChunk, now: float | None = None, *, max_bytes: int | None = None, source: str = ""
+    ) -> bytes | None:
+        """Take one chunk that arrived on `source`, whose whole may be at most `max_bytes` (and
+        this assembler's own `max_bytes`); return the payload once complete."""
         now = self._clock() if now is None else now
+        limit = self.max_bytes if max_bytes is None else min(max_bytes, self.max_bytes)
         with self._lock:
             tid = chunk.transfer
-            if tid in self._finished:
-                self.duplicates += 1
+            key = (source, tid)
+            if key in self._finished:
+                if self._finished[key]:
+                    self.refused_chunks += 1
+                else:
+                    self.duplicates += 1
                 return None
-            t = self._transfers.get(tid)
+            t = self._transfers.get(key)
+            if chunk.total > limit:
+                # Checked on every chunk, not only the first: the limit is the receiver's, here and now.
+                self.rejected += 1
+                if t is not None:
+                    self._drop(key, t)
+                self._remember_key(key, refused=True)
+                raise ChunkTooLarge(f"transfer of {chunk.total} bytes exceeds the limit of {limit} bytes")
             if t is None:
-                t = self._open(chunk, now)
+                t = self._open(chunk, now, key)
             elif (t.count, t.total, t.digest, t.cls) != (chunk.count, chunk.total, chunk.digest, chunk.cls):
                 self.rejected += 1
                 raise ChunkError(f"chunk {chunk.index} of transfer {tid} disagrees with its first chunk")
@@ -145,10 +173,10 @@ class ChunkAssembler:
                 return None
             size = len(chunk.data)
             if t.received + size > t.total:
-                self._drop(tid, t)
+                self._drop(key, t)
                 raise ChunkError(f"transfer {tid} received more than its declared {t.total} bytes")
             if self._buffered + size > self.max_buffered_bytes:
-                self._drop(tid, t)
+                self._drop(key, t)
                 raise ChunkError(f"reassembly buffers full ({self.max_buffered_bytes} bytes); transfer {tid} dropped")
             t.parts[chunk.index] = chunk.data
             t.received += size
@@ -156,7 +184,7 @@ class ChunkAssembler:
             if len(t.parts) < t.count:
                 return None
             payload = b"".join(t.parts[i] for i in range(t.count))
-            self._drop(tid, t)
+            self._drop(key, t)
             if len(payload) != t.total or hashlib.sha256(payload).digest() != t.digest:
                 self.rejected += 1
                 raise ChunkError(f"transfer {tid}: checksum or length mismatch, payload discarded")
@@ -168,10 +196,11 @@ class ChunkAssembler:
         now = self._clock() if now is None else now
         dropped: list[DiscardedTransfer] = []
         with self._lock:
-            for tid, t in list(self._transfers.items()):
+            for key, t in list(self._transfers.items()):
                 if now - t.started > self.deadline_s:
-                    dropped.append(DiscardedTransfer(tid, t.cls, len(t.parts), t.count, now - t.started))
-                    self._drop(tid, t)
+                    source, tid = key
+                    dropped.append(DiscardedTransfer(tid, t.cls, len(t.parts), t.count, now - t.started, source))
+                    self._drop(key, t)
                     self.discarded += 1
         return dropped
 
@@ -182,10 +211,7 @@ class ChunkAssembler:
                 return None
             return min(t.started for t in self._transfers.values()) + self.deadline_s
 
-    def _open(self, chunk: BlobChunk, now: float) -> _Transfer:
-        if chunk.total > self.max_bytes:
-            self.rejected += 1
-            raise ChunkError(f"transfer of {chunk.total} bytes exceeds the maximum of {self.max_bytes}")
+    def _open(self, chunk: BlobChunk, now: float, key: tuple[str, str]) -> _Transfer:
         if chunk.count > max(1, chunk.total):
             self.rejected += 1
             raise ChunkError(f"{chunk.count} chunks for {chunk.total} bytes")
@@ -193,15 +219,18 @@ class ChunkAssembler:
             self.rejected += 1
             raise ChunkError(f"more than {self.max_transfers} transfers in progress; chunk refused")
         t = _Transfer(count=chunk.count, total=chunk.total, digest=chunk.digest, cls=chunk.cls, started=now)
-        self._transfers[chunk.transfer] = t
+        self._transfers[key] = t
         return t
 
-    def _drop(self, tid: str, t: _Transfer) -> None:
-        self._transfers.pop(tid, None)
+    def _drop(self, key: tuple[str, str], t: _Transfer) -> None:
+        self._transfers.pop(key, None)
         self._buffered -= t.received
         t.parts.clear()
         t.received = 0
-        self._finished[tid] = None
+        self._remember_key(key, refused=False)
+
+    def _remember_key(self, key: tuple[str, str], *, refused: bool) -> None:
+        self._finished[key] = refused
         while len(self._finished) > self._remember:
             self._finished.popitem(last=False)
 

@@ -22,6 +22,15 @@ What it guarantees (ARCHITECTURE.md §3-§5, STYLE.md ideas 3-5):
   the broker's CONNACK value is honoured too). Payloads above `chunk_bytes` (256 KiB default, so a
   broker capped at 1 MB such as EMQX's default works) travel as `BlobChunk`s and are reassembled
   inside the receiving client (out of order, duplicated, sha256-checked, bounded, deadline).
+- **What a topic takes** (ARCHITECTURE.md §4). Each subscription has accepted message types and
+  a size limit: its own (`subscribe(..., accept=, max_bytes=)`) or the default of the topic's
+  kind (`broker.topics.topic_rule`: a batch topic takes `RequestBatch`, a KT topic `KtRequest`,
+  config topics `ConfigPatch` of at most 64 KiB, reply topics the reply types, …). The limit is
+  the receiver's and applies to the whole message: a single message, and a chunked one before
+  reassembly starts (the first chunk's declared total, not the sender's `cls`) and when it is
+  decoded. A message of another type becomes an `ErrorEvent` (`decode`, `UnknownMessageType`),
+  one too large an `ErrorEvent` (`size`, `MessageTooLarge`); neither reaches the inbox as
+  `Inbound`, and a reply counts only on the reply topic its request named.
 - **Byte accounting.** `byte_counts()` gives `{class: {"out": n, "in": n}}` over real payload
   sizes. The class of a message is, in order: the class of its message type (`KtRequest`/`KtBlob`
   -> `kt`, `HelpQuery`/`HelperList` -> `query`, `NodeMeta` -> `meta`, FL models -> `fl`, …), an
@@ -40,6 +49,7 @@ Example (a broker must be running; see `broker.launcher.PrivateMosquitto`):
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import logging
 import math
 import queue
@@ -76,7 +86,7 @@ from broker.errors import (
     UnknownMessageType,
     WireError,
 )
-from broker.wire import BlobChunk, Envelope, ErrorReply, decode, decode_config, encode
+from broker.wire import BlobChunk, Envelope, ErrorReply, decode, decode_config, encode, message_types
 
 log = logging.getLogger(__name__)
 _paho_log = logging.getLogger(f"{__name__}.paho")
@@ -87,6 +97,7 @@ DEFAULT_CHUNK_BYTES = 256 << 10
 PACKET_OVERHEAD = 1024
 
 Decoding = Literal["auto", "msgpack", "config", "raw"]
+MessageClasses = tuple[type[Envelope], ...]
 
 
 # --- data carried by the client --------------------------------------------------------------
@@ -152,7 +163,8 @@ class Inbound:
 class ErrorEvent:
     """Something that went wrong inside the client, delivered through the inbox.
 
-    `context`: `decode`, `chunk`, `size`, `connect`, `subscribe`, `timeout`, `callback`, `overflow`.
+    `context`: `decode` (not a valid message, or a type the topic does not accept), `chunk`,
+    `size` (above the topic's limit), `connect`, `subscribe`, `timeout`, `callback`, `overflow`.
     """
 
     error: BaseException
@@ -190,6 +202,18 @@ class _Subscription:
     filter: str
     qos: int
     decoding: Decoding
+    accept: MessageClasses | None = None
+    max_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class _Rule:
+    """How a message on one topic is taken: its decoding, the accepted types (the message must be
+    an instance of every tuple in `accept`) and the largest whole message in bytes."""
+
+    decoding: Decoding
+    accept: tuple[MessageClasses, ...]
+    max_bytes: int
 
 
 @dataclass
@@ -309,8 +333,8 @@ class MqttClient:
             topics.validate_publish_topic(will.topic)
         if reply_topic is None and topics.is_valid_node_id(client_id):
             reply_topic = topics.node_reply(client_id)
-        if reply_topic is not None:
-            topics.validate_publish_topic(reply_topic)
+        if reply_topic is not None and not topics.is_reply_topic(reply_topic):
+            raise ValueError(f"reply_topic {reply_topic!r} is not node/{{id}}/reply or relay/{{id}}/reply")
 
         self.client_id = client_id
         self.name = name or client_id
@@ -373,6 +397,8 @@ class MqttClient:
                 "received",
                 "inbox_dropped",
                 "decode_errors",
+                "type_refused",
+                "too_large",
                 "chunk_errors",
                 "chunks_discarded",
                 "qos0_dropped",
@@ -431,6 +457,7 @@ class MqttClient:
         with self._lock:
             out = dict(self._stats)
         out["chunk_duplicates"] = self._assembler.duplicates
+        out["chunks_refused"] = self._assembler.refused_chunks
         out["transfers_pending"] = self._assembler.pending
         return out
 
@@ -569,19 +596,39 @@ class MqttClient:
 
     # --- subscriptions and retained state ---------------------------------------------------
 
-    def subscribe(self, topic_filter: str, qos: int = 1, *, decoding: Decoding = "auto") -> None:
+    def subscribe(
+        self,
+        topic_filter: str,
+        qos: int = 1,
+        *,
+        decoding: Decoding = "auto",
+        accept: MessageClasses | None = None,
+        max_bytes: int | None = None,
+    ) -> None:
         """Subscribe now (if connected) and on every future connect.
 
         `decoding`: `auto` (status topics raw, config topics `decode_config`, the rest msgpack),
         `msgpack`, `config`, or `raw` (no decoding: `Inbound.message` is None).
+        `accept`: the message classes taken on the topics this filter matches (subclasses count);
+        any other type becomes an `ErrorEvent` (`decode`). `max_bytes`: the largest message, whole
+        (after chunk reassembly); above it an `ErrorEvent` (`size`), at most `max_blob_bytes`.
+        Left None, each comes from the topic's kind (`broker.topics.topic_rule`). Where several
+        subscriptions match a topic, a message must pass every `accept` given and the smallest
+        `max_bytes`.
         """
         topics.validate_filter(topic_filter)
         if qos not in (0, 1, 2):
             raise ValueError("qos must be 0, 1 or 2")
+        if accept is not None:
+            accept = (accept,) if isinstance(accept, type) else tuple(accept)
+            if not accept or not all(isinstance(c, type) and issubclass(c, Envelope) for c in accept):
+                raise ValueError("accept must be a non-empty tuple of message classes")
+        if max_bytes is not None and not 0 < max_bytes <= self.max_blob_bytes:
+            raise ValueError(f"max_bytes must be in [1, max_blob_bytes={self.max_blob_bytes}]")
         # Under the lock `_on_connect` holds from its snapshot of the subscriptions until it marks
         # the client connected: a subscription added meanwhile is in the snapshot or sent here.
         with self._lock:
-            self._subs[topic_filter] = _Subscription(topic_filter, qos, decoding)
+            self._subs[topic_filter] = _Subscription(topic_filter, qos, decoding, accept, max_bytes)
             if self._connected.is_set():
                 self._send_subscribe([self._subs[topic_filter]], retain_handling=0)
 
@@ -739,7 +786,8 @@ class MqttClient:
         reply_topic = reply_topic or self.reply_topic
         if reply_topic is None:
             raise ValueError("no reply topic: pass reply_topic= or use a client id that is a node id")
-        topics.validate_publish_topic(reply_topic)
+        if not topics.is_reply_topic(reply_topic):
+            raise ValueError(f"reply_topic {reply_topic!r} is not node/{{id}}/reply or relay/{{id}}/reply")
         with self._lock:
             new_reply_topic = reply_topic not in self._reply_topics
             self._reply_topics.add(reply_topic)
@@ -883,8 +931,29 @@ class MqttClient:
         try:
             with self._lock:
                 self._stats["connect_failures"] += 1
-        except Exception:  # noqa: BLE001
-            pass
+                failures = self._stats["connect_failures"]
+            # An operator reading the journal must see why nothing happens: the first failure and
+            # then every tenth, so a long outage does not flood it.
+            if failures == 1 or failures % 10 == 0:
+                log.warning(
+                    "%s: cannot connect to %s (%d attempts so far%s); retrying",
+                    self.name, self._where(), failures, self._why_unreachable(),
+                )
+        except Exception as exc:  # noqa: BLE001
+            self._callback_error(exc, None)
+
+    def _where(self) -> str:
+        return f"unix socket {self.unix_socket}" if self.unix_socket else f"{self.host}:{self.port}"
+
+    def _why_unreachable(self) -> str:
+        """paho does not pass the connect error on; a name that does not resolve is worth saying."""
+        if self.unix_socket:
+            return ""
+        try:
+            socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            return f": the host name does not resolve ({exc})"
+        return ": refused, unreachable or not answering"
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         try:
@@ -917,43 +986,33 @@ class MqttClient:
         with self._lock:
             self._stats["received"] += 1
         tcls = topics.topic_class(topic)
-        decoding = self._decoding_for(topic, tcls)
-        if decoding == "raw" or not payload:
+        rule = self._rule_for(topic, tcls)
+        if rule.decoding == "raw" or not payload:
             self._count(tcls, 1, len(payload))
             self._emit(Inbound(topic, None, payload, props, now, retained, qos, tcls))
             return
-        if len(payload) > self.max_message_bytes:
-            self._count(tcls, 1, len(payload))
-            self._decode_error(MessageTooLarge(f"{len(payload)} bytes > max_message_bytes"), topic)
-            return
-        try:
-            message = self._decode(payload, decoding, self.max_message_bytes)
+        try:  # the size is checked before anything is parsed
+            message = self._decode(payload, rule.decoding, min(rule.max_bytes, self.max_message_bytes))
         except WireError as exc:
             self._count(tcls, 1, len(payload))
-            self._decode_error(exc, topic)
+            self._refuse(exc, topic)
             return
-        if isinstance(message, BlobChunk):
-            chunk_cls = message.cls
-            self._count(chunk_cls, 1, len(payload))
-            try:
-                whole = self._assembler.add(message)
-            except ChunkError as exc:
-                with self._lock:
-                    self._stats["chunk_errors"] += 1
-                self._emit(ErrorEvent(exc, "chunk", topic))
-                return
+        if not isinstance(message, BlobChunk):
+            self._dispatch(topic, message, payload, props, now, retained, qos, rule.accept, counted_as=None)
+            return
+        chunk_cls = message.cls
+        self._count(chunk_cls, 1, len(payload))
+        try:
+            whole = self._assembler.add(message, max_bytes=rule.max_bytes, source=topic)
             if whole is None:
                 return
-            try:
-                message = self._decode(whole, decoding, self.max_blob_bytes)
-                if isinstance(message, BlobChunk):
-                    raise WireError("a chunked payload may not be a chunk itself")
-            except WireError as exc:
-                self._decode_error(exc, topic)
-                return
-            self._dispatch(topic, message, whole, props, now, retained, qos, counted_as=chunk_cls)
+            message = self._decode(whole, rule.decoding, rule.max_bytes)
+            if isinstance(message, BlobChunk):
+                raise WireError("a chunked payload may not be a chunk itself")
+        except WireError as exc:  # ChunkError included
+            self._refuse(exc, topic)
             return
-        self._dispatch(topic, message, payload, props, now, retained, qos, counted_as=None)
+        self._dispatch(topic, message, whole, props, now, retained, qos, rule.accept, counted_as=chunk_cls)
 
     def _dispatch(
         self,
@@ -964,18 +1023,31 @@ class MqttClient:
         now: float,
         retained: bool,
         qos: int,
+        accept: tuple[MessageClasses, ...],
         counted_as: str | None,
     ) -> None:
         tcls = topics.topic_class(topic)
+        if not all(isinstance(message, classes) for classes in accept):
+            if counted_as is None:
+                self._count(tcls, 1, len(payload))
+            taken = sorted(set.intersection(*(set(_type_names(classes)) for classes in accept)))
+            with self._lock:
+                self._stats["type_refused"] += 1
+            error = UnknownMessageType(f"a {message.type!r} message is not accepted on {topic} (it takes {taken})")
+            self._emit(ErrorEvent(error, "decode", topic))
+            return
         if message.is_reply:
             corr = getattr(message, "corr", None)
             if not corr and props is not None:
                 data = getattr(props, "CorrelationData", None)
                 corr = bytes(data).decode("ascii", "replace") if isinstance(data, (bytes, bytearray)) else None
             with self._lock:
-                pending = self._pending.pop(corr, None) if corr else None
+                pending = self._pending.get(corr) if corr else None
+                if pending is not None and pending.reply_topic != topic:
+                    pending = None  # a reply counts only on the topic its request named
                 if pending is not None:
-                    self._remember_finished(corr, "answered")  # type: ignore[arg-type]
+                    del self._pending[pending.corr]
+                    self._remember_finished(pending.corr, "answered")
                 ours = topic in self._reply_topics
                 finished = self._finished.get(corr) if corr else None
             if pending is not None:
@@ -1015,17 +1087,27 @@ class MqttClient:
         if pending.to_inbox:
             self._emit(item)
 
-    def _decoding_for(self, topic: str, tcls: str) -> Decoding:
+    def _rule_for(self, topic: str, tcls: str) -> _Rule:
+        """The subscriptions' settings for `topic`, else its kind's defaults (also for a message
+        that no subscription of this process matches, from a session an earlier one left)."""
         with self._lock:
             subs = [s for s in self._subs.values() if topics.matches(s.filter, topic)]
         explicit = [s.decoding for s in subs if s.decoding != "auto"]
         if explicit:
-            return explicit[0]
-        if tcls == "status":
-            return "raw"
-        if tcls == "config":
-            return "config"
-        return "msgpack"
+            decoding = explicit[0]
+        elif tcls == "status":
+            decoding = "raw"
+        elif tcls == "config":
+            decoding = "config"
+        else:
+            decoding = "msgpack"
+        default = topics.topic_rule(topic)
+        accept = tuple(s.accept for s in subs if s.accept is not None)
+        if not accept and default.accepts is not None:
+            accept = (_classes(default.accepts),)
+        limits = [s.max_bytes for s in subs if s.max_bytes is not None]
+        max_bytes = min(limits) if limits else (default.max_bytes or self.max_blob_bytes)
+        return _Rule(decoding, accept, min(max_bytes, self.max_blob_bytes))
 
     @staticmethod
     def _decode(data: bytes, decoding: Decoding, max_bytes: int) -> Envelope:
@@ -1089,6 +1171,7 @@ class MqttClient:
                         f"{d.received_chunks}/{d.count} chunks; discarded"
                     ),
                     "chunk",
+                    d.source or None,
                 )
             )
         chunk_deadline = self._assembler.next_deadline()
@@ -1117,10 +1200,18 @@ class MqttClient:
             if dropped & (dropped - 1) == 0:  # log at 1, 2, 4, 8, … drops
                 log.warning("%s: inbox full, %d items dropped so far", self.name, dropped)
 
-    def _decode_error(self, exc: WireError, topic: str) -> None:
+    def _refuse(self, exc: WireError, topic: str) -> None:
+        """Count a refused message and report it: `size` above the limit, `chunk` for a transfer
+        that cannot be reassembled, `decode` for the rest."""
+        if isinstance(exc, MessageTooLarge):
+            key, context = "too_large", "size"
+        elif isinstance(exc, ChunkError):
+            key, context = "chunk_errors", "chunk"
+        else:
+            key, context = "decode_errors", "decode"
         with self._lock:
-            self._stats["decode_errors"] += 1
-        self._emit(ErrorEvent(exc, "decode", topic))
+            self._stats[key] += 1
+        self._emit(ErrorEvent(exc, context, topic))
 
     def _callback_error(self, exc: BaseException, topic: str | None) -> None:
         try:
@@ -1134,6 +1225,18 @@ class MqttClient:
     def __repr__(self) -> str:
         where = f"unix:{self.unix_socket}" if self.unix_socket else f"{self.host}:{self.port}"
         return f"MqttClient({self.client_id!r} @ {where}, connected={self.connected})"
+
+
+@functools.lru_cache(maxsize=None)
+def _classes(names: tuple[str, ...]) -> MessageClasses:
+    """Message classes of registered `type` names (a topic kind's default)."""
+    registry = message_types()
+    return tuple(registry[name] for name in names)
+
+
+def _type_names(classes: MessageClasses) -> list[str]:
+    """The registered `type` names of `classes` and their subclasses, for error messages."""
+    return [name for name, cls in message_types().items() if issubclass(cls, classes)]
 
 
 # --- serving requests ------------------------------------------------------------------------
@@ -1160,6 +1263,10 @@ class Responder:
     running the handler. `RequestRejected(code, message)` from the handler becomes an
     `ErrorReply` with that code; any other exception an `ErrorReply` with code `internal`.
 
+    It answers only on a reply topic (`node/{id}/reply`, `relay/{id}/reply`): a request naming any
+    other topic is refused before the handler runs (counted in `bad_reply_to`, logged), or whoever
+    may write a request could have the responder publish (a whole model, say) on a topic they read.
+
     `start()` runs a thread that takes items from the client's inbox and serves the requests
     (other items go to `on_other`, if given): enough for tests and simple services.
     """
@@ -1177,7 +1284,7 @@ class Responder:
         self.handler = handler
         self.qos = qos
         self.on_other = on_other
-        self._cache: OrderedDict[str, Envelope] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, str], Envelope] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -1185,6 +1292,7 @@ class Responder:
         self.handled = 0
         self.duplicates = 0
         self.unanswerable = 0
+        self.bad_reply_to = 0
 
     def handle(self, item: Inbound) -> Envelope | None:
         """Serve one inbound request; return the reply sent (None if it was not a request)."""
@@ -1193,17 +1301,20 @@ class Responder:
             return None
         reply_to = item.reply_to
         corr = item.corr
-        if not reply_to or not reply_to.startswith(topics.PREFIX + "/"):
+        if not reply_to:
             self.unanswerable += 1
-            log.warning("request %s on %s has no usable reply topic; dropped", corr, item.topic)
+            log.warning("request %s on %s has no reply topic; dropped", corr, item.topic)
             return None
-        try:
-            topics.validate_publish_topic(reply_to)
-        except TopicError:
-            self.unanswerable += 1
+        if not topics.is_reply_topic(reply_to):
+            self.bad_reply_to += 1
+            log.warning(
+                "request %s on %s names %r to answer on, not a reply topic; refused", corr, item.topic, reply_to[:200]
+            )
             return None
+        # Keyed by reply topic too: a cached reply goes only where its request asked for it.
+        key = (reply_to, corr)
         with self._lock:
-            cached = self._cache.get(corr) if corr else None
+            cached = self._cache.get(key) if corr else None
         if cached is not None:
             self.duplicates += 1
             self._send(reply_to, cached, corr, request)
@@ -1222,7 +1333,7 @@ class Responder:
         self.handled += 1
         if corr:
             with self._lock:
-                self._cache[corr] = reply
+                self._cache[key] = reply
                 while len(self._cache) > self._cache_size:
                     self._cache.popitem(last=False)
         self._send(reply_to, reply, corr, request)

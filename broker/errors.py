@@ -45,6 +45,10 @@ class ChunkError(WireError):
     """A blob chunk that cannot be reassembled (inconsistent header, checksum, limits, deadline)."""
 
 
+class ChunkTooLarge(ChunkError, MessageTooLarge):
+    """A chunked transfer whose declared total is above the limit of the topic it arrives on."""
+
+
 # --- topics ----------------------------------------------------------------------------------
 
 
@@ -112,6 +116,7 @@ __all__ = [
     "BrokerStartError",
     "BusError",
     "ChunkError",
+    "ChunkTooLarge",
     "ClientStopped",
     "MessageTooLarge",
     "NotConnected",

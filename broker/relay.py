@@ -49,7 +49,7 @@ from agent.notify import Notifier, Watchdog
 from broker import topics
 from broker.client import ErrorEvent, Inbound, InboxItem, MqttClient
 from broker.errors import BusError, RemoteError, RequestTimeout, TopicError
-from broker.wire import Envelope, ErrorReply, HelperList, HelpQuery, KtBlob, KtRequest, NodeMeta
+from broker.wire import Envelope, ErrorReply, HelperList, HelpQuery, KtBlob, KtRequest, NodeId, NodeMeta
 
 log = logging.getLogger("clue.relay")
 
@@ -66,7 +66,7 @@ class RelayConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    relay_id: str = Field("relay", pattern=_ID, description="instance id: reply topic relay/{id}/reply, MQTT client id")
+    relay_id: NodeId = Field("relay", description="instance id: reply topic relay/{id}/reply, MQTT client id")
     share_group: str = Field("relay", pattern=_ID, description="shared-subscription group over relay/kt")
     candidates: int = Field(3, ge=1, le=64, description="helpers asked of the MdS, tried best first")
     max_transfers: int = Field(8, ge=1, le=1024, description="transfers at once; more are answered busy")

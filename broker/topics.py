@@ -1,14 +1,22 @@
 """Every MQTT topic name of CLUE Edge (ARCHITECTURE.md §4). No other module spells a topic.
 
 All topics live under `PREFIX` (`clue/v1`, no leading slash: a leading slash would add an empty
-first level). Node ids and job ids are validated (`[A-Za-z0-9_.-]{1,64}`), so an id can never
-inject a level separator or a wildcard.
+first level). Node ids and job ids are validated, so an id can never inject a level separator or
+a wildcard: `validate_node_id` is the one rule (`broker.wire.NodeId` uses it; so should settings):
+1-64 characters from `[A-Za-z0-9_.-]`, and not `.` or `..` (which a file name or path would read
+as "here" or "up").
 
 Byte accounting: `topic_class(topic)` names the class a topic's bytes are counted under
 (`meta`, `query`, `kt`, `fl`, `batch`, `config`, `prediction`, `events`, `status`, `reply`,
 `other`). A reply topic carries both MdS replies and KT blobs, so the client counts a decoded
 message by its *message type* first (`HelpQuery`/`HelperList` -> `query`, `KtRequest`/`KtBlob` ->
 `kt`, see `broker.wire`), then by an explicit class given on publish, and only then by topic.
+
+What a topic may carry (ARCHITECTURE.md §4: each topic accepts only its own message types, and
+every size limit applies to the reassembled message): `topic_rule(topic)` gives the default
+`TopicRule` of the topic's kind (`topic_kind`): the wire `type` names it accepts and the largest
+message, after chunk reassembly, a subscriber takes. The client applies it to every subscription
+that does not pass its own `accept` / `max_bytes`.
 
 >>> node_meta("edge-1")
 'clue/v1/node/edge-1/meta'
@@ -21,6 +29,7 @@ message by its *message type* first (`HelpQuery`/`HelperList` -> `query`, `KtReq
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Literal, get_args
 
 from broker.errors import TopicError
@@ -46,7 +55,10 @@ NODE_LEAVES: dict[str, TopicClass] = {
 }
 
 _ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+#: The node (and job) id rule as a regular expression; `.` and `..` are refused besides.
+NODE_ID_PATTERN = f"^{_ID_RE.pattern}$"
 _SHARE_RE = re.compile(r"^\$share/([^/#+]+)/(.+)$")
+_REPLY_RE = re.compile(rf"{re.escape(PREFIX)}/(?:node|relay)/([^/]+)/reply")
 MAX_TOPIC_LEN = 512
 
 STATUS_ONLINE = b"online"
@@ -57,9 +69,9 @@ STATUS_OFFLINE = b"offline"
 
 
 def validate_node_id(node_id: str) -> str:
-    """Return `node_id` if it matches `[A-Za-z0-9_.-]{1,64}`, else raise `TopicError`."""
+    """Return `node_id` if it is 1-64 of `[A-Za-z0-9_.-]` and not `.` or `..`, else raise `TopicError`."""
     if not isinstance(node_id, str) or not _ID_RE.fullmatch(node_id) or node_id in (".", ".."):
-        raise TopicError(f"invalid node id {node_id!r}: expected [A-Za-z0-9_.-]{{1,64}}")
+        raise TopicError(f"invalid node id {str(node_id)[:80]!r}: expected 1-64 of [A-Za-z0-9_.-], not '.' or '..'")
     return node_id
 
 
@@ -295,17 +307,116 @@ def topic_class(topic: str) -> TopicClass:
 
 
 def is_reply_topic(topic: str) -> bool:
-    """True for topics on which replies are delivered (`node/{id}/reply`, `relay/{id}/reply`)."""
-    return topic_class(topic) == "reply"
+    """True for exactly `node/{id}/reply` or `relay/{id}/reply` with a valid id: the only topics a
+    request may name as `reply_to` (a responder answering anywhere else would publish on behalf of
+    whoever wrote the request)."""
+    m = _REPLY_RE.fullmatch(topic) if isinstance(topic, str) else None
+    return m is not None and is_valid_node_id(m.group(1))
+
+
+# --- what each topic carries -----------------------------------------------------------------
+
+#: Largest config message (JSON or msgpack), whole: `broker.wire.DEFAULT_MAX_CONFIG_BYTES`.
+MAX_CONFIG_BYTES = 64 << 10
+#: Largest control message on a topic that carries only small ones (queries, requests, metadata):
+#: the largest valid one is well under 100 KB.
+MAX_CONTROL_BYTES = 1 << 20
+
+TopicKind = Literal[
+    "node/batch", "node/prediction", "node/meta", "node/status", "node/events", "node/config",
+    "node/config/ack", "node/kt", "node/reply", "fleet/config", "mds/query", "relay/kt", "relay/reply",
+    "fl/update", "fl/global",
+]
+
+
+@dataclass(frozen=True)
+class TopicRule:
+    """The default of one topic kind: `accepts`, the wire `type` names it carries (None: any);
+    `max_bytes`, the largest message after chunk reassembly (None: the client's `max_blob_bytes`)."""
+
+    accepts: tuple[str, ...] | None = None
+    max_bytes: int | None = None
+
+
+_REPLIES = ("mds.reply", "kt.blob", "error")
+
+#: Topic kind -> default rule. Type names, not classes: `broker.wire` imports this module.
+TOPIC_RULES: dict[str, TopicRule] = {
+    "node/batch": TopicRule(("batch",)),
+    "node/prediction": TopicRule(("prediction",)),
+    "node/meta": TopicRule(("meta",), MAX_CONTROL_BYTES),
+    "node/status": TopicRule(max_bytes=MAX_CONTROL_BYTES),  # raw `online` / `offline`
+    "node/events": TopicRule(("event",)),
+    "node/config": TopicRule(("config.patch",), MAX_CONFIG_BYTES),
+    "node/config/ack": TopicRule(("config.ack",), MAX_CONTROL_BYTES),
+    "node/kt": TopicRule(("kt.request",), MAX_CONTROL_BYTES),
+    "node/reply": TopicRule(_REPLIES),
+    "fleet/config": TopicRule(("config.patch",), MAX_CONFIG_BYTES),
+    "mds/query": TopicRule(("mds.query",), MAX_CONTROL_BYTES),
+    "relay/kt": TopicRule(("kt.request",), MAX_CONTROL_BYTES),
+    "relay/reply": TopicRule(_REPLIES),
+    "fl/update": TopicRule(("fl.update",)),
+    "fl/global": TopicRule(("fl.global",)),
+}
+_ANY = TopicRule()
+
+
+def topic_kind(topic: str) -> TopicKind | None:
+    """The kind of a topic (a key of `TOPIC_RULES`), by its shape alone; None when not ours.
+
+    The ids in it are not checked: a `node/{anything}/batch` topic is a batch topic, so an odd id
+    can never make a topic accept more.
+
+    >>> topic_kind("clue/v1/node/edge-1/config/ack"), topic_kind("clue/v1/fl/j/update/edge-1")
+    ('node/config/ack', 'fl/update')
+    """
+    if not isinstance(topic, str):
+        return None
+    topic = strip_share(topic)
+    if not topic.startswith(PREFIX + "/"):
+        return None
+    levels = topic[len(PREFIX) + 1:].split("/")
+    head, rest = levels[0], levels[1:]
+    if head == "node" and len(rest) >= 2 and "/".join(rest[1:]) in NODE_LEAVES:
+        return f"node/{'/'.join(rest[1:])}"  # type: ignore[return-value]
+    if head == "fleet" and rest == ["config"]:
+        return "fleet/config"
+    if head == "mds" and rest == ["query"]:
+        return "mds/query"
+    if head == "relay" and rest == ["kt"]:
+        return "relay/kt"
+    if head == "relay" and len(rest) == 2 and rest[1] == "reply":
+        return "relay/reply"
+    if head == "fl" and len(rest) == 3 and rest[1] == "update":
+        return "fl/update"
+    if head == "fl" and len(rest) == 2 and rest[1] == "global":
+        return "fl/global"
+    return None
+
+
+def topic_rule(topic: str) -> TopicRule:
+    """The default `TopicRule` of `topic` (any type, the client's size limit, when not ours).
+
+    >>> topic_rule(node_batch("edge-1")).accepts, topic_rule(fleet_config()).max_bytes
+    (('batch',), 65536)
+    """
+    kind = topic_kind(topic)
+    return TOPIC_RULES[kind] if kind is not None else _ANY
 
 
 __all__ = [
+    "MAX_CONFIG_BYTES",
+    "MAX_CONTROL_BYTES",
+    "NODE_ID_PATTERN",
     "NODE_LEAVES",
     "PREFIX",
     "STATUS_OFFLINE",
     "STATUS_ONLINE",
     "TOPIC_CLASSES",
+    "TOPIC_RULES",
     "TopicClass",
+    "TopicKind",
+    "TopicRule",
     "all_events",
     "all_meta",
     "all_node_topics",
@@ -334,6 +445,8 @@ __all__ = [
     "relay_reply",
     "strip_share",
     "topic_class",
+    "topic_kind",
+    "topic_rule",
     "validate_filter",
     "validate_job_id",
     "validate_node_id",

@@ -11,10 +11,12 @@ the MQTT v5 properties, and the envelope is authoritative: a Mosquitto bridge at
 `bridge_protocol_version mqttv311` strips every v5 property.
 
 Decoding untrusted bytes: the size is checked first; msgpack runs with `max_*_len` bound to
-`max_bytes`, `strict_map_key`, no ext types; the decoded tree is walked (depth <= `MAX_DEPTH`, only
-plain types, string keys) before pydantic sees it; arrays check `len(data)` against
-`prod(shape) * itemsize` before the data is touched, and float arrays must be finite. Whatever
-the input, only `broker.errors.WireError` (or a subclass) escapes.
+`max_bytes`, `strict_map_key`, no ext types; a key given twice in a map (msgpack or JSON) is
+refused; the decoded tree is walked (depth <= `MAX_DEPTH`, only plain types, string keys) before
+pydantic sees it; arrays check `len(data)` against `prod(shape) * itemsize` before the data is
+touched, and float arrays must be finite. Whatever the input, only `broker.errors.WireError` (or
+a subclass) escapes. Which types a topic accepts, and how large, is the client's business
+(`broker.topics.topic_rule`), since only it knows the topic.
 
 >>> q = HelpQuery(node_id="n1", arch_id="mlp", lineage="base0", classes=[3], hist=[0.5, 0.5], k=2)
 >>> decode(encode(q), expect=HelpQuery) == q
@@ -33,8 +35,9 @@ from typing import Annotated, Any, ClassVar, Literal, Union
 
 import msgpack
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
+from broker import topics
 from broker.errors import MessageTooLarge, SchemaError, UnknownMessageType, UnsupportedVersion, WireError
 from broker.topics import TopicClass
 
@@ -42,8 +45,8 @@ WIRE_VERSION = 1
 
 #: Default bound for one decoded message (the client passes its own `max_message_bytes`).
 DEFAULT_MAX_BYTES = 1 << 20
-#: Default bound for a config message (JSON or msgpack).
-DEFAULT_MAX_CONFIG_BYTES = 64 << 10
+#: Default bound for a config message (JSON or msgpack); the client applies it to config topics.
+DEFAULT_MAX_CONFIG_BYTES = topics.MAX_CONFIG_BYTES
 #: Deepest nesting accepted in a decoded message (ModelUpdate needs 5).
 MAX_DEPTH = 12
 #: Most containers + scalars accepted in one decoded tree.
@@ -56,12 +59,22 @@ MAX_BLOB_BYTES = 1 << 30
 
 # --- field types -----------------------------------------------------------------------------
 
-NodeId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+#: A node id by `broker.topics.validate_node_id` (the one rule; reuse this type in settings).
+NodeId = Annotated[str, StringConstraints(pattern=topics.NODE_ID_PATTERN), AfterValidator(topics.validate_node_id)]
 JobId = NodeId
 MsgId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 Corr = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
-#: A reply topic must be one of ours: no wildcard, under `clue/v1/` (no reflection elsewhere).
-ReplyTopic = Annotated[str, StringConstraints(pattern=r"^clue/v1/[^#+\x00]{1,500}$")]
+
+
+def _reply_topic(topic: str) -> str:
+    if not topics.is_reply_topic(topic):
+        raise ValueError("reply_to must be a reply topic: node/{id}/reply or relay/{id}/reply")
+    return topic
+
+
+#: Where a request may be answered: only a reply topic (`broker.topics.is_reply_topic`), so a
+#: request cannot make its responder publish on another topic (events, meta, a batch topic).
+ReplyTopic = Annotated[str, StringConstraints(max_length=200), AfterValidator(_reply_topic)]
 ArchId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:/-]{1,128}$")]
 Name = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 Key = Annotated[str, StringConstraints(min_length=1, max_length=64)]
@@ -513,22 +526,7 @@ def decode(data: bytes, *, expect: ExpectArg = None, max_bytes: int = DEFAULT_MA
     raw = _as_bytes(data)
     if len(raw) > max_bytes:
         raise MessageTooLarge(f"message of {len(raw)} bytes exceeds {max_bytes}")
-    try:
-        obj = msgpack.unpackb(
-            raw,
-            raw=False,
-            strict_map_key=True,
-            use_list=True,
-            timestamp=0,
-            max_bin_len=max_bytes,
-            max_str_len=max_bytes,
-            max_array_len=max_bytes,
-            max_map_len=max_bytes,
-            max_ext_len=0,
-        )
-    except Exception as exc:  # noqa: BLE001 - msgpack raises many ValueError/TypeError flavours
-        raise WireError(f"not a msgpack message: {type(exc).__name__}: {str(exc)[:200]}") from exc
-    return from_obj(obj, expect=expect)
+    return from_obj(_unpack(raw, max_bytes), expect=expect)
 
 
 def decode_config(
@@ -536,9 +534,9 @@ def decode_config(
 ) -> Envelope:
     """Decode a config-topic payload: a msgpack envelope, a JSON envelope, or bare JSON.
 
-    Bytes starting with `{` (after whitespace) are JSON. A JSON object with both `v` and `type`
-    keys is an envelope; any other JSON object is shorthand for `ConfigPatch(values=obj)`.
-    NaN and infinities are refused.
+    Bytes starting with `{` (after whitespace) are JSON, anything else msgpack. A JSON object with
+    both `v` and `type` keys is an envelope; any other JSON object is shorthand for
+    `ConfigPatch(values=obj)`. NaN, infinities and a key given twice (at any depth) are refused.
 
     >>> decode_config(b'{"z": 0.3, "operator": "mean"}').values
     {'z': 0.3, 'operator': 'mean'}
@@ -547,9 +545,23 @@ def decode_config(
     if len(raw) > max_bytes:
         raise MessageTooLarge(f"config message of {len(raw)} bytes exceeds {max_bytes}")
     if not raw.lstrip(b" \t\r\n").startswith(b"{"):
-        return decode(raw, expect=expect, max_bytes=max_bytes)
+        # `mosquitto_pub -m 'z=0.3'` is valid msgpack up to its first byte: say what was expected.
+        neither = f"config message is neither JSON (an object) nor msgpack: {raw[:40]!r}"
+        try:
+            obj = _unpack(raw, max_bytes)
+        except SchemaError:
+            raise
+        except WireError as exc:
+            raise WireError(neither) from exc
+        if not isinstance(obj, dict):
+            raise WireError(neither)
+        return from_obj(obj, expect=expect)
     try:
-        obj = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float)
+        obj = json.loads(
+            raw.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float, object_pairs_hook=_unique_map
+        )
+    except _DuplicateKey as exc:
+        raise SchemaError(f"duplicate key {exc.key[:64]!r} in the config message") from exc
     except Exception as exc:  # noqa: BLE001 - JSONDecodeError, UnicodeDecodeError, RecursionError, …
         raise WireError(f"not a JSON config message: {type(exc).__name__}: {str(exc)[:200]}") from exc
     if not isinstance(obj, dict):
@@ -583,6 +595,47 @@ def from_obj(obj: Any, *, expect: ExpectArg = None) -> Envelope:
         raise SchemaError(f"invalid {name!r}: {_summary(exc)}") from exc
     except Exception as exc:  # noqa: BLE001 - a validator tripping on odd input is still bad input
         raise SchemaError(f"invalid {name!r}: {type(exc).__name__}: {str(exc)[:200]}") from exc
+
+
+def _unpack(raw: bytes, max_bytes: int) -> Any:
+    """msgpack bytes -> plain tree, bounded, one value, no ext types, no key twice in a map."""
+    try:
+        return msgpack.unpackb(
+            raw,
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            timestamp=0,
+            max_bin_len=max_bytes,
+            max_str_len=max_bytes,
+            max_array_len=max_bytes,
+            max_map_len=max_bytes,
+            max_ext_len=0,
+            object_pairs_hook=_unique_map,
+        )
+    except _DuplicateKey as exc:
+        raise SchemaError(f"duplicate key {str(exc.key)[:64]!r} in a map") from exc
+    except Exception as exc:  # noqa: BLE001 - msgpack raises many ValueError/TypeError flavours
+        raise WireError(f"not a msgpack message: {type(exc).__name__}: {str(exc)[:200]}") from exc
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_map(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    """A map from its pairs, refusing a key given twice: readers disagree on which value wins
+    (Python keeps the last), so a duplicate could mean one thing here and another elsewhere."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[Any] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return out
 
 
 def _as_bytes(data: Any) -> bytes:

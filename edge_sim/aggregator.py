@@ -146,7 +146,7 @@ class FedAvgAggregator:
 
     def _handle(self, item: InboxItem) -> None:
         if isinstance(item, ErrorEvent):
-            if item.context in ("decode", "chunk"):
+            if item.context in ("decode", "chunk", "size"):
                 self._count("updates_received")
                 self._ignore("invalid", f"{item.context} error on {item.topic}: {item.error}")
             else:

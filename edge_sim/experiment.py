@@ -32,7 +32,9 @@ MODES: dict[str, dict[str, Any]] = {
     "isolated": {"kt_apply": "off"},
     "clue_mean": {"kt_apply": "boost", "operator": {"type": "mean"}},
     "clue_class_aware": {"kt_apply": "boost", "operator": {"type": "class_aware"}},
-    "random_mask": {"kt_apply": "boost", "operator": {"type": "class_aware"}, "selection": "random"},
+    # The control measures what random positions give once installed, so the install-time probe
+    # (which refuses most of them as worse than chance) is off for it.
+    "random_mask": {"kt_apply": "boost", "operator": {"type": "class_aware"}, "selection": "random", "helper_probe": False},
     "zero_filled": {"kt_apply": "zero_filled", "operator": {"type": "mean"}},
     "replace": {"kt_apply": "replace"},
     "average": {"kt_apply": "average"},
@@ -159,7 +161,7 @@ class InProcessFleet:
                 continue
             t1 = time.perf_counter()
             try:
-                installed = self.learners[target].accept_kt_blob(blob, source=str(helper))
+                installed = self.learners[target].accept_kt_blob(blob, classes=help_classes, z=z, source=str(helper))
             except KtRejected:
                 continue
             return {

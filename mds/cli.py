@@ -31,7 +31,7 @@ from typing import Any
 from agent.logs import configure_logging
 from agent.notify import Notifier, Watchdog
 from broker.client import MqttClient, parse_broker_url
-from mds.service import MetadataService
+from mds.service import MAX_CLOCK_SKEW, MetadataService
 from mds.similarity import SIMILARITIES
 from mds.store import NodeStore
 
@@ -65,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     option("--similarity", "cosine", f"one of {', '.join(sorted(SIMILARITIES))}")
     option("--min-class-share", "0.01", "share of its histogram a helper must hold in each asked class", float)
     option("--max-k", "32", "largest k served (1..64)", int)
+    option(
+        "--max-clock-skew",
+        "300",
+        f"s a node's metadata ts may lie ahead of this clock before it is refused (0..{MAX_CLOCK_SKEW:g})",
+        float,
+    )
     option("--client-id", _default_client_id(), "MQTT client id (fixed: the session key)")
     option("--shared-group", "mds", "shared-subscription group for queries (empty: none)")
     p.add_argument("--no-shared", action="store_true", help="read mds/query directly: this MdS answers every query")
@@ -143,6 +149,7 @@ def _main(argv: Sequence[str] | None) -> int:
             min_class_share=args.min_class_share,
             shared_group=None if args.no_shared or not args.shared_group else args.shared_group,
             max_k=args.max_k,
+            max_clock_skew=args.max_clock_skew,
         )
     except ValueError as exc:
         store.close()

@@ -4,11 +4,14 @@
 (`$share/{group}/clue/v1/mds/query` by default, so several MdS split the queries; each still sees
 every `meta` and `status`). One worker thread takes the client's inbox in arrival order:
 
-- `node/{id}/meta`: a `NodeMeta` goes into the `NodeStore` (an older one than stored is ignored;
-  one naming another node than its topic is refused); an empty payload (retained meta cleared)
-  removes the node.
+- `node/{id}/meta`: a `NodeMeta` goes into the `NodeStore`, the last received in place of the one
+  before: the sender's `ts` orders nothing, so a replayed or skewed message cannot pin or hide a
+  node. One stamped more than `max_clock_skew` seconds after its receipt is refused (counted as
+  `meta_future`; the node keeps its previous state), as is one naming another node than its
+  topic. An empty payload (retained meta cleared) removes the node.
 - `node/{id}/status`: `online` / `offline`; an empty payload (cleared) counts as offline. A node is
-  a helper only after an `online` status: metadata alone does not make it one.
+  a helper only after an `online` status: metadata alone does not make it one, and no sender's
+  clock decides liveness.
 - `mds/query`: a `HelpQuery` is answered on its envelope's `reply_to` with its `corr` (the v5
   properties are the fallback) by a `HelperList`, or by a typed `ErrorReply` (`arch_mismatch`,
   `lineage_mismatch`, `bad_request`; `unsupported` for another message type). Answers go through
@@ -51,6 +54,8 @@ log = logging.getLogger(__name__)
 
 #: Latency samples kept for the percentiles in `stats()`.
 LATENCY_WINDOW = 10_000
+#: Largest `max_clock_skew` accepted (s): a day ahead is a broken clock, not skew.
+MAX_CLOCK_SKEW = 86_400.0
 _MAX_K_ON_WIRE = 64
 _DECODE_CONTEXTS = ("decode", "chunk", "size")
 _COUNTERS = (
@@ -61,7 +66,7 @@ _COUNTERS = (
     "unanswerable",
     "retained_queries_ignored",
     "meta_applied",
-    "meta_stale",
+    "meta_future",
     "meta_rejected",
     "meta_removed",
     "status_updates",
@@ -77,7 +82,8 @@ class MetadataService:
     `similarity`: a name from `mds.similarity.SIMILARITIES`; `min_class_share`: the share of its
     histogram a helper must hold in each requested class; `shared_group`: the shared-subscription
     group, or None to read `mds/query` directly (then every MdS answers every query); `max_k`: the
-    largest `k` served (a query asking more gets `bad_request`).
+    largest `k` served (a query asking more gets `bad_request`); `max_clock_skew`: how many seconds
+    a `NodeMeta`'s `ts` may lie after its receipt (0..`MAX_CLOCK_SKEW`) before it is refused.
 
     Fleet size and the broker: on subscribing, the retained `meta` and `status` of every node (two
     messages per node) pass through the broker's outgoing queue for this client, and Mosquitto
@@ -94,6 +100,7 @@ class MetadataService:
         min_class_share: float = 0.01,
         shared_group: str | None = "mds",
         max_k: int = 32,
+        max_clock_skew: float = 300.0,
     ) -> None:
         if similarity not in SIMILARITIES:
             raise ValueError(f"unknown similarity {similarity!r}; known: {sorted(SIMILARITIES)}")
@@ -101,11 +108,14 @@ class MetadataService:
             raise ValueError(f"min_class_share must be in [0, 1], got {min_class_share}")
         if isinstance(max_k, bool) or not isinstance(max_k, int) or not 1 <= max_k <= _MAX_K_ON_WIRE:
             raise ValueError(f"max_k must be an int in [1, {_MAX_K_ON_WIRE}], got {max_k!r}")
+        if not 0.0 <= max_clock_skew <= MAX_CLOCK_SKEW:
+            raise ValueError(f"max_clock_skew must be in [0, {MAX_CLOCK_SKEW:g}] s, got {max_clock_skew}")
         self.client = client
         self.store = store
         self.similarity = similarity
         self.min_class_share = float(min_class_share)
         self.max_k = max_k
+        self.max_clock_skew = float(max_clock_skew)
         self.shared_group = shared_group
         self.query_filter = topics.mds_query_shared(shared_group) if shared_group is not None else topics.mds_query()
         self._responder = Responder(client, self._answer)
@@ -131,11 +141,12 @@ class MetadataService:
         self._worker = threading.Thread(target=self._run, name=f"mds-{self.client.name}", daemon=True)
         self._worker.start()
         log.info(
-            "MdS %s: serving %s (similarity %s, max_k %d)",
+            "MdS %s: serving %s (similarity %s, max_k %d, max_clock_skew %g s)",
             self.client.name,
             self.query_filter,
             self.similarity,
             self.max_k,
+            self.max_clock_skew,
         )
         return self
 
@@ -171,7 +182,7 @@ class MetadataService:
             latency = np.array(self._latency_ms)
             compute = np.array(self._compute_ms)
         out["duplicates"] = self._responder.duplicates
-        out["unanswerable"] += self._responder.unanswerable
+        out["unanswerable"] += self._responder.unanswerable + self._responder.bad_reply_to
         out["inbox_dropped"] = self.client.stats()["inbox_dropped"]
         out["nodes"] = self.store.count()
         out["online"] = self.store.count(online=True)
@@ -225,13 +236,27 @@ class MetadataService:
             # The topic is the identity a broker ACL can enforce; the payload is not.
             self._bad_input(item.topic, ValueError(f"metadata of {meta.node_id!r} on {node_id!r}'s topic"))
             return
+        ahead = meta.ts - item.received_at
+        if ahead > self.max_clock_skew:
+            # A forged or broken clock. Stored, the stamp would mislead its readers: an older MdS on
+            # the same file would take every later message for older, an age from it is negative.
+            self._count("meta_future")
+            log.warning(
+                "MdS %s: metadata of %s refused: ts %.6g is %.0f s ahead of this MdS's clock (allowed %g s)",
+                self.client.name,
+                node_id,
+                meta.ts,
+                ahead,
+                self.max_clock_skew,
+            )
+            return
         try:
-            applied = self.store.upsert_meta(meta)
+            self.store.upsert_meta(meta)
         except ValueError as exc:
             self._count("meta_rejected")
             log.warning("MdS %s: metadata of %s refused: %s", self.client.name, node_id, exc)
             return
-        self._count("meta_applied" if applied else "meta_stale")
+        self._count("meta_applied")
 
     def _on_status(self, node_id: str, item: Inbound) -> None:
         if item.payload == topics.STATUS_ONLINE:
@@ -292,11 +317,8 @@ class MetadataService:
         self._count("undecodable_queries")
         log.warning("MdS %s: undecodable query: %s", self.client.name, exc)
         reply_to = getattr(item.properties, "ResponseTopic", None)
-        if not isinstance(reply_to, str) or not reply_to.startswith(topics.PREFIX + "/"):
-            return
-        try:
-            topics.validate_publish_topic(reply_to)
-        except TopicError:
+        # Only a node's or the relay's reply topic: never reflect onto a topic others read.
+        if not isinstance(reply_to, str) or not topics.is_reply_topic(reply_to):
             return
         code = "unsupported" if isinstance(exc, (UnknownMessageType, UnsupportedVersion)) else "bad_request"
         corr = item.corr
@@ -331,4 +353,4 @@ def _percentiles(samples: np.ndarray) -> dict[str, float]:
     return {"count": int(samples.size), "p50": float(p50), "p99": float(p99), "max": float(samples.max())}
 
 
-__all__ = ["LATENCY_WINDOW", "MetadataService"]
+__all__ = ["LATENCY_WINDOW", "MAX_CLOCK_SKEW", "MetadataService"]

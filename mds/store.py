@@ -11,6 +11,12 @@ A node is *online* only after an `online` status: a node known from its metadata
 offline. Status may arrive before metadata (retained messages of different topics come in any
 order), so a node can have a row without metadata; such a node is never a helper.
 
+A node's metadata is replaced by each `upsert_meta` call, in the order the caller received it: the
+sender's `ts` is stored (`meta_ts`) and never compared. A sender's clock may be wrong or forged:
+were stamps compared, one message stamped in the future would pin a node's row (every later one
+would look older, even after a restart from the file) and a clock stepped back would hide its
+updates. So a row that an older version wrote with a future stamp loads like any other.
+
 >>> from broker.wire import NodeMeta
 >>> store = NodeStore(":memory:")
 >>> for node, hist in [("a", [9, 1, 0]), ("b", [1, 1, 8]), ("c", [8, 2, 0])]:
@@ -115,7 +121,6 @@ class Snapshot:
 @dataclass
 class _NodeState:
     online: bool
-    meta_ts: float | None
     group: tuple[str, str] | None
 
 
@@ -214,8 +219,8 @@ class NodeStore:
 
     # --- writes --------------------------------------------------------------------------------
 
-    def upsert_meta(self, meta: NodeMeta) -> bool:
-        """Store a node's metadata; False (nothing changed) when it is older than the stored one.
+    def upsert_meta(self, meta: NodeMeta) -> None:
+        """Store a node's metadata in place of what was stored (the latest received wins).
 
         Raises `ValueError` for a histogram that is not 1..4096 finite non-negative counts, or whose
         width differs from the other nodes of the same (arch_id, lineage).
@@ -227,8 +232,6 @@ class NodeStore:
         key = (meta.arch_id, meta.lineage)
         with self._lock:
             state = self._nodes.get(node_id)
-            if state is not None and state.meta_ts is not None and meta.ts < state.meta_ts:
-                return False
             group = self._groups.get(key)
             alone = group is not None and group.size == 1 and node_id in group.rows
             if group is not None and group.n_classes != hist.size and not alone:
@@ -255,8 +258,7 @@ class NodeStore:
             )
             online = state.online if state is not None else False
             self._place(node_id, key, hist, online)
-            self._nodes[node_id] = _NodeState(online, meta.ts, key)
-            return True
+            self._nodes[node_id] = _NodeState(online, key)
 
     def set_online(self, node_id: str, online: bool) -> bool:
         """Record a node's liveness (a node without metadata gets a row too); True if it changed."""
@@ -272,7 +274,7 @@ class NodeStore:
                 (node_id, int(online), time.time()),
             )
             if state is None:
-                self._nodes[node_id] = _NodeState(online, None, None)
+                self._nodes[node_id] = _NodeState(online, None)
             else:
                 state.online = online
                 if state.group is not None:
@@ -476,7 +478,7 @@ class NodeStore:
                 else:
                     key = (arch_id, lineage)
                     self._place(node_id, key, hist, online)
-            self._nodes[node_id] = _NodeState(online, row[9] if key is not None else None, key)
+            self._nodes[node_id] = _NodeState(online, key)
 
     def _place(self, node_id: str, key: tuple[str, str], hist: np.ndarray, online: bool) -> None:
         state = self._nodes.get(node_id)

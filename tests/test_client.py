@@ -158,7 +158,8 @@ def test_request_response_sets_properties_and_envelope(mosquitto: PrivateMosquit
         return HelperList(corr=req.corr, candidates=[Candidate(node_id="h1", score=0.75)])
 
     server = make_client(mosquitto, client_id=f"{unique_id}-mds", start=False)
-    server.subscribe(topics.node_kt(unique_id))  # a topic of this test's own for the "MdS"
+    # A topic of this test's own for the "MdS": it takes queries here, overriding the kt default.
+    server.subscribe(topics.node_kt(unique_id), accept=(HelpQuery,))
     server.start()
     responder = Responder(server, handler).start()
     client = make_client(mosquitto, client_id=unique_id)

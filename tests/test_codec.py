@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import math
 import resource
+import struct
+import tracemalloc
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +26,7 @@ from agent.kt.codec import (
     BlobLimits,
     bytes_per_param,
     decode_blob,
+    decoded_size_bound,
     encode_blob,
     value_error_bound,
 )
@@ -321,8 +324,10 @@ def test_any_index_set_round_trips(numel: int, density: float, seed: int) -> Non
     idx = torch.from_numpy(np.flatnonzero(rng.random(numel) < density))
     vals = torch.from_numpy(rng.standard_normal(idx.numel()).astype(np.float32))
     sl = TensorSlice("t", (numel,), idx, vals)
-    blob = encode_blob(SignificantParams(ARCH, LINEAGE, (), 1.0, (sl,)), value_codec="float32")
-    back = decode(blob, shapes={"t": (numel,)})
+    # One more parameter, so that an empty index set still makes a blob that carries something.
+    one = TensorSlice("one", (1,), torch.tensor([0]), torch.tensor([1.0]))
+    blob = encode_blob(SignificantParams(ARCH, LINEAGE, (), 1.0, (sl, one)), value_codec="float32")
+    back = decode(blob, shapes={"t": (numel,), "one": (1,)})
     assert torch.equal(back.tensors[0].indices, idx)
     assert torch.equal(back.tensors[0].values, vals)
 
@@ -409,6 +414,30 @@ def test_garbage_and_truncation_rejected(blob: bytes, match: str) -> None:
         decode(blob)
 
 
+def test_msgpack_rejection_names_the_error() -> None:
+    # msgpack's FormatError has an empty message: the type must still say what went wrong.
+    with pytest.raises(KtRejected, match="^blob is not valid msgpack: FormatError$"):
+        decode(zstandard.ZstdCompressor(write_checksum=True).compress(b"\xc1"))
+    with pytest.raises(KtRejected, match="^blob is not valid msgpack: ExtraData: .+"):
+        decode(zstandard.ZstdCompressor(write_checksum=True).compress(b"\x01\x02"))
+
+
+@pytest.mark.parametrize(
+    ("tensors", "match"),
+    [
+        (lambda ts: [], "^blob carries no parameters$"),
+        (lambda ts: [{**t, "enc": "varint", "idx": b"", "n": 0, "val": b""} for t in ts],
+         "^blob carries no parameters: its 6 tensors are empty$"),
+    ],
+    ids=["no tensors", "empty tensors"],
+)
+def test_blob_without_parameters_rejected(tensors: Callable[[list[Any]], list[Any]], match: str) -> None:
+    doc = unpack(encode_blob(SIG, value_codec="float32"))
+    doc["tensors"] = tensors(doc["tensors"])
+    with pytest.raises(KtRejected, match=match):
+        decode(repack(doc))
+
+
 def test_corrupted_frame_fails_checksum() -> None:
     buf = bytearray(GOOD)
     buf[len(buf) // 2] ^= 0x01
@@ -459,7 +488,83 @@ def test_frame_without_declared_size_is_bounded_while_reading() -> None:
     with pytest.raises(KtRejected, match=f"more than the {cap} byte cap"):
         decode(unsized, limits=BlobLimits(max_decoded_bytes=cap))
     with pytest.raises(KtRejected, match="more than the 1048576 byte cap"):
-        decode(_unsized(bytes(3 << 20)), limits=BlobLimits(max_decoded_bytes=1 << 20))
+        decode(_unsized(bytes(3 << 20)), max_decoded_bytes=1 << 20)
+
+
+def _zeros_frame(size: int, *, sized: bool) -> bytes:
+    """A real frame of ``size`` zero bytes, with or without its content size: a few KiB of zstd."""
+    buf = io.BytesIO()
+    cctx = zstandard.ZstdCompressor(level=1, write_checksum=True, write_content_size=sized)
+    writer = cctx.stream_writer(buf, size=size if sized else -1, closefd=False)
+    chunk = bytes(4 << 20)
+    for _ in range(size // len(chunk)):
+        writer.write(chunk)
+    writer.flush(zstandard.FLUSH_FRAME)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def frames_64mib() -> dict[str, bytes]:
+    sized = _zeros_frame(64 << 20, sized=True)
+    # The same frame claiming 1000 bytes (FHD 0x84: a 4-byte content size after the window byte).
+    assert sized[4] == 0x84
+    return {
+        "sized": sized,
+        "unsized": _zeros_frame(64 << 20, sized=False),
+        "lying": sized[:6] + struct.pack("<I", 1000) + sized[10:],
+    }
+
+
+def _peak_bytes(fn: Callable[[], object]) -> int:
+    """Peak of Python-level allocation (zstandard's output buffers included) while ``fn`` runs."""
+    tracemalloc.start()
+    try:
+        fn()
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return peak
+
+
+@pytest.mark.parametrize(
+    ("kind", "match"),
+    [
+        ("sized", "declares 67108864 decoded bytes, over the {cap} cap"),
+        ("unsized", "decodes to more than the {cap} byte cap"),
+        ("lying", "corrupt|truncated"),
+    ],
+    ids=["sized", "unsized", "lying"],
+)
+def test_frame_over_the_model_bound_rejected_within_bounded_memory(
+    frames_64mib: dict[str, bytes], kind: str, match: str
+) -> None:
+    """A few KiB that inflate to 64 MiB, far over what any blob for this small model holds."""
+    frame = frames_64mib[kind]
+    assert len(frame) < 8 << 10
+    cap = decoded_size_bound(SHAPES, NUM_CLASSES)
+
+    def attempt() -> None:
+        with pytest.raises(KtRejected, match=match.format(cap=cap)):
+            decode(frame)
+
+    assert _peak_bytes(attempt) < 4 << 20
+
+
+def test_decoded_size_bound_holds_every_blob_the_encoder_makes() -> None:
+    full = SignificantParams(ARCH, LINEAGE, tuple(range(NUM_CLASSES)), 1.0, tuple(
+        TensorSlice(name, tuple(t.shape), torch.arange(t.numel()), t.reshape(-1).clone())
+        for name, t in W.items()
+    ))
+    blob = encode_blob(full, value_codec="float32")
+    raw_len = len(unpack_raw(blob))
+    assert raw_len <= decoded_size_bound(SHAPES, NUM_CLASSES)
+    check_invariants(decode(blob))
+    # The caller's own bound, under the model's, is the one enforced.
+    with pytest.raises(KtRejected, match=f"declares {raw_len} decoded bytes, over the {raw_len - 1} cap"):
+        decode(blob, max_decoded_bytes=raw_len - 1)
+    check_invariants(decode(blob, max_decoded_bytes=raw_len))
+    with pytest.raises(ValueError, match="max_decoded_bytes"):
+        decode(blob, max_decoded_bytes=0)
 
 
 def test_wrong_identity_rejected() -> None:

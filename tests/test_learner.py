@@ -94,7 +94,7 @@ def test_drift_leads_to_help_request_and_helper_install():
     result = _drift_until_help(target, helper, blobs)
     assert result.drift and set(result.help.classes) == {8, 9}
     blob = helper.kt_blob(result.help.classes, result.help.z, result.help.value_codec)
-    installed = target.accept_kt_blob(blob, source="node-1")
+    installed = target.accept_kt_blob(blob, classes=result.help.classes, z=result.help.z, source="node-1")
     assert installed.helper_id is not None and installed.classes == (8, 9)
     assert len(target.pool) == 1
     x, y = blobs.batch([8, 9])
@@ -149,7 +149,7 @@ def test_hostile_blobs_change_nothing():
     pool_before = target.pool.ids()
     for name, blob in _hostile_blobs(helper).items():
         with pytest.raises(KtRejected):
-            target.accept_kt_blob(blob)
+            target.accept_kt_blob(blob, classes=(8, 9), z=0.5)
         assert _same(before, _weights(target)), name
         assert target.pool.ids() == pool_before, name
 
@@ -170,7 +170,7 @@ def test_replace_and_average_modify_target_and_pool_nothing(mode):
     blobs = Blobs()
     _drift_until_help(target, helper, blobs)
     before = _weights(target)
-    installed = target.accept_kt_blob(helper.kt_blob((8, 9), 0.5))
+    installed = target.accept_kt_blob(helper.kt_blob((8, 9), 0.5), classes=(8, 9), z=0.5)
     assert installed.helper_id is None and len(target.pool) == 0
     assert not _same(before, _weights(target))
 
@@ -222,7 +222,7 @@ def test_config_change_keeps_pooled_helpers_up_to_new_bound():
     blobs = Blobs()
     _drift_until_help(target, helper, blobs)
     for _ in range(3):
-        target.accept_kt_blob(helper.kt_blob((8, 9), 0.5))
+        target.accept_kt_blob(helper.kt_blob((8, 9), 0.5), classes=(8, 9), z=0.5)
     assert len(target.pool) == 3
     target.apply_config({"pool_max": 1})
     assert len(target.pool) == 1
@@ -248,7 +248,12 @@ def test_a_wrong_helper_is_dropped_and_another_node_asked_after_the_cooldown():
     for _ in range(15):
         wrong.process_batch(*blobs.batch(range(4)))  # never sees classes 8-9
     first = _drift_until_help(target, right, blobs)
-    target.accept_kt_blob(wrong.kt_blob(first.help.classes, 0.5), source="wrong")
+    blob = wrong.kt_blob(first.help.classes, 0.5)
+    with pytest.raises(KtRejected, match="below chance"):
+        target.accept_kt_blob(blob, classes=first.help.classes, z=0.5, source="wrong")
+    # A helper that passes that first look and only later proves no better than the target:
+    # the pool's probation must still catch it.
+    target.install(target.decode_blob(blob), source="wrong")
     results = [target.process_batch(*blobs.batch(list(range(8)) + [8, 9] * 2)) for _ in range(12)]
     dropped = next(i for i, r in enumerate(results) if r.discarded)
     assert dropped == target.pool.window - 1, "judged after its first L batches holding its classes"
@@ -264,7 +269,7 @@ def test_a_right_helper_survives_its_probation():
     target, helper = _fleet(2)
     blobs = Blobs()
     first = _drift_until_help(target, helper, blobs)
-    target.accept_kt_blob(helper.kt_blob(first.help.classes, 0.5), source="right")
+    target.accept_kt_blob(helper.kt_blob(first.help.classes, 0.5), classes=first.help.classes, z=0.5, source="right")
     for _ in range(target.pool.window + 1):
         target.process_batch(*blobs.batch(list(range(8)) + [8, 9] * 2))
     assert [h.source for h in target.pool] == ["right"] and next(iter(target.pool)).judged
@@ -281,7 +286,7 @@ def test_a_full_pool_asks_for_no_more_help():
         if result.help is not None:
             break
     assert result.help is not None
-    target.accept_kt_blob(helper.kt_blob((8,), 0.5), source="eight")
+    target.accept_kt_blob(helper.kt_blob((8,), 0.5), classes=(8,), z=0.5, source="eight")
     # Class 9 is still missing, but taking its helper would evict the one serving class 8.
     later = [target.process_batch(*blobs.batch(list(range(8)) + [9] * 8)).help for _ in range(12)]
     assert later == [None] * 12
@@ -292,6 +297,6 @@ def test_int4_delta_blobs_go_out_as_deltas_whatever_value_delta_says():
     blobs = Blobs()
     first = _drift_until_help(target, helper, blobs)
     blob = helper.kt_blob(first.help.classes, 0.5, "int4_delta")
-    installed = target.accept_kt_blob(blob, source="helper")
+    installed = target.accept_kt_blob(blob, classes=first.help.classes, z=0.5, source="helper")
     assert installed.classes == (8, 9)
     assert len(blob) < 0.6 * len(helper.kt_blob(first.help.classes, 0.5, "int8"))

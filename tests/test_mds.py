@@ -27,7 +27,7 @@ def unchecked_meta(node_id: str, hist: list[float]) -> NodeMeta:
 
 
 def add(store: NodeStore, node_id: str, hist, *, online: bool = True, **kw) -> None:
-    assert store.upsert_meta(meta(node_id, hist, **kw))
+    store.upsert_meta(meta(node_id, hist, **kw))
     store.set_online(node_id, online)
 
 
@@ -45,7 +45,7 @@ def store() -> NodeStore:
 
 
 def test_upsert_stores_every_field(store: NodeStore) -> None:
-    assert store.upsert_meta(meta("n1", [3, 1, 0], rolling_error=0.25, batches=7, helpers=1, ts=5.0))
+    store.upsert_meta(meta("n1", [3, 1, 0], rolling_error=0.25, batches=7, helpers=1, ts=5.0))
     record = store.get("n1")
     assert record is not None
     fields = (record.arch_id, record.lineage, record.rolling_error, record.batches, record.helpers)
@@ -55,12 +55,13 @@ def test_upsert_stores_every_field(store: NodeStore) -> None:
     assert store.get("nobody") is None
 
 
-def test_older_meta_is_ignored_newer_and_equal_applied(store: NodeStore) -> None:
-    assert store.upsert_meta(meta("n1", [1, 0], ts=10.0))
-    assert not store.upsert_meta(meta("n1", [0, 1], ts=9.0))
-    np.testing.assert_array_equal(store.get("n1").hist, [1, 0])
-    assert store.upsert_meta(meta("n1", [1, 0], ts=10.0))  # a retained copy delivered again
-    assert store.upsert_meta(meta("n1", [0, 5], ts=11.0))
+def test_the_latest_meta_wins_whatever_its_ts(store: NodeStore) -> None:
+    store.upsert_meta(meta("n1", [1, 0], ts=1e18))  # a sender's stamp orders nothing
+    store.upsert_meta(meta("n1", [0, 1], ts=9.0))
+    record = store.get("n1")
+    np.testing.assert_array_equal(record.hist, [0, 1])
+    assert record.meta_ts == 9.0
+    store.upsert_meta(meta("n1", [0, 5], ts=11.0))
     np.testing.assert_array_equal(store.get("n1").hist, [0, 5])
 
 
@@ -265,9 +266,23 @@ def test_persistence_across_reopen(tmp_path: Path) -> None:
         assert store.query("x", "mlp", "b0", [], [9, 1, 0], 5) == before
         record = store.get("a")
         assert (record.meta_ts, record.rolling_error, record.batches, record.online) == (5.0, 0.1, 3, True)
-        assert not store.upsert_meta(meta("a", [0, 0, 1], ts=4.0))  # still older than what is on disk
+        store.upsert_meta(meta("a", [0, 0, 1], ts=4.0))  # an older stamp than on disk still replaces it
+        np.testing.assert_array_equal(store.get("a").hist, [0, 0, 1])
         store.upsert_meta(meta("status-only", [1, 0, 0]))
         assert "status-only" in ids(store.query("x", "mlp", "b0", [], [1, 0, 0], 5))
+
+
+def test_a_future_stamp_on_disk_does_not_pin_the_node(tmp_path: Path) -> None:
+    path = tmp_path / "mds.db"
+    with NodeStore(path) as store:
+        add(store, "a", [0, 0])
+    with sqlite3.connect(path) as db:  # as an older version, which compared stamps, left it
+        db.execute("UPDATE nodes SET meta_ts = 1e18 WHERE node_id = 'a'")
+    with NodeStore(path) as store:
+        store.upsert_meta(meta("a", [9, 1], ts=2.0))
+        assert ids(store.query("x", "mlp", "b0", [0], [9, 1], 5)) == ["a"]
+    with NodeStore(path) as store:
+        assert store.get("a").meta_ts == 2.0
 
 
 def test_wal_mode_on(tmp_path: Path) -> None:

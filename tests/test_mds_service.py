@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+import numpy as np
 import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -26,6 +28,7 @@ from broker.client import Inbound, MqttClient
 from broker.errors import RemoteError, RequestTimeout
 from broker.launcher import PrivateMosquitto
 from broker.wire import ErrorReply, Event, HelperList, HelpQuery, NodeMeta, decode
+from mds.cli import build_parser
 from mds.service import MetadataService
 from mds.store import NodeStore
 
@@ -50,8 +53,11 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what: str =
         time.sleep(0.01)
 
 
-def node_meta(node_id: str, hist: list[float], *, arch: str = ARCH, lineage: str = LINEAGE) -> NodeMeta:
-    return NodeMeta(node_id=node_id, arch_id=arch, lineage=lineage, hist=hist)
+def node_meta(
+    node_id: str, hist: list[float], *, arch: str = ARCH, lineage: str = LINEAGE, ts: float | None = None
+) -> NodeMeta:
+    stamp = {} if ts is None else {"ts": ts}
+    return NodeMeta(node_id=node_id, arch_id=arch, lineage=lineage, hist=hist, **stamp)
 
 
 def query(node_id: str, hist: list[float], classes: list[int] = (), *, k: int = 5, **fields: Any) -> HelpQuery:
@@ -255,6 +261,50 @@ def test_restart_rebuilds_from_retained_messages_and_from_disk(fleet: Fleet, tmp
         fleet.close()
 
 
+# --- timestamps --------------------------------------------------------------------------------
+
+
+def test_meta_from_the_future_is_refused_and_the_node_kept(fleet: Fleet) -> None:
+    fleet.node("a", [9, 1, 0])
+    fleet.node("b", [1, 9, 0])
+    service = fleet.mds()
+    wait_until(lambda: service.stats()["online"] == 2, what="nodes online")
+    asker = fleet.asker()
+    a, b = fleet.id("a"), fleet.id("b")
+    assert helper_ids(ask(asker, query("x", [9, 1, 0], [0]))) == [a, b]
+    pub = fleet.publisher()
+    # On the node's own topic (all a broker ACL checks): an empty histogram stamped far ahead.
+    pub.publish_message(topics.node_meta(a), node_meta(a, [0, 0, 0], ts=1e18), 1).wait()
+    pub.publish_message(topics.node_meta(b), node_meta(b, [1, 9, 0]), 1).wait()  # handled after it
+    wait_until(lambda: service.stats()["meta_applied"] == 3, what="the messages handled")
+    assert helper_ids(ask(asker, query("x", [9, 1, 0], [0]))) == [a, b]
+    np.testing.assert_array_equal(service.store.get(a).hist, [9, 1, 0])
+    assert service.stats()["meta_future"] == 1
+
+    # The node's clock stepped back an hour: its news still counts.
+    pub.publish_message(topics.node_meta(a), node_meta(a, [0, 1, 9], ts=time.time() - 3600), 1).wait()
+    wait_until(lambda: service.stats()["meta_applied"] == 4, what="the older stamp applied")
+    assert helper_ids(ask(asker, query("x", [9, 1, 0]))) == [b, a]
+    # Ahead by less than the allowance (300 s by default): skew, not forgery.
+    pub.publish_message(topics.node_meta(a), node_meta(a, [5, 5, 0], ts=time.time() + 200), 1).wait()
+    wait_until(lambda: service.stats()["meta_applied"] == 5, what="a slightly fast clock applied")
+    np.testing.assert_array_equal(service.store.get(a).hist, [5, 5, 0])
+    assert service.stats()["meta_future"] == 1
+
+
+def test_clock_skew_allowance_is_a_bounded_setting(fleet: Fleet) -> None:
+    service = fleet.mds(max_clock_skew=0)
+    pub = fleet.publisher()
+    a = fleet.id("a")
+    pub.publish_message(topics.node_meta(a), node_meta(a, [1, 1], ts=time.time() + 30), 1).wait()
+    wait_until(lambda: service.stats()["meta_future"] == 1, what="30 s ahead refused")
+    assert service.store.get(a) is None
+    with NodeStore(":memory:") as spare:
+        for bad in (-1.0, 86_401.0, float("nan"), float("inf")):
+            with pytest.raises(ValueError, match="max_clock_skew"):
+                MetadataService(service.client, spare, max_clock_skew=bad)
+
+
 # --- bad input -------------------------------------------------------------------------------
 
 
@@ -342,6 +392,31 @@ def run_mds(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     )
 
 
+def ask_daemon(
+    proc: subprocess.Popen, asker: MqttClient, q: HelpQuery, count: int, timeout: float = 30.0
+) -> HelperList:
+    """Ask until the answer names `count` helpers: the daemon needs a moment to import, subscribe
+    and read the retained metadata."""
+    deadline = time.monotonic() + timeout
+    reply: HelperList | None = None
+    while reply is None or len(reply.candidates) != count:
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline, f"the daemon never named {count} helpers; last answer {reply}"
+        try:
+            reply = asker.request(topics.mds_query(), q, timeout=1.0, retries=0)
+        except (RequestTimeout, RemoteError):
+            time.sleep(0.05)
+    return reply
+
+
+def stop_daemon(proc: subprocess.Popen) -> str:
+    """SIGTERM, expect exit 0; its stderr."""
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=15)
+    assert proc.returncode == 0, err
+    return err
+
+
 def test_daemon_answers_and_exits_zero_on_sigterm(fleet: Fleet, tmp_path: Path) -> None:
     fleet.node("a", [3, 1])
     fleet.node("b", [1, 3])
@@ -349,26 +424,58 @@ def test_daemon_answers_and_exits_zero_on_sigterm(fleet: Fleet, tmp_path: Path) 
     client_id = fleet.client_id("daemon")
     proc = run_mds("--broker", fleet.broker.url, "--db", db, "--client-id", client_id, "--stats-interval", "0")
     try:
-        asker = fleet.asker()
-        deadline = time.monotonic() + 30
-        reply: HelperList | None = None
-        # The daemon needs a moment to import, subscribe and read the retained metadata.
-        while reply is None or len(reply.candidates) < 2:
-            assert proc.poll() is None, proc.communicate()[1]
-            assert time.monotonic() < deadline, "the daemon never answered"
-            try:
-                reply = asker.request(topics.mds_query(), query("x", [3, 1]), timeout=1.0, retries=0)
-            except (RequestTimeout, RemoteError):
-                time.sleep(0.05)
+        reply = ask_daemon(proc, fleet.asker(), query("x", [3, 1]), 2)
         assert helper_ids(reply) == [fleet.id("a"), fleet.id("b")]
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=15)
-        assert proc.returncode == 0, err
-        assert "final stats" in err
+        assert "final stats" in stop_daemon(proc)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+def test_daemon_restarts_do_not_keep_a_future_stamp(fleet: Fleet, tmp_path: Path) -> None:
+    a, b = fleet.id("a"), fleet.id("b")
+    db = tmp_path / "mds.db"
+    # The file as an older version left it after a forged meta: node a pinned with an empty histogram.
+    with NodeStore(db) as store:
+        store.upsert_meta(node_meta(a, [0, 0], ts=1e18))
+        store.set_online(a, True)
+    fleet.node("a", [9, 1])
+    fleet.node("b", [1, 9])
+    asker = fleet.asker()
+    args = ("--broker", fleet.broker.url, "--db", str(db), "--stats-interval", "0")
+    proc = run_mds(*args, "--client-id", fleet.client_id("daemon"), env={"CLUE_MDS_MAX_CLOCK_SKEW": "120"})
+    try:
+        assert helper_ids(ask_daemon(proc, asker, query("x", [9, 1]), 2)) == [a, b]
+        # The forged meta again, now retained in place of the node's own; then a node to wait for,
+        # handled after it.
+        pub = fleet.publisher()
+        pub.publish_message(topics.node_meta(a), node_meta(a, [0, 0], ts=1e18), 1, retain=True).wait()
+        fleet.node("c", [5, 5])
+        assert helper_ids(ask_daemon(proc, asker, query("x", [9, 1]), 3)) == [a, fleet.id("c"), b]
+        assert "ahead of this MdS's clock" in stop_daemon(proc)
+
+        # Restarted on the same file: the broker's retained copy is the forged one, refused again.
+        proc = run_mds(*args, "--client-id", fleet.client_id("daemon"), "--max-clock-skew", "120")
+        ask_daemon(proc, asker, query("x", [9, 1]), 3)
+        fleet.node("d", [1, 1])
+        assert helper_ids(ask_daemon(proc, asker, query("x", [9, 1]), 4))[0] == a
+        stop_daemon(proc)
+        with sqlite3.connect(db) as con:
+            stamp = con.execute("SELECT meta_ts FROM nodes WHERE node_id = ?", (a,)).fetchone()[0]
+        assert stamp < time.time()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def test_clock_skew_setting_from_flag_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CLUE_MDS_MAX_CLOCK_SKEW", raising=False)
+    assert build_parser().parse_args([]).max_clock_skew == 300.0
+    monkeypatch.setenv("CLUE_MDS_MAX_CLOCK_SKEW", "60")
+    assert build_parser().parse_args([]).max_clock_skew == 60.0
+    assert build_parser().parse_args(["--max-clock-skew", "5"]).max_clock_skew == 5.0
 
 
 @pytest.mark.parametrize(
@@ -379,8 +486,10 @@ def test_daemon_answers_and_exits_zero_on_sigterm(fleet: Fleet, tmp_path: Path) 
         (["--max-k", "500"], {}),
         ([], {"CLUE_MDS_SIMILARITY": "euclid"}),
         (["--db", "/nonexistent-dir/mds.db"], {}),
+        (["--max-clock-skew", "-1"], {}),
+        ([], {"CLUE_MDS_MAX_CLOCK_SKEW": "1e9"}),
     ],
-    ids=["unknown-flag", "bad-similarity", "bad-max-k", "bad-env", "unopenable-db"],
+    ids=["unknown-flag", "bad-similarity", "bad-max-k", "bad-env", "unopenable-db", "bad-skew", "bad-skew-env"],
 )
 def test_daemon_bad_config_exits_2(args: list[str], env: dict[str, str]) -> None:
     proc = run_mds("--broker", "mqtt://127.0.0.1:1", *args, env=env)

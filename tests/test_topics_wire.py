@@ -11,19 +11,21 @@ import hashlib
 import json
 import os
 import random
-from typing import Any
+from typing import Any, get_args
 
 import msgpack
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from broker import topics
 from broker.chunking import CHUNK_OVERHEAD, ChunkAssembler, encode_chunks, split
 from broker.client import parse_broker_url
 from broker.errors import (
     ChunkError,
+    ChunkTooLarge,
     MessageTooLarge,
     SchemaError,
     TopicError,
@@ -135,6 +137,17 @@ def test_invalid_node_ids_are_refused(bad: str) -> None:
     assert not topics.is_valid_node_id(bad)
 
 
+@pytest.mark.parametrize("bad", [".", "..", "a/b", "x" * 65, ""])
+def test_wire_node_ids_follow_the_topics_rule(bad: str) -> None:
+    """`--node-id ..` used to pass every pattern and then die building a topic: one rule now."""
+    with pytest.raises(ValidationError):
+        NodeMeta(node_id=bad, arch_id="mlp", lineage="b", hist=[])
+    with pytest.raises(SchemaError):
+        decode(msgpack.packb({**SAMPLES["meta"].model_dump(), "node_id": bad}))
+    for ok in ("...", "a.b", "-_-", "x" * 64):
+        assert NodeMeta(node_id=ok, arch_id="mlp", lineage="b", hist=[]).node_id == ok == topics.validate_node_id(ok)
+
+
 def test_parse_node_topic_round_trip() -> None:
     for leaf in topics.NODE_LEAVES:
         topic = f"clue/v1/node/edge-7/{leaf}"
@@ -161,6 +174,42 @@ def test_topic_classes() -> None:
     # Message types override the topic's class: a KT blob on a reply topic counts as kt.
     assert KtBlob.byte_class == KtRequest.byte_class == "kt"
     assert HelperList.byte_class == HelpQuery.byte_class == "query"
+
+
+def test_every_topic_kind_has_a_rule_naming_registered_types() -> None:
+    """A typo in the table would refuse every message on that topic: names must be real types."""
+    registered = set(message_types())
+    assert set(topics.TOPIC_RULES) == set(get_args(topics.TopicKind))
+    for kind, rule in topics.TOPIC_RULES.items():
+        assert rule.accepts is None or (rule.accepts and set(rule.accepts) <= registered), kind
+    kinds = {
+        topics.node_batch("a"): ("node/batch", ("batch",)),
+        topics.node_kt("a"): ("node/kt", ("kt.request",)),
+        topics.relay_kt(): ("relay/kt", ("kt.request",)),
+        topics.node_config("a"): ("node/config", ("config.patch",)),
+        topics.fleet_config(): ("fleet/config", ("config.patch",)),
+        topics.node_config_ack("a"): ("node/config/ack", ("config.ack",)),
+        topics.mds_query_shared(): ("mds/query", ("mds.query",)),
+        topics.node_reply("a"): ("node/reply", ("mds.reply", "kt.blob", "error")),
+        topics.relay_reply("r"): ("relay/reply", ("mds.reply", "kt.blob", "error")),
+        topics.fl_updates("j"): ("fl/update", ("fl.update",)),
+        topics.fl_global("j"): ("fl/global", ("fl.global",)),
+    }
+    for topic, (kind, accepts) in kinds.items():
+        assert (topics.topic_kind(topic), topics.topic_rule(topic).accepts) == (kind, accepts), topic
+    for leaf in topics.NODE_LEAVES:
+        assert topics.topic_kind(f"clue/v1/node/x/{leaf}") == f"node/{leaf}"
+    assert topics.topic_rule(topics.node_config("a")).max_bytes == topics.topic_rule(topics.fleet_config()).max_bytes
+    assert topics.topic_rule(topics.fleet_config()).max_bytes == topics.MAX_CONFIG_BYTES == 64 << 10
+    for other in ("test/x/batch", "clue/v1/node/a", "clue/v1/unknown", "clue/v1/node/a/b/batch"):
+        assert topics.topic_kind(other) is None and topics.topic_rule(other) == topics.TopicRule()
+
+
+def test_is_reply_topic_is_exact() -> None:
+    assert topics.is_reply_topic(topics.node_reply("a")) and topics.is_reply_topic(topics.relay_reply("r1"))
+    for bad in [topics.node_events("a"), topics.node_kt("a"), "clue/v1/node/../reply", "clue/v1/node/+/reply",
+                "clue/v1/node/a/reply/x", "clue/v1/node/a/b/reply", "x/clue/v1/node/a/reply", "clue/v1/relay/kt", None]:
+        assert not topics.is_reply_topic(bad), bad  # type: ignore[arg-type]
 
 
 def test_filters_and_matching() -> None:
@@ -240,6 +289,32 @@ def test_reply_topic_must_be_ours() -> None:
     for bad in ["elsewhere/topic", "clue/v1/node/+/reply", "$SYS/x"]:
         with pytest.raises(SchemaError):
             decode(msgpack.packb({**q, "reply_to": bad}))
+
+
+@pytest.mark.parametrize(
+    "bad", ["clue/v1/node/n1/events", "clue/v1/fl/j/global", "clue/v1/node/../reply", "clue/v1/node/n1/reply/x"]
+)
+def test_reply_to_must_be_a_reply_topic(bad: str) -> None:
+    """A request naming another node's events topic would have its helper publish a whole model
+    there: only `node/{id}/reply` and `relay/{id}/reply` are places to answer."""
+    for name in ("mds.query", "kt.request"):
+        with pytest.raises(SchemaError, match="reply topic"):
+            decode(msgpack.packb({**SAMPLES[name].model_dump(), "reply_to": bad}))
+    via_relay = SAMPLES["kt.request"].evolve(reply_to=topics.relay_reply("r1"))
+    assert decode(encode(via_relay)).reply_to == "clue/v1/relay/r1/reply"
+
+
+def test_a_key_given_twice_is_refused() -> None:
+    """Readers disagree on which of two values wins; refuse rather than pick one."""
+    fields = SAMPLES["meta"].model_dump()
+    assert len(fields) < 15  # a fixmap: its header byte is 0x80 + the number of pairs
+    twice = bytes([0x80 + len(fields) + 1]) + msgpack.packb(fields)[1:] + msgpack.packb("node_id") + msgpack.packb("n2")
+    with pytest.raises(SchemaError, match="duplicate key 'node_id'"):
+        decode(twice)
+    nested = msgpack.packb({"v": 1, "type": "config.patch", "values": {"z": 0.3}})
+    nested = nested.replace(b"\x81\xa1z\xcb", b"\x82\xa1z\xc3\xa1z\xcb")  # values: {"z": true, "z": 0.3}
+    with pytest.raises(SchemaError, match="duplicate key 'z'"):
+        decode_config(nested)
 
 
 def test_size_depth_and_ext_limits() -> None:
@@ -351,6 +426,19 @@ def test_decode_config_size_limit() -> None:
         decode_config(b'{"z": "' + b"a" * 70000 + b'"}')
 
 
+@pytest.mark.parametrize("text", [b"z=0.3", b"z: 0.3", b"5", b"[1, 2]", b"true"])
+def test_decode_config_says_what_it_expected(text: bytes) -> None:
+    """`mosquitto_pub -m 'z=0.3'` answered `ExtraData: unpack(b) received extra data`."""
+    with pytest.raises(WireError, match=r"config message is neither JSON \(an object\) nor msgpack"):
+        decode_config(text)
+
+
+@pytest.mark.parametrize("text", [b'{"z": 0.3, "z": 0.4}', b'{"drift": {"window": 5, "window": 6}}'])
+def test_decode_config_refuses_duplicate_json_keys(text: bytes) -> None:
+    with pytest.raises(SchemaError, match="duplicate key"):
+        decode_config(text)
+
+
 # --- chunking --------------------------------------------------------------------------------
 
 
@@ -418,6 +506,40 @@ def test_reassembly_refusals_and_deadline() -> None:
     dropped = asm.expire()
     assert len(dropped) == 1 and dropped[0].received_chunks == 1 and asm.pending == 0 and asm.buffered_bytes == 0
     assert asm.add(chunks[1]) is None and asm.duplicates == 1  # late chunk of a discarded transfer
+
+
+def test_reassembly_is_bounded_by_the_receivers_limit_per_call() -> None:
+    """The limit is where the chunks arrive, checked on the first chunk, before anything is
+    buffered; one error per transfer, its later chunks dropped and counted."""
+    payload = os.urandom(5000)
+    chunks = split(payload, chunk_bytes=1512, cls="other")
+    asm = ChunkAssembler(max_bytes=1 << 20)
+    with pytest.raises(ChunkTooLarge) as info:
+        asm.add(chunks[0], max_bytes=4999)
+    assert isinstance(info.value, MessageTooLarge) and isinstance(info.value, ChunkError)
+    assert asm.pending == 0 and asm.buffered_bytes == 0
+    assert [asm.add(c, max_bytes=4999) for c in chunks[1:]] == [None] * (len(chunks) - 1)
+    assert asm.refused_chunks == len(chunks) - 1 and asm.duplicates == 0 and asm.rejected == 1
+    # The assembler's own bound still holds when a call asks for more.
+    with pytest.raises(ChunkTooLarge):
+        ChunkAssembler(max_bytes=4000).add(chunks[0], max_bytes=1 << 30)
+    asm = ChunkAssembler()
+    assert [asm.add(c, max_bytes=5000) for c in chunks][-1] == payload  # exactly at the limit
+
+
+def test_a_transfer_belongs_to_the_topic_its_chunks_arrive_on() -> None:
+    """Chunks sent to another topic (with another limit and other accepted types) can neither
+    complete a transfer nor disturb it."""
+    payload = os.urandom(5000)
+    chunks = split(payload, chunk_bytes=1512)
+    asm = ChunkAssembler()
+    assert [asm.add(c, source="a/batch") for c in chunks[:-1]] == [None] * (len(chunks) - 1)
+    assert asm.add(chunks[-1], source="a/reply") is None
+    assert asm.add(chunks[0].model_copy(update={"total": 4999}), source="a/other") is None  # no "disagrees"
+    assert asm.pending == 3
+    assert asm.add(chunks[-1], source="a/batch") == payload
+    discarded = asm.expire(now=1e18)
+    assert {d.source for d in discarded} == {"a/reply", "a/other"} and asm.pending == 0
 
 
 # --- fuzzing ---------------------------------------------------------------------------------

@@ -81,6 +81,13 @@ _F16_SUBNORMAL_ABS = 2.0**-25
 _F32_ROUNDING = 2.0**-23
 # Below this many float16 values numpy's conversions (to and from float32) beat torch's call overhead.
 _TORCH_WIDEN_MIN = 4096
+# decoded_size_bound's terms (its docstring says why each is enough).
+_BOUND_PER_PARAM = 4 + _VARINT_MAX_BYTES
+_BOUND_PER_TENSOR = 512
+_BOUND_PER_CLASS = 9
+_BOUND_TOP = 64 << 10
+# What one streaming read of a frame without a declared size may produce.
+_STREAM_CHUNK = 1 << 20
 
 
 def _is_int(x: object) -> bool:
@@ -92,7 +99,8 @@ class BlobLimits:
     """Caps the decoder enforces on an untrusted blob before and while reading it.
 
     ``max_blob_bytes`` bounds the compressed input and ``max_decoded_bytes`` what zstd may
-    produce; the others bound the msgpack structure.
+    produce whatever the model (``decode_blob`` lowers it to the model's own bound); the others
+    bound the msgpack structure.
     """
 
     max_blob_bytes: int = 64 << 20
@@ -190,35 +198,63 @@ def decode_blob(
     num_classes: int,
     base: Mapping[str, torch.Tensor] | None = None,
     limits: BlobLimits = BlobLimits(),
+    max_decoded_bytes: int | None = None,
 ) -> SignificantParams:
     """Parse and verify an untrusted blob against the local model; values come back absolute.
 
     ``arch_id``, ``lineage``, ``shapes`` (parameter name -> exact shape) and ``num_classes``
-    describe the local model; ``base`` is needed for delta blobs. Every defect of the blob
-    raises :class:`KtRejected` naming what was wrong, chained to the underlying error if any;
-    a ``base`` tensor whose size disagrees with ``shapes`` is a caller bug (``ValueError``).
+    describe the local model; ``base`` is needed for delta blobs. zstd may produce at most
+    ``max_decoded_bytes`` (default :func:`decoded_size_bound` of the model), and never more than
+    ``limits.max_decoded_bytes``. Every defect of the blob, a blob that carries no parameter
+    among them, raises :class:`KtRejected` naming what was wrong, chained to the underlying
+    error if any; a ``base`` tensor whose size disagrees with ``shapes`` is a caller bug
+    (``ValueError``).
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise KtRejected(f"blob must be bytes, got {type(data).__name__}")
     data = bytes(data)
     if len(data) > limits.max_blob_bytes:
         raise KtRejected(f"blob is {len(data)} bytes, over the {limits.max_blob_bytes} cap")
-    raw = _decompress(data, limits.max_decoded_bytes)
+    if max_decoded_bytes is None:
+        max_decoded_bytes = decoded_size_bound(shapes, num_classes)
+    elif not _is_int(max_decoded_bytes) or max_decoded_bytes <= 0:
+        raise ValueError(f"max_decoded_bytes must be a positive int, got {max_decoded_bytes!r}")
+    cap = min(max_decoded_bytes, limits.max_decoded_bytes)
+    raw = _decompress(data, cap)
     str_cap = max(limits.max_name_len, len(arch_id.encode()), len(lineage.encode()), 16)
     try:
         doc = msgpack.unpackb(
             raw,
             raw=False,
             strict_map_key=True,
-            max_bin_len=limits.max_decoded_bytes,
+            max_bin_len=cap,
             max_str_len=str_cap,
             max_array_len=max(limits.max_tensors, limits.max_ndim, limits.max_classes),
             max_map_len=len(_TENSOR_KEYS) + 1,
             max_ext_len=0,
         )
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
-        raise KtRejected(f"blob is not valid msgpack: {exc}") from exc
+        raise KtRejected(f"blob is not valid msgpack: {_reason(exc)}") from exc
     return _verify(doc, arch_id, lineage, shapes, num_classes, base, limits)
+
+
+def decoded_size_bound(shapes: Mapping[str, tuple[int, ...]], num_classes: int) -> int:
+    """The most decoded (msgpack) bytes any blob this model's decoder accepts can hold.
+
+    Loose on purpose, so that it never refuses a blob the checks would pass: per parameter a
+    float32 value and the longest varint position the decoder takes (13 bytes; a real blob
+    spends at most 4 1/8); per tensor its name and 512 bytes of keys, headers, shape, ``n`` and
+    ``scale``; per class one msgpack int; and 64 KiB for the rest of the top level. The MLP's
+    is 6.3 MB, where ``BlobLimits`` alone allows 256 MiB (a frame of 6.3 MB of zeros is 220 bytes).
+
+    >>> decoded_size_bound({"w": (2, 3)}, 2)
+    66145
+    """
+    per_tensor = sum(
+        _BOUND_PER_PARAM * math.prod(shape) + _BOUND_PER_TENSOR + len(name.encode())
+        for name, shape in shapes.items()
+    )
+    return per_tensor + _BOUND_PER_CLASS * num_classes + _BOUND_TOP
 
 
 def bytes_per_param(blob: bytes, sig: SignificantParams) -> float:
@@ -226,6 +262,11 @@ def bytes_per_param(blob: bytes, sig: SignificantParams) -> float:
     if sig.count == 0:
         raise ValueError("no parameters transferred")
     return len(blob) / sig.count
+
+
+def _reason(exc: BaseException) -> str:
+    """An exception as ``Type: message``; some (msgpack's FormatError) carry no message at all."""
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def _fits_float16(v: np.ndarray) -> bool:
@@ -440,35 +481,45 @@ def _bitmask_decode(buf: bytes, n: int, numel: int, name: str) -> np.ndarray:
 
 
 def _decompress(data: bytes, cap: int) -> bytes:
+    """The one zstd frame ``data`` holds; no step ever holds more than ``cap`` decoded bytes."""
     try:
         declared = zstandard.frame_content_size(data)
         has_checksum = zstandard.get_frame_parameters(data).has_checksum
     except zstandard.ZstdError as exc:
-        raise KtRejected(f"blob is not a zstd frame: {exc}") from exc
+        raise KtRejected(f"blob is not a zstd frame: {_reason(exc)}") from exc
     if not has_checksum:
         raise KtRejected("blob's zstd frame carries no checksum")
     if declared > cap:
         raise KtRejected(f"blob declares {declared} decoded bytes, over the {cap} cap")
     dctx = zstandard.ZstdDecompressor()
     if declared > 0:
-        # The common case in one call straight into a buffer of the declared size (the streaming
-        # path below joins 128 KiB pieces): it too checks the checksum, the size and that nothing
-        # follows the frame. Whatever it refuses, the streaming path refuses and names.
+        # The common case in one call straight into a buffer of the declared size (at most cap;
+        # zstd stops where a frame outgrows it): it too checks the checksum, the size and that
+        # nothing follows the frame. Whatever it refuses, the path below refuses and names.
         try:
             return dctx.decompress(data, allow_extra_data=False)
         except zstandard.ZstdError:
             pass
+    # Measure first, one bounded read at a time, so that the pass below, which keeps all it
+    # decodes, is known to fit.
+    total = 0
     try:
-        if declared < 0:
-            # No declared size: measure through a reader that never holds more than cap + 1.
-            if len(dctx.stream_reader(data).read(cap + 1)) > cap:
+        reader = dctx.stream_reader(data)
+        while chunk := reader.read(_STREAM_CHUNK):
+            total += len(chunk)
+            if total > cap:
                 raise KtRejected(f"blob decodes to more than the {cap} byte cap")
-        # The output is now known to fit; a decompressobj stops at the frame's end, verifies the
-        # checksum and tells truncation (no eof) and trailing bytes (unused_data) apart.
+    except zstandard.ZstdError:
+        # The frame breaks off within the cap; the pass below decodes the same bytes to the same
+        # point and names what is wrong.
+        pass
+    try:
+        # A decompressobj stops at the frame's end, verifies the checksum and tells truncation
+        # (no eof) and trailing bytes (unused_data) apart.
         dobj = dctx.decompressobj()
         out = dobj.decompress(data)
     except zstandard.ZstdError as exc:
-        raise KtRejected(f"blob's zstd frame is corrupt: {exc}") from exc
+        raise KtRejected(f"blob's zstd frame is corrupt: {_reason(exc)}") from exc
     if not dobj.eof:
         raise KtRejected("blob's zstd frame is truncated")
     if dobj.unused_data:
@@ -531,7 +582,12 @@ def _verify(
             raise KtRejected(f"tensor {sl.name!r} appears twice")
         seen.add(sl.name)
         slices.append(sl)
-    return SignificantParams(arch_id, lineage, tuple(classes), z, tuple(slices))
+    sig = SignificantParams(arch_id, lineage, tuple(classes), z, tuple(slices))
+    if sig.count == 0:
+        # Nothing to install: a helper built from it would be the target's own copy.
+        detail = f": its {len(slices)} tensors are empty" if slices else ""
+        raise KtRejected(f"blob carries no parameters{detail}")
+    return sig
 
 
 def _verify_tensor(

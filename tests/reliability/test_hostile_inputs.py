@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 
 import msgpack
+import numpy as np
 import pytest
 import torch
 import zstandard
@@ -22,7 +23,7 @@ import zstandard
 from agent.daemon import AgentDaemon
 from broker import topics
 from broker.chunking import split
-from broker.wire import ConfigAck, Event, encode
+from broker.wire import ConfigAck, ConfigPatch, Event, KtRequest, encode
 
 from test_daemons_e2e import Clusters, Learner_clone_for_blobs, _hostile_blobs, _rogue, fleet, start_victim  # noqa: F401
 
@@ -72,17 +73,39 @@ def _config_cases() -> dict[str, bytes]:
     }
 
 
-def _batch_cases(victim: str) -> dict[str, list[bytes]]:
-    def batch(**x) -> bytes:
-        return msgpack.packb({"v": 1, "type": "batch", "batch_id": 999, "x": x}, use_bin_type=True)
+def _batch_cases(victim: str, ids: dict[str, str]) -> dict[str, list[bytes]]:
+    def batch(y: np.ndarray | None = None, **x) -> bytes:
+        labels = None if y is None else {"dtype": "int64", "shape": [len(y)], "data": y.astype("<i8").tobytes()}
+        return msgpack.packb({"v": 1, "type": "batch", "batch_id": 999, "x": x, "y": labels}, use_bin_type=True)
 
+    def filled(value, dtype: str, n: int = 8) -> dict:
+        return {"dtype": dtype, "shape": [n, 784], "data": np.full((n, 784), value, dtype=dtype).tobytes()}
+
+    labels = np.arange(8) % 8
     transfer = split(b"\0" * 1024, chunk_bytes=700)[0].model_dump()
     oversized = {**transfer, "total": 1 << 30, "count": 1 << 15}
+    # Above the agent's 16 MiB batch limit, below the bus's 64 MiB blob limit: once reassembled
+    # unchecked, now refused at the first chunk.
+    over_batch_limit = {**transfer, "total": 20 << 20, "count": 80}
+    kt_request = KtRequest.model_construct(
+        classes=[1], z=1.0, value_codec="float32", reply_to=topics.node_events(victim), corr="c1", **ids
+    )
     return {
         "huge_shape": [batch(dtype="float32", shape=[1 << 28, 1 << 28], data=b"\0" * 16)],
         "unknown_dtype": [batch(dtype="complex64", shape=[2, 2], data=b"\0" * 32)],
         "deep_msgpack": [DEEP],
         "oversized_transfer": [msgpack.packb(oversized, use_bin_type=True)],
+        # crash: the model cannot take a sample without a feature axis
+        "one_dimensional_x": [batch(dtype="float32", shape=[784], data=np.zeros(784, "<f4").tobytes())],
+        # non-finite training: finite inputs that overflow the network
+        "huge_finite_labelled": [batch(labels, **filled(3e38, "<f4"))],
+        "1e30_labelled": [batch(labels, **filled(1e30, "<f4"))],
+        "raw_uint8_pixels": [batch(labels, **filled(255, "uint8"))],
+        # topic/role confusion: a helper's request where batches go
+        "kt_request_on_batch_topic": [encode(kt_request)],
+        "config_patch_on_batch_topic": [encode(ConfigPatch(values={"z": 0.3}))],
+        # limit bypass through chunking
+        "chunked_over_batch_limit": [msgpack.packb(over_batch_limit, use_bin_type=True)],
     }
 
 
@@ -153,7 +176,7 @@ def test_hostile_blobs_configs_and_batches_are_refused_and_state_stays_bit_ident
         assert collector.wait_for(lambda: len(collector.events_of("victim", "config_refused")) == len(configs), 30)
 
         sender = fleet.client()
-        cases = _batch_cases("victim")
+        cases = _batch_cases("victim", ids)
         for payloads in cases.values():
             for payload in payloads:
                 sender.publish(topics.node_batch("victim"), payload)
