@@ -17,7 +17,8 @@ Connection options mirror ``mosquitto_pub``'s (``-h``, ``-p``, ``--cafile``, ``-
 command line would be visible to every user of the machine through ``ps``, so ``-P`` is refused.
 
 Exit codes: 0 done; 1 a node refused the patch; 2 bad usage; 3 a node did not answer in time (or
-none was online); 4 the broker could not be reached or refused us.
+none was online, or ``status`` saw no node at all); 4 the broker could not be reached, or refused
+the connection or a subscription the command needs.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from typing import Any, Sequence, TextIO
 from pydantic import ValidationError
 
 from broker import topics
-from broker.client import ErrorEvent, Inbound, MqttClient, parse_broker_url
+from broker.client import ErrorEvent, Inbound, MqttClient, iter_inbox, parse_broker_url
 from broker.errors import BusError
 from broker.wire import ConfigAck, ConfigPatch, Event, NodeMeta
 
@@ -49,6 +50,10 @@ EXIT_UNREACHABLE = 4
 RETAINED_QUIET_S = 0.3
 #: Every node's config acks (``broker.topics`` has no wildcard helper for them).
 ALL_CONFIG_ACKS = f"{topics.PREFIX}/node/+/config/ack"
+#: Why nothing may arrive although nodes did publish: Mosquitto 2.0 grants a subscription its ACL
+#: file denies and then delivers nothing, so an identity that may not read looks like an empty fleet.
+UNREADABLE = ("Mosquitto grants a subscription its ACL denies and delivers nothing; "
+              "under the fleet ACL only the operator's certificate reads the fleet")
 
 
 class UsageError(Exception):
@@ -57,6 +62,10 @@ class UsageError(Exception):
 
 class Unreachable(Exception):
     """The broker could not be reached, or refused the connection (exit 4)."""
+
+
+class Refused(Unreachable):
+    """The broker refused a subscription the command needs (exit 4): it would wait for nothing."""
 
 
 # --- the command line ----------------------------------------------------------------------------
@@ -165,8 +174,9 @@ def client_settings(args: argparse.Namespace) -> dict[str, Any]:
     return {
         **settings, "client_id": client_id, "tls": tls, "tls_ca": args.cafile, "tls_cert": args.cert,
         "tls_key": args.key, "username": args.username, "password_file": args.pw_file,
-        # A short clean session: nothing of ours lingers on the broker after we exit.
-        "session_expiry": 10, "clean_start": True, "name": "clue-ctl", "reconnect_max_delay": 2.0,
+        # A clean session that the broker drops 1 s after we exit (MqttClient refuses 0): a longer
+        # one would queue the fleet's events and acks for a client that is gone.
+        "session_expiry": 1, "clean_start": True, "name": "clue-ctl", "reconnect_max_delay": 2.0,
     }
 
 
@@ -174,7 +184,7 @@ def client_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def connect(settings: dict[str, Any], filters: Sequence[str], timeout: float) -> MqttClient:
-    """A started client, connected and subscribed to ``filters``; Unreachable otherwise."""
+    """A started client, connected and subscribed to ``filters``; Unreachable (or Refused) otherwise."""
     try:
         client = MqttClient(**settings)
     except ValueError as exc:
@@ -191,10 +201,19 @@ def connect(settings: dict[str, Any], filters: Sequence[str], timeout: float) ->
         client.stop()
         where = settings.get("unix_socket") or f"{settings.get('host')}:{settings.get('port')}"
         raise Unreachable(f"the broker refused the connection: {refusal}" if refusal else f"no connection to {where} within {timeout:g} s")
+    if client.stats()["subscribe_refused"]:
+        # The SUBACK said no; its ErrorEvent follows, perhaps after retained messages of the rest.
+        refusal = next((i for i in iter_inbox(client, 1.0) if isinstance(i, ErrorEvent) and i.context == "subscribe"), None)
+        client.stop()
+        raise Refused(f"the broker refused our subscription to {', '.join(filters)} ({refusal.error if refusal else 'refused in the SUBACK'}): "
+                      "this identity may not read them; under the fleet ACL, connect with the operator's certificate")
     return client
 
 
-def _warn(item: ErrorEvent, err: TextIO) -> None:
+def _client_error(item: ErrorEvent, err: TextIO) -> None:
+    """Warn of a client error; a subscription refused (on a reconnect) ends the command."""
+    if item.context == "subscribe":
+        raise Refused(f"the broker refused a subscription on reconnecting ({item.error})")
     print(f"clue-ctl: warning: {item.context} error on {item.topic or 'the connection'}: {item.error}", file=err)
 
 
@@ -207,7 +226,7 @@ def read_retained(client: MqttClient, *, quiet: float = RETAINED_QUIET_S, limit:
         if item is None:
             break
         if isinstance(item, ErrorEvent):
-            _warn(item, err)
+            _client_error(item, err)
         elif item.retained:
             got.append(item)
     return got
@@ -284,9 +303,9 @@ def cmd_status(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         print(json.dumps([dataclasses.asdict(r) for r in rows], indent=2), file=out)
     elif rows:
         print(format_table(rows), file=out)
-    else:
-        print("no node has published its status or metadata on this broker", file=out)
-    return EXIT_OK
+    if not rows:
+        print(f"no node's status or metadata arrived: none has published on this broker, or this identity may not read them ({UNREADABLE})", file=err)
+    return EXIT_OK if rows else EXIT_TIMEOUT
 
 
 def cmd_set(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -323,7 +342,7 @@ def _wait_acks(client: MqttClient, patch_id: str, expected: set[str], timeout: f
     while not expected <= set(acks) and (left := deadline - time.monotonic()) > 0:
         item = client.get(timeout=left)
         if isinstance(item, ErrorEvent):
-            _warn(item, err)
+            _client_error(item, err)
         elif item is not None and isinstance(item.message, ConfigAck) and item.message.patch_id == patch_id:
             acks[item.message.node_id] = item.message
     return acks
@@ -331,7 +350,8 @@ def _wait_acks(client: MqttClient, patch_id: str, expected: set[str], timeout: f
 
 def _report(values: dict[str, Any], expected: list[str], acks: dict[str, ConfigAck], args: argparse.Namespace, out: TextIO) -> int:
     if not expected and not acks:
-        print("no node is online (retained status); the patch was published" + (" and retained" if args.retain else ""), file=out)
+        print(f"no node is online (retained status), or this identity may not read it ({UNREADABLE}); "
+              "the patch was published" + (" and retained" if args.retain else ""), file=out)
         return EXIT_TIMEOUT
     refused = missing = 0
     for node in sorted(set(expected) | set(acks)):
@@ -371,7 +391,7 @@ def cmd_watch(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         while args.count is None or seen < args.count:
             item = client.get(timeout=1.0)
             if isinstance(item, ErrorEvent):
-                _warn(item, err)
+                _client_error(item, err)
                 continue
             if item is None or not isinstance(item.message, Event):
                 continue

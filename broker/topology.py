@@ -118,6 +118,7 @@ ROLES: dict[str, tuple[Grant, ...]] = {
     "collector": (
         Grant("read", topics.all_predictions(), "simulator: predictions"),
         Grant("read", topics.all_events(), "simulator: events"),
+        Grant("read", topics.all_status(), "simulator: liveness (clue-sim feed waits for every node online)"),
     ),
     "aggregator": (
         Grant("read", f"{topics.PREFIX}/fl/+/update/+", "FedAvg baseline: node updates"),

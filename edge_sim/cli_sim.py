@@ -6,12 +6,19 @@
     clue-sim all --out runs/all [--resume]   # every shipped scenario into one report (long)
     clue-sim base --scenario default --out base.npz          # a fleet's shared base model
     clue-sim feed --broker URL --scenario default --nodes a,b,c,d,e --out DIR   # agents run elsewhere
+    clue-sim feed --broker mqtts://broker.lan:8883 --tls-ca ca.crt --tls-cert feeder.crt --tls-key feeder.key \
+        --collector-tls-cert collector.crt --collector-tls-key collector.key --nodes a,b,c --out DIR
+
+``feed`` plays the workload to as many nodes as ``--nodes`` names (the scenario's ``nodes`` is
+replaced by that count); the fleet's base model comes from ``clue-sim base`` of the same scenario.
+Under the fleet ACL feeding and reading are two identities, ``feeder`` and ``collector``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -57,6 +64,36 @@ def _finished(out: Path, scn: Scenario) -> dict | None:
     return saved["summary"]
 
 
+def _with_nodes(scn: Scenario, count: int) -> Scenario:
+    """``scn`` for ``count`` nodes. The base model and node i's workload do not depend on the count
+    (a wrong helper is the last node, whatever the count); FedAvg, which a feed does not run, is
+    capped so that the scenario stays valid."""
+    try:
+        return Scenario.model_validate({
+            **scn.model_dump(), "nodes": count,
+            "fedavg": {**scn.fedavg.model_dump(), "per_round": min(scn.fedavg.per_round, count)},
+        })
+    except ValueError as exc:
+        raise ConfigError(f"--nodes: {exc}") from exc
+
+
+def _feed_tls(args: argparse.Namespace) -> tuple[dict[str, str] | None, dict[str, str] | None]:
+    """``MqttClient`` TLS settings of the feeding client and of the reading one (None: none)."""
+    for option in ("tls_ca", "tls_cert", "tls_key", "collector_tls_cert", "collector_tls_key"):
+        path = getattr(args, option)
+        if path is not None and not os.access(path, os.R_OK):
+            raise ConfigError(f"--{option.replace('_', '-')} {path}: not a readable file")
+    if (args.collector_tls_cert is None) != (args.collector_tls_key is None):
+        raise ConfigError("--collector-tls-cert and --collector-tls-key go together")
+
+    def identity(cert: str | None, key: str | None) -> dict[str, str] | None:
+        given = {"tls_ca": args.tls_ca, "tls_cert": cert, "tls_key": key}
+        return {k: v for k, v in given.items() if v is not None} or None
+
+    reader = identity(args.collector_tls_cert, args.collector_tls_key) if args.collector_tls_cert else None
+    return identity(args.tls_cert, args.tls_key), reader
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="clue-sim", description="CLUE Edge fleet simulator (real daemons over MQTT).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -77,10 +114,15 @@ def main(argv: list[str] | None = None) -> int:
     base.add_argument("--scenario", default="default")
     base.add_argument("--out", type=Path, required=True)
     feed = sub.add_parser("feed", help="play a scenario's workload to agents run elsewhere (e.g. docker compose)")
-    feed.add_argument("--scenario", default="default")
-    feed.add_argument("--broker", required=True)
-    feed.add_argument("--nodes", required=True, help="comma-separated node ids; the first is the target")
-    feed.add_argument("--out", type=Path, required=True)
+    feed.add_argument("--scenario", default="default", help="a TOML file or a shipped name (default: default)")
+    feed.add_argument("--broker", required=True, help="mqtt://host:port, mqtts://host:port or unix:///path")
+    feed.add_argument("--nodes", required=True, help="comma-separated node ids, 2 to 64 (the scenario's node count is replaced); the first is the target")
+    feed.add_argument("--out", type=Path, required=True, help="report folder")
+    feed.add_argument("--tls-ca", help="CA certificate file (turns TLS on)")
+    feed.add_argument("--tls-cert", help="client certificate file (CN feeder under the fleet ACL)")
+    feed.add_argument("--tls-key", help="client key file")
+    feed.add_argument("--collector-tls-cert", help="certificate of a second client that reads predictions, events and status (CN collector)")
+    feed.add_argument("--collector-tls-key", help="its key file")
     args = parser.parse_args(argv)
     console = Console(stderr=False)
 
@@ -98,8 +140,10 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"wrote {args.out} (scenario {scn.name}, seed {scn.seeds[0]})")
             return 0
         if args.command == "feed":
-            scn = load_scenario(args.scenario)
-            run = feed_external(scn, args.broker, [n.strip() for n in args.nodes.split(",") if n.strip()])
+            nodes = [n.strip() for n in args.nodes.split(",") if n.strip()]
+            scn = _with_nodes(load_scenario(args.scenario), len(nodes))
+            tls, collector_tls = _feed_tls(args)
+            run = feed_external(scn, args.broker, nodes, tls=tls, collector_tls=collector_tls)
             summary = write_report(scn, [run], args.out)
             print(headline_table(summary, False))
             return 0

@@ -12,12 +12,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import os
 import shutil
 import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+import uuid
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,9 +98,17 @@ def mode_settings(scn: Scenario, mode: str, members: list[str], seed: int) -> di
 
 
 class Fleet:
-    """The processes and clients of one simulator run (broker, MdS, observer); closes them all."""
+    """The processes and clients of one simulator run (broker, MdS, observer); closes them all.
 
-    def __init__(self, workdir: Path, broker_url: str | None, *, start_mds: bool = True) -> None:
+    ``tls`` (``tls_ca``, ``tls_cert``, ``tls_key``) is the identity that feeds and, without
+    ``collector_tls``, reads too; under the fleet ACL feeding and reading are two identities
+    (``feeder``, ``collector``), so ``collector_tls`` makes a second client that reads.
+    """
+
+    def __init__(
+        self, workdir: Path, broker_url: str | None, *, start_mds: bool = True,
+        tls: Mapping[str, str] | None = None, collector_tls: Mapping[str, str] | None = None,
+    ) -> None:
         self.workdir = workdir
         self._stack = contextlib.ExitStack()
         if broker_url is None:
@@ -109,14 +119,23 @@ class Fleet:
         self.children: list[Child] = []
         if start_mds:
             self.children.append(spawn_mds(broker_url, workdir / "mds.db", workdir / "logs"))
-        self.client = MqttClient.from_url(broker_url, client_id=f"clue-sim-{int(time.time() * 1000) % 10**9}")
-        self.client.start()
-        if not self.client.wait_connected(30):
-            raise RuntimeError(f"cannot connect to the broker at {broker_url}")
-        self.collector = Collector(self.client).start()
+        self.client = sim_client(broker_url, "clue-sim", tls)
+        reader = sim_client(broker_url, "clue-sim-collector", collector_tls) if collector_tls else self.client
+        self.collector = Collector(reader).start()
         self.status = self.collector.status
-        self.client.wait_subscribed(10)
         self.feeder = Feeder(self.client, self.collector)
+        self._clients = [self.client] + ([reader] if reader is not self.client else [])
+        try:
+            for client in self._clients:
+                client.start()
+            for client in self._clients:
+                if not client.wait_subscribed(30):
+                    raise RuntimeError(f"{client.name}: cannot connect to the broker at {broker_url} ({client.last_refusal or 'no answer'})")
+                if client.stats()["subscribe_refused"]:
+                    raise RuntimeError(f"{client.name}: the broker refused its subscriptions (see its ACL)")
+        except BaseException:
+            self.close()
+            raise
 
     def wait_status(self, predicate: Callable[[], bool], timeout: float) -> bool:
         return self.collector.wait_for(predicate, timeout)
@@ -125,8 +144,22 @@ class Fleet:
         for child in self.children:
             child.terminate(15)
         self.collector.stop()
-        self.client.stop()
+        for client in self._clients:
+            client.stop()
         self._stack.close()
+
+
+def sim_client(broker_url: str, name: str, tls: Mapping[str, str] | None = None) -> MqttClient:
+    """A client of the simulator: a clean session the broker drops 1 s after it goes.
+
+    The simulator's clients are one-shot. A persistent session (the agents' 3600 s) would queue
+    every prediction and event of the fleet for a run long over, up to the broker's queue limit,
+    each message one more save of a database saved on every change. ``MqttClient`` refuses a
+    session expiry of 0, so 1 s. The id, not a node id (the colons), makes the client subscribe
+    to no node's reply topic.
+    """
+    client_id = f"{name}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    return MqttClient.from_url(broker_url, client_id=client_id, name=name, clean_start=True, session_expiry=1, **(tls or {}))
 
 
 def _per_class(y: np.ndarray, y_hat: np.ndarray) -> dict[int, float]:
@@ -304,17 +337,19 @@ def _workload(scn: Scenario):
 
 def feed_external(
     scn: Scenario, broker_url: str, node_ids: list[str], *, progress: Progress | None = None, workdir: Path | None = None,
+    tls: Mapping[str, str] | None = None, collector_tls: Mapping[str, str] | None = None,
 ) -> ModeRun:
     """Play the scenario's workload (first seed) to agents someone else runs, e.g. a compose fleet.
 
     Node i of ``node_ids`` is workload node i (node 0 the target). Their base model must be the one
-    ``clue-sim base`` wrote for the same scenario, so the data split matches.
+    ``clue-sim base`` wrote for the same scenario, so the data split matches. ``tls`` and
+    ``collector_tls``: as for ``Fleet``.
     """
     data = load_dataset(scn.dataset)
     seed = scn.seeds[0]
     _, rest = prepare_base(scn, seed, data)
     with _workdir(workdir) as wd:
-        fleet = Fleet(wd, broker_url, start_mds=False)
+        fleet = Fleet(wd, broker_url, start_mds=False, tls=tls, collector_tls=collector_tls)
         try:
             return run_mode(fleet, scn, "external", seed, data, None, rest, progress, external=node_ids)
         finally:

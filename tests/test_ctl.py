@@ -8,7 +8,9 @@ checking its exit codes and output.
 from __future__ import annotations
 
 import argparse
+import glob
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -20,7 +22,7 @@ from collections.abc import Iterator
 import pytest
 
 from broker import ctl, topics
-from broker.client import Inbound
+from broker.client import Inbound, MqttClient
 from broker.launcher import PrivateMosquitto
 from broker.wire import NodeMeta
 from edge_sim.processes import Child, spawn_agent
@@ -237,6 +239,58 @@ def test_watch_prints_events_until_count(live):
     assert lines[1].split()[1:3] == [NODE, "config_refused"]
 
 
+def session_left(broker: PrivateMosquitto, client_id: str) -> bool:
+    """Whether the broker still holds a session for ``client_id`` (resumed by a fresh connect)."""
+    probe = MqttClient.from_url(broker.url, client_id=client_id, clean_start=False, session_expiry=1)
+    probe.start()
+    try:
+        assert probe.wait_connected(10), "the probe could not connect"
+        return probe.stats()["session_present"] > 0
+    finally:
+        probe.stop()
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(60)
+def test_ctl_leaves_no_session_behind(live):
+    """A one-shot tool's session would queue the fleet's events for a client that is gone."""
+    client_id = f"ctl-session-{os.getpid()}"
+    done = _ctl(live, "-i", client_id, "status")
+    assert done.returncode == ctl.EXIT_OK, done.stderr
+    time.sleep(3)  # the session outlives us by its 1 s expiry; Mosquitto checks expiries each second
+    assert not session_left(live, client_id)
+
+
+# --- a broker whose ACL refuses subscriptions ----------------------------------------------------
+
+DYNSEC = next(iter(glob.glob("/usr/lib/*/mosquitto_dynamic_security.so") + glob.glob("/usr/lib/mosquitto_dynamic_security.so")), None)
+
+
+@pytest.fixture
+def refusing(tmp_path) -> Iterator[PrivateMosquitto]:
+    """A broker whose ACL refuses every subscription in the SUBACK (0x87), as Mosquitto's dynamic
+    security plugin, EMQX or HiveMQ do; Mosquitto 2.0's ACL file never refuses one."""
+    if not _mosquitto_available() or DYNSEC is None:
+        pytest.skip("needs mosquitto with its dynamic security plugin (Debian package 'mosquitto')")
+    broker = PrivateMosquitto(extra_conf=[f"plugin {DYNSEC}", "plugin_opt_config_file {workdir}/dynsec.json"])
+    access = {"publishClientSend": True, "publishClientReceive": True, "subscribe": False, "unsubscribe": True}
+    config = broker.workdir / "dynsec.json"
+    config.write_text(json.dumps({"defaultACLAccess": access, "clients": [], "groups": [], "roles": []}))
+    config.chmod(0o644)  # read by mosquitto as its own user
+    with broker:
+        yield broker
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("command", [["status"], ["set", "z=0.3", "--node", NODE], ["set", "z=0.3", "--fleet"], ["watch", "--count", "1"]])
+def test_a_refused_subscription_exits_4_and_says_so(refusing, command):
+    done = _ctl(refusing, *command)
+    assert done.returncode == ctl.EXIT_UNREACHABLE, done.stdout + done.stderr
+    assert "refused our subscription" in done.stderr and "Not authorized" in done.stderr, done.stderr
+    assert "no node" not in done.stdout + done.stderr
+
+
 # --- over TLS, through the fleet ACL -------------------------------------------------------------
 
 
@@ -244,7 +298,8 @@ def test_watch_prints_events_until_count(live):
 @pytest.mark.timeout(90)
 @pytest.mark.skipif(not shutil.which("openssl"), reason="needs openssl (Debian package 'openssl')")
 def test_operator_over_tls_and_the_relay_acl(tmp_path):
-    """The operator identity of the shipped ACL may patch a node; no certificate, no connection.
+    """The operator identity of the shipped ACL may patch a node; a node's identity sees no fleet
+    and says why; no certificate, no connection.
 
     The agent reads its key as systemd hands it over: a credential name looked up in
     ``$CREDENTIALS_DIRECTORY``.
@@ -276,6 +331,12 @@ def test_operator_over_tls_and_the_relay_acl(tmp_path):
                 status = subprocess.run([sys.executable, "-m", "broker.ctl", *tls, "status"], capture_output=True, text=True, timeout=30)
                 assert status.returncode == ctl.EXIT_OK, status.stderr
                 assert [line.split()[:2] for line in status.stdout.splitlines()[1:]] == [[node, "online"]]
+                # A node's certificate may not read the fleet: Mosquitto grants the subscription
+                # and delivers nothing, which must not pass for an empty broker.
+                own = ["--broker", broker.url, "--cafile", str(certs.ca), "--cert", str(certs.cert(node)), "--key", str(certs.key(node))]
+                blind = subprocess.run([sys.executable, "-m", "broker.ctl", *own, "status"], capture_output=True, text=True, timeout=30)
+                assert blind.returncode == ctl.EXIT_TIMEOUT, blind.stdout + blind.stderr
+                assert "may not read them" in blind.stderr and "operator" in blind.stderr, blind.stderr
                 bare = subprocess.run(
                     [sys.executable, "-m", "broker.ctl", "--broker", broker.url, "--cafile", str(certs.ca), "--connect-timeout", "2", "status"],
                     capture_output=True, text=True, timeout=30,

@@ -381,7 +381,8 @@ def expected_access(identity: str, topology: str) -> tuple[set[str], set[str]]:
         ),
         "operator": (_nodes("status", "meta", "events", "config/ack") | {"fleet/config"}, _nodes("config") | {"fleet/config"}),
         "feeder": (set(), _nodes("batch")),
-        "collector": (_nodes("prediction", "events"), set()),
+        # Status too: `clue-sim feed` waits until every node it feeds is online.
+        "collector": (_nodes("prediction", "events", "status"), set()),
         "aggregator": ({"fl/j/update/victim", "fl/j/update/other", "fl/j/global"}, {"fl/j/global"}),
         "bridge": (set(PROBES), set(PROBES)),
     }

@@ -1,6 +1,9 @@
 """clue-sim end to end: a small scenario with real daemons over a real mosquitto, run twice."""
 
 import json
+import shutil
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -8,6 +11,8 @@ import pytest
 
 from edge_sim.cli_sim import main as sim_main
 from edge_sim.scenario import Scenario, load_scenario, shipped_scenarios
+from edge_sim.sim import Fleet
+from test_ctl import session_left
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -75,31 +80,67 @@ def test_bad_scenarios_are_refused(tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_feed_external_agents_like_the_compose_fleet(tmp_path, mosquitto):
-    """`clue-sim base` then `clue-sim feed` against agents started separately (as compose does)."""
+@pytest.mark.skipif(not shutil.which("openssl"), reason="needs openssl (Debian package 'openssl')")
+def test_feed_over_tls_to_any_number_of_agents(tmp_path):
+    """`clue-sim base` then `clue-sim feed` against agents started separately, as docs/operations.md
+    runs a fleet by hand: over TLS through the fleet ACL as its feeder and collector identities, to
+    two agents where the scenario names three."""
+    from broker import certs as certs_mod
+    from broker.mosquitto import private
     from edge_sim.processes import spawn_agent, spawn_mds
 
     base = tmp_path / "base.npz"
     small = tmp_path / "feed.toml"
     small.write_text(SMALL.read_text().replace('name = "sim_small"', 'name = "feed_small"').replace("batches = 50", "batches = 38"))
+    assert load_scenario(small).nodes == 3
     assert sim_main(["base", "--scenario", str(small), "--out", str(base)]) == 0
-    url = mosquitto.url
-    ids = [f"ext-{i}" for i in range(3)]
-    children = [spawn_mds(url, tmp_path / "mds.db", tmp_path / "logs")]
-    children += [
-        spawn_agent(n, url, tmp_path / "state", tmp_path / "logs", settings={"base_weights": str(base), "daemon": {"meta_interval": 0.0}})
-        for n in ids
-    ]
+    ids = ["ext-0", "ext-1"]
+    directory = tempfile.mkdtemp(prefix="clue-feed-certs-")  # 0755: mosquitto reads the server key
     try:
-        out = tmp_path / "report"
-        assert sim_main(["feed", "--broker", url, "--scenario", str(small), "--nodes", ",".join(ids), "--out", str(out)]) == 0
-        res = json.loads((out / "results.json").read_text())
-        target = res["runs"][0]["nodes"]["ext-0"]
-        assert len(target["served_error"]) == 38 and not np.isnan(target["served_error"]).any()
-        assert any(e["kind"] == "helper_installed" for e in target["events"])
+        certs = certs_mod.generate(directory, nodes=ids, roles=["mds", "feeder", "collector"])
+
+        def tls(identity: str) -> dict[str, str]:
+            return {k: str(v) for k, v in certs.client_kwargs(identity).items()}
+
+        with private("secure.conf", certs=certs, topology="direct") as broker:
+            mds = [f"--{k.replace('_', '-')}={v}" for k, v in tls("mds").items()]
+            children = [spawn_mds(broker.url, tmp_path / "mds.db", tmp_path / "logs", extra_args=mds)]
+            children += [
+                spawn_agent(n, broker.url, tmp_path / "state", tmp_path / "logs",
+                            settings={"base_weights": str(base), "daemon": {"meta_interval": 0.0}, **tls(n)})
+                for n in ids
+            ]
+            try:
+                out = tmp_path / "report"
+                feed = ["feed", "--broker", broker.url, "--scenario", str(small), "--nodes", ",".join(ids), "--out", str(out),
+                        "--tls-ca", str(certs.ca), "--tls-cert", str(certs.cert("feeder")), "--tls-key", str(certs.key("feeder")),
+                        "--collector-tls-cert", str(certs.cert("collector")), "--collector-tls-key", str(certs.key("collector"))]
+                assert sim_main(feed) == 0
+                res = json.loads((out / "results.json").read_text())
+                assert set(res["runs"][0]["nodes"]) == set(ids)
+                target = res["runs"][0]["nodes"]["ext-0"]
+                assert len(target["served_error"]) == 38 and not np.isnan(target["served_error"]).any()
+                assert any(e["kind"] == "helper_installed" for e in target["events"])
+            finally:
+                for child in children:
+                    child.terminate(20)
     finally:
-        for child in children:
-            child.terminate(20)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_feed_refuses_a_node_list_no_scenario_can_take(tmp_path):
+    assert sim_main(["feed", "--broker", "mqtt://127.0.0.1:1", "--scenario", str(SMALL), "--nodes", "only-one", "--out", str(tmp_path)]) == 78
+
+
+@pytest.mark.timeout(60)
+def test_the_simulators_client_leaves_no_session_behind(fresh_mosquitto, tmp_path):
+    """A one-shot client's session would queue every prediction and event of the fleet after the
+    run, each one more save of a broker database saved on every change."""
+    fleet = Fleet(tmp_path, fresh_mosquitto.url, start_mds=False)
+    client_id = fleet.client.client_id
+    fleet.close()
+    time.sleep(3)  # the session outlives the client by its 1 s expiry; Mosquitto checks each second
+    assert not session_left(fresh_mosquitto, client_id)
 
 
 def test_all_resume_keeps_only_complete_results_of_the_same_scenario(tmp_path):

@@ -1,13 +1,25 @@
-"""Hostile KT blobs, config patches and batches, over the broker, to a live agent.
+"""Hostile KT blobs, config patches, batches and metadata, over the broker, to a live agent.
 
 The agent (an in-process ``AgentDaemon``, so its weights can be read) drifts and asks rogue peers —
-real MQTT clients advertising the classes it lacks — each answering with one hostile blob: the
-cases of ``tests/test_daemons_e2e.py`` plus a huge declared shape, a huge value count, unknown
-dtypes and 100,000-deep msgpack. Then config patches (the end-to-end cases plus deep nesting,
-oversized, unknown knobs, out-of-range integers, a message of another type) and hostile messages on
-its batch topic (huge shapes, unknown dtypes, deep nesting, an oversized chunked transfer). Each
-must be refused with a ``rejected`` or ``config_refused`` event, the agent must keep serving, and
-its weights, optimiser-visible state and config must stay bit-identical.
+real MQTT clients advertising the classes it lacks — each answering with one hostile blob. Each
+class of defect of issue 7/13 has cases here:
+
+- crash: a batch without a feature axis (raised deep in the model and killed the worker);
+- non-finite training: finite inputs so large that a step overflows (3e38, 1e30), raw 0–255 pixels;
+- poisoned helper: an empty tensor list, one tensor of six, every value 3e38, other classes than
+  asked (besides the codec's cases: NaN, wrong shape, another architecture, truncated, a huge
+  declared shape or count, unknown dtypes, 100,000-deep msgpack);
+- topic/role confusion: a KT request or a config patch on the batch topic, another message type on
+  the config topic;
+- limit bypass: a chunked batch above the batch limit, a transfer declaring 1 GiB, an oversized
+  config;
+- out-of-range knobs: denormal z and kt_timeout, lr = 1, duplicate JSON keys, non-JSON;
+- future timestamps: a metadata message stamped 1e18 on a helper's own meta topic;
+- decompression size: a zstd frame of a few KiB that holds 1 GiB.
+
+Each must be refused with a ``rejected`` or ``config_refused`` event (the metadata by the MdS,
+which keeps offering the helper), the agent must keep serving, and its weights, optimiser state and
+config must stay bit-identical.
 """
 
 from __future__ import annotations
@@ -23,7 +35,7 @@ import zstandard
 from agent.daemon import AgentDaemon
 from broker import topics
 from broker.chunking import split
-from broker.wire import ConfigAck, ConfigPatch, Event, KtRequest, encode
+from broker.wire import ConfigAck, ConfigPatch, Event, HelpQuery, KtRequest, NodeMeta, encode
 
 from test_daemons_e2e import Clusters, Learner_clone_for_blobs, _hostile_blobs, _rogue, fleet, start_victim  # noqa: F401
 
@@ -47,7 +59,21 @@ def _more_hostile_blobs(learner) -> dict[str, bytes]:
         mutate(d["tensors"][0])
         return pack(msgpack.packb(d, use_bin_type=True))
 
+    def whole(mutate) -> bytes:
+        d = msgpack.unpackb(msgpack.packb(doc, use_bin_type=True), raw=False)
+        mutate(d)
+        return pack(msgpack.packb(d, use_bin_type=True))
+
+    def huge_values(d) -> None:
+        for t in d["tensors"]:
+            t["val"] = np.full(len(t["val"]) // 4, 3e38, dtype="<f4").tobytes()
+
     return {
+        # poisoned helpers: well-formed, and still no answer to the request or garbage
+        "empty_tensor_list": whole(lambda d: d.update(tensors=[])),
+        "one_tensor_of_six": whole(lambda d: d.update(tensors=d["tensors"][:1])),
+        "all_values_3e38": whole(huge_values),
+        "other_classes": codec.encode_blob(learner.significant_for((4, 6), 0.5), value_codec="float32"),
         "huge_shape": variant(lambda t: t.update(shape=[1 << 31, 1 << 31])),
         "huge_count": variant(lambda t: t.update(n=1 << 40)),
         "unknown_dtype": variant(lambda t: t.update(dtype="f8")),
@@ -70,6 +96,11 @@ def _config_cases() -> dict[str, bytes]:
         "deep_msgpack_100k_oversized": DEEP,
         "oversized": b'{"z": "' + b"a" * 70_000 + b'"}',
         "another_message_type": encode(Event(node_id="victim", kind="drift")),
+        "duplicate_keys": b'{"z": 0.3, "z": 0.4}',
+        "neither_json_nor_msgpack": b"z=0.3",
+        "z_denormal": b'{"z": 1e-320}',
+        "kt_timeout_denormal": b'{"kt_timeout": 1e-300}',
+        "lr_that_wrecks_the_model": b'{"lr": 1.0}',
     }
 
 
@@ -189,13 +220,26 @@ def test_hostile_blobs_configs_and_batches_are_refused_and_state_stays_bit_ident
         assert victim.config_values() == config_before and learner.batch_index == batches_before
         assert victim.worker_alive() and victim.crashed is None
         assert feeder.step(t, [("victim", *data.batch(range(8)))]), "the agent no longer serves"
+
+        # 4. A forged metadata message from the future on a helper's own meta topic must not
+        # hide that helper from the MdS.
+        helper_id = f"rogue-{sorted(blobs)[0].replace('_', '-')}"
+        forged = NodeMeta(node_id=helper_id, hist=[0.0] * 10, ts=1e18, **ids)
+        sender.publish(topics.node_meta(helper_id), encode(forged), 1, retain=True)
+        time.sleep(1.0)
+        query = HelpQuery(node_id="victim", classes=[8, 9], hist=[1.0] * 10, k=16, **ids)
+        found = [c.node_id for c in sender.request(topics.mds_query(), query, timeout=10).candidates]
+        future_refused = helper_id in found
+        assert future_refused, found
+        sender.clear_retained(topics.node_meta(helper_id))
     finally:
         victim.request_stop()
         victim.stop()
     record(
         "hostile",
         f"hostile inputs to a live agent: {len(blobs)} KT blobs rejected of {len(blobs)}, {len(refused_configs)} config "
-        f"patches refused of {len(configs)}, {len(rejected_batches)} batch-topic messages rejected of {len(cases)}; "
+        f"patches refused of {len(configs)}, {len(rejected_batches)} batch-topic messages rejected of {len(cases)}, "
+        f"{int(future_refused)} future-stamped metadata refused of 1; "
         "weights, optimiser state and config bit-identical; agent still serving",
         {"blobs": sorted(blobs), "configs": refused_configs, "batch_topic": sorted(cases),
          "blob_rejections": [e.detail.get("reason", "")[:200] for e in rejected_blobs],
