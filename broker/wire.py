@@ -616,7 +616,7 @@ def _unpack(raw: bytes, max_bytes: int) -> Any:
     except _DuplicateKey as exc:
         raise SchemaError(f"duplicate key {str(exc.key)[:64]!r} in a map") from exc
     except Exception as exc:  # noqa: BLE001 - msgpack raises many ValueError/TypeError flavours
-        raise WireError(f"not a msgpack message: {type(exc).__name__}: {str(exc)[:200]}") from exc
+        raise WireError(f"not a msgpack message: {_reason(exc)}") from exc
 
 
 class _DuplicateKey(Exception):
@@ -690,6 +690,12 @@ def _expects(cls: type[Envelope], expect: ExpectArg) -> bool:
 def _names(expect: ExpectArg) -> str:
     kinds = expect if isinstance(expect, tuple) else (expect,)
     return ", ".join(repr(k.model_fields["type"].default) for k in kinds if k is not None)
+
+
+def _reason(exc: BaseException) -> str:
+    """An exception as a reason: its type, and its message when it has one (msgpack's often do not)."""
+    text = str(exc)[:200]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _reject_constant(name: str) -> float:

@@ -110,17 +110,15 @@ def _batch_cases(victim: str, ids: dict[str, str]) -> dict[str, list[bytes]]:
         return msgpack.packb({"v": 1, "type": "batch", "batch_id": 999, "x": x, "y": labels}, use_bin_type=True)
 
     def filled(value, dtype: str, n: int = 8) -> dict:
-        return {"dtype": dtype, "shape": [n, 784], "data": np.full((n, 784), value, dtype=dtype).tobytes()}
+        return {"dtype": dtype, "shape": [n, 784], "data": np.full((n, 784), value, dtype=np.dtype(dtype).newbyteorder("<")).tobytes()}
 
     labels = np.arange(8) % 8
     transfer = split(b"\0" * 1024, chunk_bytes=700)[0].model_dump()
     oversized = {**transfer, "total": 1 << 30, "count": 1 << 15}
     # Above the agent's 16 MiB batch limit, below the bus's 64 MiB blob limit: once reassembled
     # unchecked, now refused at the first chunk.
-    over_batch_limit = {**transfer, "total": 20 << 20, "count": 80}
-    kt_request = KtRequest.model_construct(
-        classes=[1], z=1.0, value_codec="float32", reply_to=topics.node_events(victim), corr="c1", **ids
-    )
+    over_batch_limit = {**split(b"\1" * 1024, chunk_bytes=700)[0].model_dump(), "total": 20 << 20, "count": 80}
+    kt_request = KtRequest(classes=[1], z=1.0, value_codec="float32", reply_to=topics.node_reply("spy"), corr="c1", **ids)
     return {
         "huge_shape": [batch(dtype="float32", shape=[1 << 28, 1 << 28], data=b"\0" * 16)],
         "unknown_dtype": [batch(dtype="complex64", shape=[2, 2], data=b"\0" * 32)],
@@ -129,8 +127,8 @@ def _batch_cases(victim: str, ids: dict[str, str]) -> dict[str, list[bytes]]:
         # crash: the model cannot take a sample without a feature axis
         "one_dimensional_x": [batch(dtype="float32", shape=[784], data=np.zeros(784, "<f4").tobytes())],
         # non-finite training: finite inputs that overflow the network
-        "huge_finite_labelled": [batch(labels, **filled(3e38, "<f4"))],
-        "1e30_labelled": [batch(labels, **filled(1e30, "<f4"))],
+        "huge_finite_labelled": [batch(labels, **filled(3e38, "float32"))],
+        "1e30_labelled": [batch(labels, **filled(1e30, "float32"))],
         "raw_uint8_pixels": [batch(labels, **filled(255, "uint8"))],
         # topic/role confusion: a helper's request where batches go
         "kt_request_on_batch_topic": [encode(kt_request)],
