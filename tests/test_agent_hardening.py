@@ -43,6 +43,17 @@ def _rejections(collector, node):
     return [e.detail.get("reason", "") for e in collector.events_of(node, "rejected")]
 
 
+def _serving(fleet, node: str, seed: int, batches: int, **settings):
+    """A real agent that has served and learnt ``batches`` batches of classes 0-7."""
+    child = fleet.agent(node, **settings)
+    feeder, collector = fleet.observer()
+    _wait_online(fleet, [node])
+    data = Clusters(seed)
+    for t in range(batches):
+        assert feeder.step(t, [(node, *data.batch(range(8)))])
+    return child, feeder, collector, data
+
+
 def _fresh_learner() -> Learner:
     return Learner(build_model("mlp4", 10, seed=0), num_classes=10)
 
@@ -71,12 +82,7 @@ def test_a_retained_batch_that_raises_is_refused_and_the_agent_serves_on_across_
 @pytest.mark.timeout(180)
 def test_huge_finite_and_raw_pixel_inputs_are_refused_and_no_checkpoint_goes_non_finite(fleet):
     node = "overflow"
-    child = fleet.agent(node, daemon={"checkpoint_every": 1})
-    feeder, collector = fleet.observer()
-    _wait_online(fleet, [node])
-    data = Clusters(8)
-    for t in range(4):
-        assert feeder.step(t, [(node, *data.batch(range(8)))])
+    child, feeder, collector, data = _serving(fleet, node, 8, 4, daemon={"checkpoint_every": 1})
     sender = fleet.client()
     x, y = data.batch(range(8))
     hostile = {
@@ -100,12 +106,7 @@ def test_huge_finite_and_raw_pixel_inputs_are_refused_and_no_checkpoint_goes_non
 @pytest.mark.timeout(180)
 def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(fleet):
     node = "fallback"
-    child = fleet.agent(node, daemon={"checkpoint_every": 1})
-    feeder, collector = fleet.observer()
-    _wait_online(fleet, [node])
-    data = Clusters(9)
-    for t in range(3):
-        assert feeder.step(t, [(node, *data.batch(range(8)))])
+    child, feeder, collector, data = _serving(fleet, node, 9, 3, daemon={"checkpoint_every": 1})
     assert child.terminate(20) == 0
     newest = fleet.state / f"{node}.ckpt.npz"
     assert previous_path(newest).exists()

@@ -41,6 +41,8 @@ from broker.wire import (
     encode,
 )
 
+from test_client import wait_until  # noqa: E402
+
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.timeout(60),
@@ -52,14 +54,6 @@ pytestmark = [
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 def items(client: MqttClient, count: int, timeout: float = 10.0) -> list[Any]:
