@@ -10,7 +10,7 @@ agent keeps serving batches while it waits.
 
 from __future__ import annotations
 
-import argparse
+import collections
 import concurrent.futures
 import copy
 import logging
@@ -18,7 +18,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +30,9 @@ from agent.errors import CheckpointError, ConfigError, KtRejected
 from agent.fl import FlRejected, apply_global, is_round_batch, model_to_update, participants
 from agent.helper_selection import CandidateInfo, HelperSelection, build_selection
 from agent.kt.codec import VALUE_CODECS
-from agent.learner import HelpRequest, Learner
-from agent.logs import configure_logging
+from agent.learner import BatchResult, HelpRequest, Learner
 from agent.malloc import retain_freed_memory
 from agent.models import build_model, load_weights
-from agent.notify import Notifier, Watchdog
 from agent.runtime import EnsembleRuntime, resolve_device
 from agent.settings import (
     AgentSettings,
@@ -65,16 +63,31 @@ from broker.wire import (
     RequestBatch,
     decode_config,
 )
+from service.cli import ServiceArgumentParser
+from service.exit_codes import EXIT_CONFIG, EXIT_CRASH, EXIT_OK
+from service.logs import configure_logging
+from service.notify import Notifier, Watchdog
 
 log = logging.getLogger("clue.agent")
 
 #: The candidate name of the trusted relay: in relay mode the target never learns the helper's id.
 RELAY = "relay"
 
-EXIT_OK = 0
-EXIT_CRASH = 1
-#: sysexits' EX_CONFIG: systemd's ``RestartPreventExitStatus=78`` stops restart loops on bad config.
-EXIT_CONFIG = 78
+
+@dataclass
+class RunningMean:
+    """Count and sum of a stream of seconds: constant memory however long the daemon runs."""
+
+    count: int = 0
+    total: float = 0.0
+
+    def add(self, value: float) -> None:
+        self.count += 1
+        self.total += value
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.count if self.count else 0.0
 
 
 @dataclass
@@ -136,18 +149,22 @@ class AgentDaemon:
         if settings.runtime == "onnx":
             self.learner.inference = EnsembleRuntime(providers=settings.onnx_providers, intra_op_num_threads=settings.torch_threads)
         self.client = self._make_client(settings)
-        self.responder = Responder(self.client, self._serve_kt)
+        self.responder = Responder(self.client, self._serve_kt, cache_bytes=settings.reply_cache_mb << 20)
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._worker: threading.Thread | None = None
         self.heartbeat = time.monotonic()
         self._help: HelpFlow | None = None
+        # Requests the learner made while a transfer was under way: each is served in turn, never
+        # dropped (the learner has already started its cooldown for those classes).
+        self._queued_help: collections.deque[HelpRequest] = collections.deque()
         self._help_requests = 0
         self._last_meta = -1e9
         self._meta_dirty = True
         self._batches_since_ckpt = 0
         self._status = ""
-        self._timings: dict[str, list[float]] = {"batch": [], "predict": [], "train": [], "pick": [], "install": []}
+        # Running sums, not lists: a daemon serving 100 batches/s for months must not grow.
+        self._timings: dict[str, RunningMean] = {name: RunningMean() for name in ("batch", "predict", "train", "pick", "install")}
         self._fl_samples = 0
         self.crashed: BaseException | None = None
 
@@ -231,9 +248,9 @@ class AgentDaemon:
         for cls, counts in self.client.byte_counts().items():
             out[f"{cls}_out"] = counts["out"]
             out[f"{cls}_in"] = counts["in"]
-        for name, values in self._timings.items():
-            out[f"{name}_ms"] = 1000.0 * float(np.mean(values)) if values else 0.0
-            out[f"{name}_n"] = len(values)
+        for name, timing in self._timings.items():
+            out[f"{name}_ms"] = 1000.0 * timing.mean
+            out[f"{name}_n"] = timing.count
         return out
 
     def _publish_stats(self) -> None:
@@ -349,18 +366,15 @@ class AgentDaemon:
         self._meta_dirty = True
         if result.train_refused is not None:
             self._event("train_rolled_back", batch_id=msg.batch_id, batch=result.batch_index, reason=result.train_refused)
-        self._timings["predict"].append(result.timings.get("predict", 0.0))
-        if "train" in result.timings:
-            self._timings["train"].append(result.timings["train"])
-        self._timings["batch"].append(sum(result.timings.values()))
+        self._account(result)
         for helper_id in result.discarded:
             self._event("helper_discarded", helper=helper_id, batch=result.batch_index)
         if result.drift:
             self._set_status(f"drift at batch {result.batch_index}")
         # The drift event goes out before the prediction, so a lock-step feeder that sees the
         # prediction already knows a transfer is under way.
-        if result.help is not None and self._help is None:
-            self._start_help(result.help)
+        if result.help is not None:
+            self._request_help(result.help)
         # Metadata before the prediction too: a feeder that has every prediction of batch t knows
         # the MdS was sent every node's histogram of batch t.
         self._maybe_publish_meta()
@@ -381,6 +395,13 @@ class AgentDaemon:
         self._batches_since_ckpt += 1
         if self._batches_since_ckpt >= self.knobs.checkpoint_every:
             self.checkpoint()
+
+    def _account(self, result: BatchResult) -> None:
+        """Fold one batch's timings into the running means that ``stats()`` reports."""
+        self._timings["predict"].add(result.timings.get("predict", 0.0))
+        if "train" in result.timings:
+            self._timings["train"].add(result.timings["train"])
+        self._timings["batch"].add(sum(result.timings.values()))
 
     # -- the FedAvg baseline ---------------------------------------------------------------------
 
@@ -405,6 +426,22 @@ class AgentDaemon:
         self._event("fl_adopted", round=msg.round)
 
     # -- knowledge transfer as a target ----------------------------------------------------------
+
+    def _request_help(self, help: HelpRequest) -> None:
+        if self._help is None:
+            self._start_help(help)
+        else:
+            self._queued_help.append(help)
+            self._event("help_queued", classes=list(help.classes), reason=help.reason, behind=list(self._help.request.classes))
+
+    def _flow_ended(self) -> None:
+        """The transfer in progress is over: start the next queued request still worth asking."""
+        self._help = None
+        while self._queued_help and self._help is None:
+            help = self._queued_help.popleft()
+            classes = tuple(c for c in help.classes if c not in self.learner.pool.classes())
+            if classes and len(self.learner.pool) < self.learner.pool.max_size:
+                self._start_help(replace(help, classes=classes))
 
     def _start_help(self, help: HelpRequest) -> None:
         """Direct: ask the MdS for candidates first. Relay: the relay asks it, so the one candidate is the relay."""
@@ -455,19 +492,21 @@ class AgentDaemon:
                 flow.candidates = [CandidateInfo(c.node_id, tuple(c.classes)) for c in reply.candidates if c.node_id not in avoid]
             if not flow.candidates:
                 self._event("help_failed", stage="query", error=str(reply)[:500] if not isinstance(reply, HelperList) else "no candidates")
-                self._help = None
                 self._set_status("serving (no helper found)")
+                self._flow_ended()
                 return
             self._next_candidate(flow)
             return
         if isinstance(reply, KtBlob):
             try:
-                installed = self.learner.accept_kt_blob(reply.blob, classes=flow.asked, z=flow.request.z, source=flow.helper)
+                installed = self.learner.accept_kt_blob(
+                    reply.blob, classes=flow.asked, z=flow.request.z, source=flow.helper, baseline=flow.request.baseline
+                )
             except KtRejected as exc:
                 self._reject(f"KT blob from {flow.helper}: {exc}")
                 self._next_candidate(flow)
                 return
-            self._timings["install"].append(installed.seconds)
+            self._timings["install"].add(installed.seconds)
             self._event(
                 "helper_installed",
                 helper=flow.helper,
@@ -507,13 +546,13 @@ class AgentDaemon:
 
     def _end_help(self, flow: HelpFlow) -> None:
         """Every transfer ends with exactly one ``help_done`` (some helper installed) or ``help_failed``."""
-        self._help = None
         if flow.installed == 0:
             self._event("help_failed", stage="kt", tried=flow.tried)
             self._set_status("serving (no helper answered)")
-            return
-        self._event("help_done", helpers=flow.installed, missing=sorted(flow.missing), tried=flow.tried)
-        self._set_status(f"serving with {len(self.learner.pool)} helper(s)")
+        else:
+            self._event("help_done", helpers=flow.installed, missing=sorted(flow.missing), tried=flow.tried)
+            self._set_status(f"serving with {len(self.learner.pool)} helper(s)")
+        self._flow_ended()
 
     # -- knowledge transfer as a helper ----------------------------------------------------------
 
@@ -531,7 +570,7 @@ class AgentDaemon:
             blob = self.learner.kt_blob(request.classes, request.z, request.value_codec)
         except KtRejected as exc:
             raise RequestRejected("rejected", str(exc)) from exc
-        self._timings["pick"].append(time.perf_counter() - t0)
+        self._timings["pick"].add(time.perf_counter() - t0)
         self._event("kt_served", classes=list(request.classes), z=request.z, bytes=len(blob))
         # Over the relay the helper answers the relay; naming itself is harmless there because
         # the relay strips the id, and in direct mode the target asked this node by name.
@@ -665,8 +704,8 @@ def _describe(detail: dict[str, Any]) -> str:
     return " ".join(f"{k}={v}" for k, v in detail.items())[:2000]
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="clue-agent", description="CLUE Edge agent: collaborative learning on an edge node over MQTT.")
+def _parser() -> ServiceArgumentParser:
+    p = ServiceArgumentParser(prog="clue-agent", description="CLUE Edge agent: collaborative learning on an edge node over MQTT.")
     p.add_argument("--config", type=Path, help="TOML settings file (then CLUE_* variables, then these flags)")
     p.add_argument("--node-id", help="this node's id")
     p.add_argument("--broker", help="mqtt://host:port, mqtts://host:port or unix:///path")
@@ -682,6 +721,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run `clue-agent` until SIGTERM or SIGINT; return the exit code (`service.exit_codes`)."""
     args = _parser().parse_args(argv)
     flags = {k: v for k, v in vars(args).items() if k != "config"}
     try:
@@ -689,7 +729,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"clue-agent: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, identifier="clue-agent")
     try:
         daemon = AgentDaemon(settings, config_file=args.config)
     except (ConfigError, CheckpointError, BusError, ValueError) as exc:

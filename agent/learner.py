@@ -51,6 +51,9 @@ class HelpRequest:
     reason: str
     #: Nodes whose helpers for these classes were dropped as no better than the target: ask others.
     avoid: tuple[str, ...] = ()
+    #: The target's error before the drift: what a helper installed for this request must restore
+    #: (None: the pre-drift error at install time).
+    baseline: float | None = None
 
 
 @dataclass
@@ -130,10 +133,9 @@ class Learner:
         self._recent_class_err: deque[tuple[np.ndarray, np.ndarray]] = deque(maxlen=cfg.history_window)
         self._target_errors: deque[float] = deque(maxlen=_ERROR_HISTORY)
         self._asked: dict[tuple[int, ...], int] = {}
-        self._pending_baseline: float | None = None
         self._delayed_help: HelpRequest | None = None
-        # A request due at its batch_index, with the pre-drift error its helper must restore.
-        self._retry: tuple[HelpRequest, float] | None = None
+        # A request due at its batch_index (it carries the pre-drift error its helper must restore).
+        self._retry: HelpRequest | None = None
         self._unhelpful: dict[int, set[str]] = {}
 
     def apply_config(self, values: Mapping[str, Any]) -> LearnerConfig:
@@ -263,13 +265,12 @@ class Learner:
             for helper in self.pool.drop_unhelpful():
                 discarded.append(helper.helper_id)
                 self._schedule_retry(index, helper)
-        if result.help is None and self._retry is not None and index >= self._retry[0].batch_index:
-            retry, baseline = self._retry
+        if result.help is None and self._retry is not None and index >= self._retry.batch_index:
+            retry = self._retry
             self._retry = None
             classes = tuple(c for c in retry.classes if c not in self.pool.classes())
             if classes and len(self.pool) < self.pool.max_size:
                 self._asked[classes] = index
-                self._pending_baseline = baseline
                 result.help = dataclasses.replace(retry, classes=classes, batch_index=index, avoid=self._avoid_for(classes))
         result.discarded = tuple(discarded)
         return result
@@ -281,9 +282,9 @@ class Learner:
         due = max(index + 1, helper.installed_at + self.config.help_cooldown)
         request = HelpRequest(
             classes=helper.classes, z=self.config.z, value_codec=self.config.value_codec, batch_index=due,
-            reason="unhelpful_helper",
+            reason="unhelpful_helper", baseline=helper.baseline_error,
         )
-        self._retry = (request, helper.baseline_error)
+        self._retry = request
 
     def _avoid_for(self, classes: Sequence[int]) -> tuple[str, ...]:
         return tuple(sorted({s for c in classes for s in self._unhelpful.get(c, ()) if s}))
@@ -369,10 +370,9 @@ class Learner:
         if last is not None and index - last < self.config.help_cooldown:
             return None
         self._asked[classes] = index
-        self._pending_baseline = self._pre_drift_error()
         return HelpRequest(
             classes=classes, z=self.config.z, value_codec=self.config.value_codec, batch_index=index, reason=reason,
-            avoid=self._avoid_for(classes),
+            avoid=self._avoid_for(classes), baseline=self._pre_drift_error(),
         )
 
     # -- as helper -------------------------------------------------------------------------------
@@ -422,7 +422,9 @@ class Learner:
             base=self._base_params,
         )
 
-    def accept_kt_blob(self, blob: bytes, *, classes: Sequence[int], z: float, source: str = "") -> Installed:
+    def accept_kt_blob(
+        self, blob: bytes, *, classes: Sequence[int], z: float, source: str = "", baseline: float | None = None
+    ) -> Installed:
         """Decode, vet and use a KT blob per ``kt_apply``; on any rejection nothing changes.
 
         ``classes`` and ``z`` are what this node asked for: a blob must answer that request, hold
@@ -443,14 +445,21 @@ class Learner:
             x, y = self._last_batch
             with torch.no_grad():
                 vetting.vet_helper_outputs(probe, x, y if self.config.helper_probe else None, sig.classes, self.num_classes)
-        return self.install(sig, source=source, started=t0, helper_model=probe if mode == "boost" else None)
+        return self.install(sig, source=source, started=t0, helper_model=probe if mode == "boost" else None, baseline=baseline)
 
     def install(
-        self, sig: SignificantParams, *, source: str = "", started: float | None = None, helper_model: nn.Module | None = None
+        self,
+        sig: SignificantParams,
+        *,
+        source: str = "",
+        started: float | None = None,
+        helper_model: nn.Module | None = None,
+        baseline: float | None = None,
     ) -> Installed:
         """Use already-validated significant parameters: pool a helper, or change the target.
 
         ``helper_model``: the boosted helper already built from ``sig`` (to vet it), reused as is.
+        ``baseline``: the error the helper must restore (its request's; None: the pre-drift error now).
         """
         t0 = started if started is not None else time.perf_counter()
         mode = self.config.kt_apply
@@ -459,7 +468,6 @@ class Learner:
         if mode in ("boost", "zero_filled"):
             build = booster.boosted_helper if mode == "boost" else booster.zero_filled_helper
             helper_id = f"h{next(self._helper_ids)}"
-            baseline = self._pending_baseline
             evicted = self.pool.add(
                 PooledHelper(
                     helper_id=helper_id,

@@ -1,15 +1,22 @@
-"""Where the agent's models run: the torch device, and onnxruntime for serving.
+"""Where the agent's models run: the torch device, and onnxruntime for serving the helpers.
 
 ``resolve_device`` turns the config's ``"auto" | "cpu" | "cuda[:N]"`` into a ``torch.device``.
 ``OnnxModel`` exports a frozen copy of a torch model (softmax included) to ONNX in memory and runs
 it in onnxruntime. ``EnsembleRuntime`` is the learner's ``inference`` hook for ``runtime = "onnx"``:
-each pooled helper is exported once when it appears (helpers are frozen), the target again only
-when its weights or buffers changed since the last export; the learner's operator combines them.
-Training stays in torch; onnxruntime is for serving (a CNN forward pass is several times faster).
+each pooled helper is exported once, when it appears, and served by onnxruntime from then on; the
+target is served by torch; the learner's operator combines them.
+
+Why the target stays in torch: the agent retrains it on every labelled batch, so an ONNX copy is
+stale by the next batch and no export can be amortised. An export takes ~10 ms for the MLPs and
+~75 ms for ``mobilenet_s`` on one core: 5-40× an MLP forward pass at batch 32-200, and for the CNN
+export plus onnxruntime pass cost about what a torch pass does. In ``bench.onnx_vs_torch`` (batch
+200, predict + train, one pooled helper) exporting the target after every train step served
+0.5-0.6× torch's batches/s for the MLPs and 1.0× for the CNN; this design 1.0-1.07× and
+1.07-1.09×. A helper is frozen while it is pooled, so its one export serves every batch after it.
 
 The export uses torch's TorchScript-based exporter (``dynamo=False``): it needs only torch and
 onnx, while the newer ``torch.export`` exporter also needs ``onnxscript``, which is not a
-dependency. Exporting takes ~10 ms for the MLPs and ~60 ms for ``mobilenet_s`` on one core.
+dependency. onnxruntime itself is imported only when a runtime or model is built.
 """
 
 from __future__ import annotations
@@ -18,10 +25,9 @@ import copy
 import io
 import logging
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
-import onnxruntime as ort
 import torch
 from torch import nn
 
@@ -58,6 +64,8 @@ def select_providers(requested: Sequence[str]) -> list[str]:
 
     ConfigError when none is available; a warning names those that are not.
     """
+    import onnxruntime as ort  # here, not at import: only an agent with runtime = "onnx" loads it
+
     requested = list(requested)
     available = ort.get_available_providers()
     usable = [p for p in requested if p in available]
@@ -127,6 +135,8 @@ class OnnxModel:
         array = _as_array(example)
         if array.ndim < 2 or array.shape[0] < 1:
             raise ValueError(f"example must be a batch (N, ...) with N ≥ 1, got shape {array.shape}")
+        import onnxruntime as ort  # here, not at import: only an agent with runtime = "onnx" loads it
+
         sample = torch.from_numpy(array[:1])
         self.sample_shape = tuple(array.shape[1:])
         options = ort.SessionOptions()
@@ -152,17 +162,15 @@ class OnnxModel:
 
 
 class EnsembleRuntime:
-    """Serves a learner's ensemble through onnxruntime; plug it in as ``learner.inference``.
+    """Serves a learner's frozen helpers through onnxruntime; plug it in as ``learner.inference``.
 
     Called as ``runtime(learner, x)`` it returns what the learner's torch path returns: target
-    and per-helper probabilities (N, C), on ``x``'s device, so ``process_batch`` and ``predict``
-    serve through onnxruntime while training stays in torch.
+    and per-helper probabilities (N, C), on ``x``'s device, the target from torch and the helpers
+    from onnxruntime (see the module docstring for why the target stays in torch).
 
-    The target is re-exported lazily, on the first call after any change to its weights or
-    buffers (a train step, a KT ``replace``/``average``, a checkpoint load): a snapshot of its state
-    is compared with the live one, one pass over the weights, far less than a forward pass. Each
-    pooled helper is exported once; those that left the pool are dropped. Meant for one learner,
-    called from the thread that owns it.
+    A pooled helper is frozen, so its id and model object are its version: each is exported once,
+    on the first call that sees it, and dropped when it leaves the pool. ``exports`` counts the
+    exports. Meant for one learner, called from the thread that owns it.
     """
 
     def __init__(
@@ -180,10 +188,9 @@ class EnsembleRuntime:
         self.intra_op_num_threads = intra_op_num_threads
         self.opset = opset
         self.exports = 0
-        self._target: OnnxModel | None = None
-        self._target_state: dict[str, torch.Tensor] = {}
         self._helpers: dict[str, tuple[nn.Module, OnnxModel]] = {}
 
+    @torch.no_grad()
     def __call__(self, learner: Learner, x: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Target and per-helper class probabilities (N, C) in pool order, on ``x``'s device (CPU for arrays)."""
         array = _as_array(x)
@@ -191,7 +198,9 @@ class EnsembleRuntime:
         for gone in set(self._helpers) - {h.helper_id for h in pool}:
             del self._helpers[gone]
         device = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
-        target = self._target_model(learner.model, array).predict_proba(array).to(device)
+        inputs = x if isinstance(x, torch.Tensor) else torch.from_numpy(array)
+        learner.model.eval()
+        target = torch.softmax(learner.model(inputs.to(learner.device)), dim=1).to(device)
         helpers = [self._helper_model(h.helper_id, h.model, array).predict_proba(array).to(device) for h in pool]
         return target, helpers
 
@@ -206,20 +215,9 @@ class EnsembleRuntime:
             model, x, providers=self.providers, intra_op_num_threads=self.intra_op_num_threads, opset=self.opset
         )
 
-    def _target_model(self, model: nn.Module, x: np.ndarray) -> OnnxModel:
-        state = model.state_dict()
-        if self._target is None or self._target.sample_shape != x.shape[1:] or not _same(state, self._target_state):
-            self._target_state = {k: v.detach().clone() for k, v in state.items()}
-            self._target = self._export(model, x)
-        return self._target
-
     def _helper_model(self, helper_id: str, model: nn.Module, x: np.ndarray) -> OnnxModel:
         cached = self._helpers.get(helper_id)
         if cached is None or cached[0] is not model or cached[1].sample_shape != x.shape[1:]:
             cached = (model, self._export(model, x))
             self._helpers[helper_id] = cached
         return cached[1]
-
-
-def _same(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -56,7 +56,7 @@ class AgentSettings(BaseSettings):
     base_weights: Path | None = Field(None, description="the fleet's shared base weights (.npz); absent: built from model_seed")
     model_seed: int = Field(0, ge=0, description="seed of the base weights when no file is given (same seed, same lineage)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the model runs")
-    runtime: Literal["torch", "onnx"] = Field("torch", description="inference engine for the target and the frozen helpers")
+    runtime: Literal["torch", "onnx"] = Field("torch", description="engine serving the frozen helpers (the target, retrained every batch, stays on torch: an export per batch costs more than it saves)")
     onnx_providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"], description="onnxruntime execution providers, in order")
     torch_threads: int = Field(1, ge=1, le=256, description="torch intra-op threads (set explicitly: several agents share a box)")
     malloc_retain_mb: int = Field(
@@ -64,6 +64,10 @@ class AgentSettings(BaseSettings):
         description="glibc: freed memory kept for reuse, so each batch's tensors are not page-faulted back (0: glibc's adaptive default)",
     )
     max_batch_bytes: int = Field(16 << 20, ge=1024, le=1 << 30, description="largest request batch accepted")
+    reply_cache_mb: int = Field(
+        16, ge=0, le=4096,
+        description="KT replies kept to answer a retried request without recomputing it (0.5 MB a blob for mlp4 at z = 0.5; 0: none)",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
     daemon: DaemonKnobs = Field(default_factory=DaemonKnobs, description="run-time knobs of the daemon")
     learner: LearnerConfig = Field(default_factory=LearnerConfig, description="the learner's knobs (ARCHITECTURE §6)")

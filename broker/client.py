@@ -1254,6 +1254,11 @@ def _no_delay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
         pass  # unix sockets and wrapped sockets without the option: nothing to tune
 
 
+def _reply_size(reply: Envelope) -> int:
+    """Bytes a cached reply holds: its bytes fields (a KT blob) and a bound on the rest."""
+    return 1024 + sum(len(v) for v in reply.__dict__.values() if isinstance(v, (bytes, bytearray)))
+
+
 class Responder:
     """Answer requests idempotently by correlation id.
 
@@ -1267,6 +1272,10 @@ class Responder:
     other topic is refused before the handler runs (counted in `bad_reply_to`, logged), or whoever
     may write a request could have the responder publish (a whole model, say) on a topic they read.
 
+    The cache holds at most `cache_size` replies and `cache_bytes` of encoded replies, oldest out
+    first: a helper's replies are whole KT blobs (0.5 MB for the MLP, far more for larger models).
+    A reply larger than `cache_bytes` is not cached; a retry of its request runs the handler again.
+
     `start()` runs a thread that takes items from the client's inbox and serves the requests
     (other items go to `on_other`, if given): enough for tests and simple services.
     """
@@ -1277,6 +1286,7 @@ class Responder:
         handler: Handler,
         *,
         cache_size: int = 1024,
+        cache_bytes: int = 16 << 20,
         qos: int = 1,
         on_other: Callable[[InboxItem], None] | None = None,
     ) -> None:
@@ -1284,8 +1294,10 @@ class Responder:
         self.handler = handler
         self.qos = qos
         self.on_other = on_other
-        self._cache: OrderedDict[tuple[str, str], Envelope] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, str], tuple[Envelope, int]] = OrderedDict()
         self._cache_size = cache_size
+        self._cache_limit = cache_bytes
+        self.cached_bytes = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -1314,11 +1326,11 @@ class Responder:
         # Keyed by reply topic too: a cached reply goes only where its request asked for it.
         key = (reply_to, corr)
         with self._lock:
-            cached = self._cache.get(key) if corr else None
-        if cached is not None:
+            entry = self._cache.get(key) if corr else None
+        if entry is not None:
             self.duplicates += 1
-            self._send(reply_to, cached, corr, request)
-            return cached
+            self._send(reply_to, entry[0], corr, request)
+            return entry[0]
         try:
             reply = self.handler(request, item)
             if not isinstance(reply, Envelope):
@@ -1332,12 +1344,23 @@ class Responder:
             reply = reply.evolve(corr=corr)
         self.handled += 1
         if corr:
-            with self._lock:
-                self._cache[key] = reply
-                while len(self._cache) > self._cache_size:
-                    self._cache.popitem(last=False)
+            self._remember(key, reply)
         self._send(reply_to, reply, corr, request)
         return reply
+
+    def _remember(self, key: tuple[str, str], reply: Envelope) -> None:
+        size = _reply_size(reply)
+        if size > self._cache_limit:
+            return
+        with self._lock:
+            old = self._cache.pop(key, None)
+            if old is not None:
+                self.cached_bytes -= old[1]
+            self._cache[key] = (reply, size)
+            self.cached_bytes += size
+            while len(self._cache) > self._cache_size or self.cached_bytes > self._cache_limit:
+                _, (_, dropped) = self._cache.popitem(last=False)
+                self.cached_bytes -= dropped
 
     def _send(self, reply_to: str, reply: Envelope, corr: str | None, request: Envelope) -> None:
         props = Properties(PacketTypes.PUBLISH)

@@ -30,7 +30,6 @@ histograms are cached.
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import logging
 import signal
@@ -45,18 +44,16 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from agent.notify import Notifier, Watchdog
 from broker import topics
 from broker.client import ErrorEvent, Inbound, InboxItem, MqttClient
 from broker.errors import BusError, RemoteError, RequestTimeout, TopicError
 from broker.wire import Envelope, ErrorReply, HelperList, HelpQuery, KtBlob, KtRequest, NodeId, NodeMeta
+from service.cli import ServiceArgumentParser
+from service.exit_codes import EXIT_CONFIG, EXIT_CRASH, EXIT_OK
+from service.logs import configure_logging
+from service.notify import Notifier, Watchdog
 
 log = logging.getLogger("clue.relay")
-
-EXIT_OK = 0
-EXIT_CRASH = 1
-#: sysexits' EX_CONFIG, as the agent uses it: systemd's RestartPreventExitStatus=78.
-EXIT_CONFIG = 78
 
 _ID = r"^[A-Za-z0-9_.-]{1,64}$"
 
@@ -306,8 +303,12 @@ def _asker(reply_to: str | None) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`clue-relay --broker mqtts://host:8883 --tls-ca ca.crt --tls-cert relay.crt --tls-key relay.key`."""
-    ap = argparse.ArgumentParser(prog="clue-relay", description="The trusted KT relay of CLUE Edge.")
+    """`clue-relay --broker mqtts://host:8883 --tls-ca ca.crt --tls-cert relay.crt --tls-key relay.key`.
+
+    Exits 0 after SIGTERM or SIGINT, 78 for a bad flag or configuration, 1 for a crash
+    (`service.exit_codes`).
+    """
+    ap = ServiceArgumentParser(prog="clue-relay", description="The trusted KT relay of CLUE Edge.")
     ap.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="mqtt://host:port, mqtts://host:port or unix:///path")
     ap.add_argument("--tls-ca", help="CA certificate file")
     ap.add_argument("--tls-cert", help="client certificate file (CN relay)")
@@ -316,7 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.add_argument(f"--{name.replace('_', '-')}", type=type(field.default), default=None, help=field.description)
     ap.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     args = ap.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level, identifier="clue-relay")
     try:
         values = {name: getattr(args, name) for name in RelayConfig.model_fields if getattr(args, name) is not None}
         config = RelayConfig(**values)
@@ -365,4 +366,4 @@ if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
 
 
-__all__ = ["EXIT_CONFIG", "EXIT_CRASH", "EXIT_OK", "Relay", "RelayConfig", "main"]
+__all__ = ["Relay", "RelayConfig", "main"]

@@ -118,6 +118,14 @@ EVENT_KINDS: tuple[str, ...] = (
     "config_applied",
     "error",
     "kt_served",
+    "kt_failed",
+    "help_queued",
+    "config_refused",
+    "train_rolled_back",
+    "checkpoint_refused",
+    "checkpoint_failed",
+    "started",
+    "stats",
     "state",
 )
 

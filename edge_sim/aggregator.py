@@ -24,13 +24,12 @@ disconnected; a node that joins later adopts the next round's model.
     python -m edge_sim.aggregator --broker mqtt://127.0.0.1:1883 --job demo --every 10 \\
         --members edge-0,edge-1,edge-2,edge-3 --per-round 3
 
-Exit codes: 0 after SIGTERM/SIGINT, 78 for a bad configuration (sysexits' EX_CONFIG, as the
-agent and the relay use it), 1 for a crash.
+Exit codes (`service.exit_codes`, as every daemon): 0 after SIGTERM/SIGINT, 78 for a bad flag or
+configuration, 1 for a crash. Logs go to stderr, or to the journal under systemd (`service.logs`).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import signal
@@ -48,12 +47,11 @@ from broker import topics
 from broker.client import ErrorEvent, InboxItem, MqttClient
 from broker.errors import BusError
 from broker.wire import ModelUpdate
+from service.cli import ServiceArgumentParser
+from service.exit_codes import EXIT_CONFIG, EXIT_CRASH, EXIT_OK
+from service.logs import configure_logging
 
 log = logging.getLogger("clue.aggregator")
-
-EXIT_OK = 0
-EXIT_CRASH = 1
-EXIT_CONFIG = 78
 
 _IGNORED = ("non_participant", "duplicate", "stale", "mismatch", "invalid")
 
@@ -252,9 +250,9 @@ def _update_topic(msg: ModelUpdate) -> str:
 # --- command line ----------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> ServiceArgumentParser:
     """The argument parser of `python -m edge_sim.aggregator`."""
-    p = argparse.ArgumentParser(prog="clue-aggregator", description="FedAvg aggregator of the CLUE Edge baseline.")
+    p = ServiceArgumentParser(prog="clue-aggregator", description="FedAvg aggregator of the CLUE Edge baseline.")
     p.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="mqtt://host:port, mqtts://host:port, unix:///path or a socket path")
     p.add_argument("--job", required=True, help="job id (the fl/{job}/… topics)")
     p.add_argument("--every", type=int, required=True, help="f: a round every f batches")
@@ -277,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the aggregator until SIGTERM or SIGINT; return the exit code."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(stream=sys.stderr, level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level, identifier="clue-aggregator")
     try:
         cfg = FlConfig(
             job=args.job,
@@ -339,4 +337,4 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["EXIT_CONFIG", "EXIT_CRASH", "EXIT_OK", "FedAvgAggregator", "build_parser", "main"]
+__all__ = ["FedAvgAggregator", "build_parser", "main"]

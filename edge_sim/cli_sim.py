@@ -31,8 +31,7 @@ from edge_sim.report import headline_table, write_report
 from edge_sim.scenario import Scenario, load_scenario, shipped_scenarios
 from agent.models import save_weights
 from edge_sim.sim import feed_external, load_dataset, prepare_base, run_scenario
-
-EXIT_CONFIG = 78
+from service.exit_codes import EXIT_CONFIG
 
 
 def _run(scn: Scenario, out: Path, broker: str | None, workdir: Path | None, console: Console) -> dict:

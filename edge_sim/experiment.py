@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from agent.config import LearnerConfig
 from agent.errors import KtRejected
 from agent.kt import codec
-from agent.learner import Learner
+from agent.learner import HelpRequest, Learner
 from agent.models import build_model
 from edge_sim.datasets.images import load_fashion_mnist
 from edge_sim.workloads import BatchStream, Workload, introduction_workload, split_pool
@@ -151,8 +151,9 @@ class InProcessFleet:
         idx, _ = top_k(hists[asker], hists, k, eligible=mask)
         return [int(i) for i in idx]
 
-    def transfer(self, target: int, help_classes: Sequence[int], z: float, value_codec: str, k: int) -> dict[str, Any] | None:
+    def transfer(self, target: int, help: HelpRequest, k: int) -> dict[str, Any] | None:
         """Ask candidates in order until one blob is accepted; returns what happened, or None."""
+        help_classes, z, value_codec = help.classes, help.z, help.value_codec
         for helper in self.find_helpers(target, help_classes, k):
             t0 = time.perf_counter()
             try:
@@ -161,7 +162,9 @@ class InProcessFleet:
                 continue
             t1 = time.perf_counter()
             try:
-                installed = self.learners[target].accept_kt_blob(blob, classes=help_classes, z=z, source=str(helper))
+                installed = self.learners[target].accept_kt_blob(
+                    blob, classes=help_classes, z=z, source=str(helper), baseline=help.baseline
+                )
             except KtRejected:
                 continue
             return {
@@ -244,7 +247,7 @@ def run_mode(
                 trace.class_errors.append(result.class_errors)
                 trace.helpers.append(len(result.helpers))
             if result.help is not None:
-                event = fleet.transfer(node, result.help.classes, result.help.z, result.help.value_codec, config.k)
+                event = fleet.transfer(node, result.help, config.k)
                 if event is not None:
                     event.update(node=node, batch=batch, reason=result.help.reason)
                     kt_events.append(event)

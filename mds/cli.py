@@ -5,12 +5,12 @@
 Every option but `--no-shared` can also be set by a `CLUE_MDS_*` environment variable
 (`--max-k` <- `CLUE_MDS_MAX_K`); the flag wins. `--broker` takes `mqtt://host:port`,
 `mqtts://host:port`, `unix:///path` or a bare socket path. Logs go to stderr, or to the journal
-under systemd (`agent.logs`); with `NOTIFY_SOCKET` set it reports `READY=1` once subscribed, or
+under systemd (`service.logs`); with `NOTIFY_SOCKET` set it reports `READY=1` once subscribed, or
 after 5 s of trying (it keeps trying), and a status line with the node and query counts.
 
-Exit codes: 0 after a clean stop, 2 for a bad argument or configuration (an unknown similarity, an
-unreadable database, a missing TLS file: restarting will not help, so a unit can list it in
-`RestartPreventExitStatus=`), 1 for a crash.
+Exit codes (`service.exit_codes`): 0 after a clean stop, 78 for a bad argument or configuration
+(an unknown similarity, an unreadable database, a missing TLS file: restarting will not help, so
+the unit lists it in `RestartPreventExitStatus=`), 1 for a crash.
 """
 
 from __future__ import annotations
@@ -28,18 +28,17 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from agent.logs import configure_logging
-from agent.notify import Notifier, Watchdog
 from broker.client import MqttClient, parse_broker_url
 from mds.service import MAX_CLOCK_SKEW, MetadataService
 from mds.similarity import SIMILARITIES
 from mds.store import NodeStore
+from service.cli import ServiceArgumentParser
+from service.exit_codes import EXIT_CONFIG, EXIT_CRASH, EXIT_OK
+from service.logs import configure_logging
+from service.notify import Notifier, Watchdog
 
 log = logging.getLogger("clue-mds")
 
-EXIT_OK = 0
-EXIT_CRASH = 1
-EXIT_CONFIG = 78  # sysexits EX_CONFIG, as clue-agent and clue-relay: RestartPreventExitStatus=78
 ENV_PREFIX = "CLUE_MDS_"
 
 
@@ -48,9 +47,9 @@ def _default_client_id() -> str:
     return f"mds-{host}"[:64]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> ServiceArgumentParser:
     """The argument parser; each option's default comes from its `CLUE_MDS_*` variable if set."""
-    p = argparse.ArgumentParser(
+    p = ServiceArgumentParser(
         prog="clue-mds",
         description="CLUE Edge metadata service: collects node metadata, answers helper queries.",
     )
@@ -108,15 +107,8 @@ def _check(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run `clue-mds`; return its exit code: 78 for a bad setting, 1 for a crash, 0 when stopped."""
-    try:
-        return _main(argv)
-    except SystemExit as exc:
-        # argparse exits 2 on a bad flag; the daemons agree on 78 so systemd can tell it from a crash.
-        return EXIT_CONFIG if exc.code == 2 else (exc.code if isinstance(exc.code, int) else EXIT_CONFIG)
-
-
-def _main(argv: Sequence[str] | None) -> int:
+    """Run `clue-mds`; return its exit code: 1 for a crash, 0 when stopped. A bad setting exits 78
+    through the parser."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -211,4 +203,4 @@ def _status_line(stats: dict[str, Any]) -> str:
     return f"{stats['nodes']} nodes, {stats['online']} online, {stats['queries']} queries served"
 
 
-__all__ = ["EXIT_CONFIG", "EXIT_CRASH", "EXIT_OK", "build_parser", "main"]
+__all__ = ["build_parser", "main"]

@@ -18,7 +18,6 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.errors import KtRejected
 from agent.kt import codec as codec_module
 from agent.kt.codec import (
     DELTA_CODECS,
@@ -30,6 +29,7 @@ from agent.kt.codec import (
     encode_blob,
     value_error_bound,
 )
+from agent.kt.errors import KtRejected
 from agent.kt.significant import SignificantParams, TensorSlice
 
 ARCH = "mlp-test-arch"

@@ -179,7 +179,7 @@ def test_unit_has_the_issue_hardening(unit):
 @pytest.mark.parametrize("unit", ["clue-agent.service", "clue-agent@.service"])
 def test_agent_units_fit_the_daemon(unit):
     """Notify with a watchdog, reload by SIGHUP, state dir, no sandboxing that breaks torch or GPUs."""
-    from agent.daemon import EXIT_CONFIG
+    from service.exit_codes import EXIT_CONFIG
 
     s = unit_settings(UNITS / unit)
     assert s["Type"] == ["notify"] and s["WatchdogSec"] and s["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
@@ -192,14 +192,13 @@ def test_agent_units_fit_the_daemon(unit):
 
 
 def test_service_units_fit_their_daemons():
-    """Exit codes as the daemons define them; notify and watchdog; no SIGHUP where the daemon has none."""
-    from broker import relay
-    from mds import cli as mds_cli
+    """Exit codes as the daemons share them; notify and watchdog; no SIGHUP where the daemon has none."""
+    from service.exit_codes import EXIT_CONFIG
 
     mds = unit_settings(UNITS / "clue-mds.service")
-    assert mds["RestartPreventExitStatus"] == [str(mds_cli.EXIT_CONFIG)]
+    assert mds["RestartPreventExitStatus"] == [str(EXIT_CONFIG)]
     rel = unit_settings(UNITS / "clue-relay.service")
-    assert rel["RestartPreventExitStatus"] == [str(relay.EXIT_CONFIG)]
+    assert rel["RestartPreventExitStatus"] == [str(EXIT_CONFIG)]
     for s in (mds, rel):  # test_service_says_ready_and_pings_the_watchdog
         assert s["Type"] == ["notify"] and s["WatchdogSec"] and "ExecReload" not in s
 

@@ -30,7 +30,8 @@ from agent.models import build_model
 from broker import topics
 from broker.client import Inbound, MqttClient
 from broker.wire import ArrayPayload, GlobalModel, ModelUpdate, NamedArray, decode, encode
-from edge_sim.aggregator import EXIT_CONFIG, FedAvgAggregator
+from edge_sim.aggregator import FedAvgAggregator
+from service.exit_codes import EXIT_CONFIG
 
 MEMBERS = ["edge-0", "edge-1", "edge-2", "edge-3", "edge-4"]
 _MOSQUITTO = shutil.which("mosquitto") or os.access("/usr/sbin/mosquitto", os.X_OK)

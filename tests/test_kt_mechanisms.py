@@ -11,9 +11,9 @@ from agent.kt import booster
 from agent.kt.selection import keep_count, random_mask, select, significant_params, top_fraction
 from agent.kt.sensitivity import (
     Reservoir,
-    _class_output_grads,
     _class_output_vjp,
     _dense_stack,
+    class_output_grads,
     sensitivity,
 )
 from agent.models import arch_id, build_model, lineage, param_shapes
@@ -58,11 +58,41 @@ def _plain_sequential():
         return nn.Sequential(nn.Linear(6, 8, bias=False), nn.ReLU(), nn.Linear(8, 5), nn.Linear(5, 4))
 
 
+class _UserMLP(nn.Module):
+    """A user's dense model, none of the built-ins: nested stacks behind an annotated, documented forward."""
+
+    def __init__(self):
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            hidden = nn.Sequential(nn.Linear(12, 16), nn.ReLU(inplace=True), nn.Linear(16, 8), nn.ReLU())
+            self.body = nn.Sequential(nn.Flatten(), hidden, nn.Linear(8, 3))
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Logits over three classes."""
+        return self.body(inputs)
+
+
+class _Residual(nn.Module):
+    """Dense layers only, but the forward adds a skip connection: not a stack."""
+
+    def __init__(self):
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            self.hidden, self.out = nn.Linear(6, 6), nn.Linear(6, 3)
+            self.act = nn.ReLU()
+
+    def forward(self, x):
+        return self.out(self.act(self.hidden(x)) + x)
+
+
 DENSE = {
     "mlp4": (lambda: build_model("mlp4", 10, seed=0), (24, 784)),
     "intrusion_dnn": (lambda: build_model("intrusion_dnn", 5, seed=0), (24, 122)),
     "sequential": (_plain_sequential, (9, 6)),
     "image rows": (lambda: build_model("mlp4", 10, seed=1), (7, 28, 28)),
+    "user model": (_UserMLP, (10, 3, 4)),
 }
 
 
@@ -74,7 +104,7 @@ def test_dense_fast_path_equals_the_vjp_reference(name):
     x = torch.rand(*shape, generator=torch.Generator().manual_seed(3))
     out = int(model(x).shape[1])
     classes = [out - 1, 0, 2]
-    fast, ref = _class_output_grads(model, x, classes), _class_output_vjp(model, x, classes)
+    fast, ref = class_output_grads(model, x, classes), _class_output_vjp(model, x, classes)
     assert list(fast) == list(ref)
     for k in ref:
         assert fast[k].shape == ref[k].shape
@@ -86,16 +116,32 @@ def test_dense_fast_path_equals_the_vjp_reference(name):
         assert all(torch.equal(a, b) for a, b in zip(select(s_fast, z).values(), select(s_ref, z).values()))
 
 
+_SHARED = nn.Linear(4, 4)
+
+
 @pytest.mark.parametrize("model", [
     build_model("mobilenet_s", 10, seed=0),
     _Forward(),
+    _Residual(),
     nn.Sequential(nn.Linear(6, 4), nn.Sigmoid(), nn.Linear(4, 3)),
     nn.Sequential(nn.Linear(6, 4), nn.ReLU()),
     nn.Sequential(nn.ReLU(), nn.Linear(6, 3)),
     nn.Sequential(nn.Linear(6, 4), nn.Flatten(), nn.Linear(4, 3)),
-], ids=["cnn", "custom forward", "sigmoid", "ends in relu", "starts with relu", "flatten inside"])
+    nn.Sequential(_SHARED, nn.ReLU(), _SHARED),
+], ids=["cnn", "custom forward", "residual", "sigmoid", "ends in relu", "starts with relu", "flatten inside",
+        "layer run twice"])
 def test_other_models_take_the_vjp_path(model):
     assert _dense_stack(model) is None
+
+
+def test_a_model_that_is_not_a_stack_gets_its_own_gradients():
+    # The residual forward's gradients, which the hand-written path could not give.
+    model = _Residual()
+    x = torch.rand(5, 6, generator=torch.Generator().manual_seed(1))
+    got = sensitivity(model, [x], classes=[0, 2])
+    want = _loop_sensitivity(model, x, [0, 2])
+    for name in want:
+        assert torch.allclose(got[name], want[name], atol=1e-6, rtol=1e-4), name
 
 
 def test_sensitivity_with_batchnorm_leaves_running_stats_alone():

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from agent.errors import KtRejected
 from agent.kt import booster, codec
+from agent.kt.errors import KtRejected
 from agent.kt.selection import keep_count, select, significant_params
 from agent.kt.sensitivity import sensitivity
 from agent.kt.significant import SignificantParams, TensorSlice

@@ -1,4 +1,5 @@
-"""systemd notify protocol over a real unix datagram socket; watchdog gating; logging setup."""
+"""`service.notify` and `service.logs`: the systemd notify protocol over a real unix datagram
+socket; watchdog gating; logging setup."""
 
 import logging
 import os
@@ -11,8 +12,8 @@ import uuid
 
 import pytest
 
-from agent import logs, notify
-from agent.notify import Heartbeat, Notifier, Watchdog
+from service import logs, notify
+from service.notify import Notifier, Watchdog
 
 
 @pytest.fixture
@@ -133,7 +134,7 @@ def test_no_socket_is_a_cheap_noop(monkeypatch):
 
 def test_dead_socket_is_logged_once_not_raised(caplog):
     n = Notifier(environ={"NOTIFY_SOCKET": "/nonexistent/clue/notify"})
-    with caplog.at_level(logging.WARNING, logger="agent.notify"):
+    with caplog.at_level(logging.WARNING, logger="service.notify"):
         assert not n.watchdog()
         assert not n.watchdog()
     assert len([r for r in caplog.records if "sd_notify" in r.message]) == 1
@@ -179,18 +180,18 @@ def test_watchdog_pings_only_while_checks_pass(notify_socket):
     assert _collect(sock, 0.2) == []
 
 
-def test_watchdog_tick_and_heartbeat(notify_socket, caplog):
+def test_watchdog_tick_logs_a_failing_spell_once(notify_socket, caplog):
     path, sock = notify_socket
-    beat = Heartbeat()
-    dog = Watchdog(Notifier(environ={"NOTIFY_SOCKET": path}), {"worker": beat.check(max_age=0.05)}, interval=10.0)
+    alive = {"worker": True}
+    dog = Watchdog(Notifier(environ={"NOTIFY_SOCKET": path}), {"worker": lambda: alive["worker"]}, interval=10.0)
     assert dog.tick() and _recv(sock) == "WATCHDOG=1"
-    time.sleep(0.08)
-    with caplog.at_level(logging.ERROR, logger="agent.notify"):
+    alive["worker"] = False
+    with caplog.at_level(logging.ERROR, logger="service.notify"):
         assert not dog.tick() and not dog.tick()
     assert [r.message for r in caplog.records if "failing" in r.message] == [
         "liveness check(s) failing, withholding watchdog pings: worker"
     ]
-    beat.beat()
+    alive["worker"] = True
     assert dog.tick() and _recv(sock) == "WATCHDOG=1"
 
 
@@ -215,7 +216,7 @@ def test_raising_check_counts_as_failed(notify_socket, caplog):
         raise RuntimeError("boom")
 
     dog = Watchdog(Notifier(environ={"NOTIFY_SOCKET": path}), {"broken": broken}, interval=10.0)
-    with caplog.at_level(logging.ERROR, logger="agent.notify"):
+    with caplog.at_level(logging.ERROR, logger="service.notify"):
         assert not dog.tick() and not dog.tick()
     assert _drain(sock) == []
     assert len([r for r in caplog.records if "raised" in r.message]) == 1
@@ -238,7 +239,7 @@ def root_logging():
 
 
 def test_logging_plain_stderr_outside_systemd(root_logging, capsys):
-    handler = logs.configure_logging("INFO", environ={})
+    handler = logs.configure_logging("INFO", identifier="clue-test", environ={})
     assert isinstance(handler, logging.StreamHandler)
     logging.getLogger("clue.test").warning("hello")
     line = capsys.readouterr().err.strip().splitlines()[-1]
@@ -247,7 +248,7 @@ def test_logging_plain_stderr_outside_systemd(root_logging, capsys):
 
 def test_logging_under_systemd_without_systemd_python(root_logging, capsys, monkeypatch):
     monkeypatch.setattr(logs, "JournalHandler", None)
-    logs.configure_logging(logging.DEBUG, environ={"INVOCATION_ID": "abc"})
+    logs.configure_logging(logging.DEBUG, identifier="clue-test", environ={"INVOCATION_ID": "abc"})
     logging.getLogger("clue.test").error("one\ntwo")
     logging.getLogger("clue.test").debug("dbg")
     err = capsys.readouterr().err.splitlines()
@@ -256,9 +257,9 @@ def test_logging_under_systemd_without_systemd_python(root_logging, capsys, monk
 
 def test_logging_journald_requested_but_missing_falls_back(root_logging, capsys, monkeypatch):
     monkeypatch.setattr(logs, "JournalHandler", None)
-    handler = logs.configure_logging("INFO", journald=True, environ={})
+    handler = logs.configure_logging("INFO", identifier="clue-test", journald=True, environ={})
     assert isinstance(handler, logging.StreamHandler)
-    assert "<4>agent.logs: journald logging requested" in capsys.readouterr().err
+    assert "<4>service.logs: journald logging requested" in capsys.readouterr().err
 
 
 def test_logging_uses_journal_handler_under_systemd(root_logging, monkeypatch):
@@ -274,4 +275,4 @@ def test_logging_uses_journal_handler_under_systemd(root_logging, monkeypatch):
     handler = logs.configure_logging("INFO", environ={"JOURNAL_STREAM": "8:1234"}, identifier="clue-mds")
     assert isinstance(handler, FakeJournalHandler) and handler.fields == {"SYSLOG_IDENTIFIER": "clue-mds"}
     assert logging.getLogger().handlers == [handler]
-    assert isinstance(logs.configure_logging("INFO", journald=False, environ={}), logging.StreamHandler)
+    assert isinstance(logs.configure_logging("INFO", identifier="clue-mds", journald=False, environ={}), logging.StreamHandler)

@@ -1,7 +1,10 @@
-"""Device choice and onnxruntime serving: agreement with torch on the ensemble, lazy re-export."""
+"""Device choice and onnxruntime serving: agreement with torch, helpers exported once, the target never."""
 
 import copy
 import logging
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +13,7 @@ import torch
 from agent.config import LearnerConfig
 from agent.errors import ConfigError
 from agent.learner import Learner
+from agent import runtime as runtime_module
 from agent.models import build_model
 from agent.runtime import EnsembleRuntime, OnnxModel, resolve_device, select_providers
 
@@ -64,50 +68,56 @@ def test_onnx_ensemble_matches_torch(arch):
     assert (onnx_helpers[0] - onnx_target).abs().max().item() > 1e-3
 
 
-def test_reexport_only_after_the_target_changed():
-    arch = "mlp4"
-    target = _with_two_helpers(arch)
-    runtime = EnsembleRuntime()
-    x, y = _batch(arch, 7)
-    runtime(target, x)
-    assert runtime.exports == 3  # the target and two helpers
-    runtime(target, x)
-    target.process_batch(x)  # unlabelled: served, not learnt from
-    runtime(target, x[:5])
-    assert runtime.exports == 3
-    target.process_batch(x, y)  # a train step
-    served = runtime.predict(target, x)
-    assert runtime.exports == 4
-    assert (served - target.predict(x)).abs().max().item() < 1e-5
-    runtime(target, x)
-    assert runtime.exports == 4
+@pytest.fixture
+def exported(monkeypatch):
+    """The models ``export_onnx`` was called with, in order."""
+    models = []
+    real = runtime_module.export_onnx
+
+    def counting(model, example, **kwargs):
+        models.append(model)
+        return real(model, example, **kwargs)
+
+    monkeypatch.setattr(runtime_module, "export_onnx", counting)
+    return models
 
 
-def test_as_the_learners_inference_hook():
+def test_training_exports_each_helper_once_and_never_the_target(exported):
     arch = "mlp4"
-    torch_node = _with_two_helpers(arch)
+    # Both helpers stay pooled, so every batch is served by them.
+    torch_node = _with_two_helpers(arch, discard={"type": "static", "n_batches": 1000}, drop_unhelpful=False)
     onnx_node = copy.deepcopy(torch_node)
     onnx_node.inference = runtime = EnsembleRuntime()
-    for seed in range(3):
+    for seed in range(6):
         x, y = _batch(arch, 20 + seed, classes=[0, 1, 2])
         a, b = torch_node.process_batch(x, y), onnx_node.process_batch(x, y)
         assert torch.equal(a.y_hat, b.y_hat) and a.served_error == b.served_error
         assert (torch_node.predict(x) - onnx_node.predict(x)).abs().max().item() < 1e-5
-    # The target at the first batch and again after each of the 3 train steps; the two helpers once.
-    assert runtime.exports == 1 + 3 + 2
+        # An unlabelled batch between two train steps asks for nothing new either.
+        assert torch.equal(torch_node.process_batch(x).y_hat, onnx_node.process_batch(x).y_hat)
+    assert runtime.exports == 2 and len(onnx_node.pool) == 2
+    assert [id(m) for m in exported] == [id(h.model) for h in onnx_node.pool]
 
 
-def test_batchnorm_statistics_count_as_a_change():
+def test_target_changes_are_served_without_an_export(exported):
+    # Running statistics alone (no train step), then KT "replace" writing through .data (no
+    # version counter sees it): both are served at once, since the target is served by torch.
     target, _ = _fleet("mobilenet_s")
     runtime = EnsembleRuntime()
-    x, y = _batch("mobilenet_s", 1)
+    x, _ = _batch("mobilenet_s", 1)
     runtime(target, x)
     target.model.train()
     with torch.no_grad():
-        target.model(x)  # only the running statistics move
+        target.model(x)
+    assert (runtime.predict(target, x) - target.predict(x)).abs().max().item() < 1e-5
+    target, helper = _fleet("intrusion_dnn", kt_apply="replace")
+    x, y = _batch("intrusion_dnn", 4)
+    helper.process_batch(x, y)
+    before = runtime.predict(target, x)
+    target.install(helper.significant_for([0, 2], 0.5))
     served = runtime.predict(target, x)
-    assert runtime.exports == 2
-    assert (served - target.predict(x)).abs().max().item() < 1e-5
+    assert (served - target.predict(x)).abs().max().item() < 1e-5 and not torch.equal(served, before)
+    assert runtime.exports == 0 and exported == []
 
 
 def test_helpers_exported_once_and_dropped_with_the_pool():
@@ -117,26 +127,22 @@ def test_helpers_exported_once_and_dropped_with_the_pool():
     target.process_batch(x, y)
     runtime = EnsembleRuntime()
     runtime(target, x)
-    assert runtime.exports == 1
+    assert runtime.exports == 0
     installed = target.install(helper.significant_for([1], 0.5))
     runtime(target, x)
     runtime(target, x)
-    assert runtime.exports == 2
+    assert runtime.exports == 1
     target.pool.remove(installed.helper_id)
     assert (runtime.predict(target, x) - target.predict(x)).abs().max().item() < 1e-5
-    assert runtime.exports == 2 and runtime._helpers == {}
+    assert runtime.exports == 1 and runtime._helpers == {}
 
 
-def test_write_into_target_is_noticed():
-    # kt_apply="replace" writes through .data, which bumps no autograd version counter.
-    target, helper = _fleet("intrusion_dnn", kt_apply="replace")
-    x, y = _batch("intrusion_dnn", 4)
-    helper.process_batch(x, y)
-    runtime = EnsembleRuntime()
-    runtime(target, x)
-    target.install(helper.significant_for([0, 2], 0.5))
-    assert (runtime.predict(target, x) - target.predict(x)).abs().max().item() < 1e-5
-    assert runtime.exports == 2
+def test_onnxruntime_is_imported_only_when_used():
+    code = (
+        "import sys, agent.daemon, agent.runtime; assert 'onnxruntime' not in sys.modules, 'imported early'; "
+        "agent.runtime.select_providers(['CPUExecutionProvider']); assert 'onnxruntime' in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)
 
 
 def test_onnx_model_inputs():

@@ -55,7 +55,7 @@ import numpy as np
 import torch
 import zstandard
 
-from agent.errors import KtRejected
+from agent.kt.errors import KtRejected
 from agent.kt.significant import SignificantParams, TensorSlice
 
 ValueCodec = Literal["float32", "float16", "int8", "int4_delta"]

@@ -4,28 +4,24 @@ For class c the sensitivity of weight W_j is |∂(Σ_batch softmax_c)/∂W_j|; f
 classes S it is the mean over S. One forward pass builds the graph and one backward pass (VJP) per
 requested class reads it, so there is no Python loop over samples.
 
-Plain Flatten/Linear/ReLU stacks (the MLPs) take a hand-written path with the same arithmetic: one
-forward pass keeping each layer's input, then per layer one GEMM for all classes of S together
-(∂/∂W of a dense layer is the batch sum of outer products, ``δᵀ·a``). It avoids autograd's
-per-call overhead and does all classes of a layer in one GEMM; the GEMMs are the same size, so
-the cost floor stays one forward pass plus |S| weight-gradient GEMMs (for |S| = 2 about one
-training step's arithmetic). Results equal the VJP's to float32 rounding (a GEMM may sum in
-another order); the tests check both paths agree and pick the same positions.
+Plain Flatten/Linear/ReLU stacks (the MLPs, or any model built the same way) take a hand-written
+path with the same arithmetic: one forward pass keeping each layer's input, then per layer one GEMM
+for all classes of S together (∂/∂W of a dense layer is the batch sum of outer products, ``δᵀ·a``).
+It avoids autograd's per-call overhead and does all classes of a layer in one GEMM; the GEMMs are
+the same size, so the cost floor stays one forward pass plus |S| weight-gradient GEMMs (for |S| = 2
+about one training step's arithmetic). Results equal the VJP's to float32 rounding (a GEMM may sum
+in another order); the tests check both paths agree and pick the same positions.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections import deque
 from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
 from torch.func import functional_call
-
-from agent.models import MLP4, IntrusionDNN
-
-# Models whose forward is exactly ``self.net(x)``; an ``nn.Sequential`` is its own forward.
-_NET_FORWARD = (MLP4, IntrusionDNN)
 
 
 def _class_output_vjp(
@@ -60,17 +56,50 @@ def _class_output_vjp(
     return {name: torch.stack([g[j] for g in per_class]) for j, name in enumerate(names)}
 
 
+def _calls_one_child(self, x):
+    return self.child(x)
+
+
+# The code of a forward that is exactly ``return self.<child>(x)`` (the child's name aside), as
+# compiled by this interpreter: comparing code reads what a forward does, whatever its class.
+_ONE_CALL = _calls_one_child.__code__
+
+
+def _forward_child(module: nn.Module) -> nn.Module | None:
+    """If ``module``'s forward is exactly ``return self.<child>(x)``, that child; else None."""
+    code = getattr(type(module).forward, "__code__", None)
+    if (
+        code is None
+        or code.co_code != _ONE_CALL.co_code
+        or code.co_argcount != 2
+        or code.co_kwonlyargcount
+        or code.co_flags & (inspect.CO_VARARGS | inspect.CO_VARKEYWORDS)
+        or len(code.co_names) != 1
+    ):
+        return None
+    child = dict(module.named_children()).get(code.co_names[0])
+    # A property or class attribute of that name would win over the child at call time.
+    return child if child is not None and getattr(module, code.co_names[0], None) is child else None
+
+
+def _chain(module: nn.Module) -> list[nn.Module]:
+    """The modules ``module``'s forward runs one after the other, as far as its structure tells."""
+    if type(module).forward is nn.Sequential.forward:
+        return [m for child in module for m in _chain(child)]
+    child = _forward_child(module)
+    return [module] if child is None else _chain(child)
+
+
 def _dense_stack(model: nn.Module) -> list[nn.Module] | None:
-    """The layers of ``model`` if its forward is exactly a Flatten/Linear/ReLU stack ending in a Linear, else None."""
-    if type(model) in _NET_FORWARD:
-        net = model.net
-    elif type(model) is nn.Sequential:
-        net = model
-    else:
-        return None
-    if type(net) is not nn.Sequential:
-        return None
-    layers = list(net)
+    """The layers of ``model`` if its forward is exactly a Flatten/Linear/ReLU stack ending in a Linear, else None.
+
+    Recognised by structure, whatever the model's class: ``nn.Sequential`` containers, and modules
+    whose forward is ``return self.<child>(x)``, are opened up; what they run must then be an
+    optional leading ``nn.Flatten()`` and ``nn.Linear`` layers, each optionally followed by an
+    ``nn.ReLU``, each run once and together holding every parameter of the model. Anything else
+    (other layers or activations, a forward that does more) takes the autograd path.
+    """
+    layers = _chain(model)
     kinds = [type(m) for m in layers]
     if not kinds or kinds[-1] is not nn.Linear or any(k not in (nn.Flatten, nn.Linear, nn.ReLU) for k in kinds):
         return None
@@ -79,8 +108,11 @@ def _dense_stack(model: nn.Module) -> list[nn.Module] | None:
             return None
         if isinstance(m, nn.ReLU) and (i == 0 or kinds[i - 1] is not nn.Linear):
             return None
+    # A layer run twice would need its gradients summed; the hand-written path writes each once.
+    if len({id(m) for m in layers}) != len(layers):
+        return None
     owned = {id(p) for m in layers for p in m.parameters()}
-    if owned != {id(p) for p in model.parameters()} or list(model.buffers()):
+    if owned != {id(p) for p in model.parameters()}:
         return None
     return layers
 
@@ -126,9 +158,17 @@ def _dense_class_grads(
     return {name: grads[name] for name, _ in model.named_parameters()}
 
 
-def _class_output_grads(
+def class_output_grads(
     model: nn.Module, x: torch.Tensor, classes: Sequence[int], scale: float = 1.0
 ) -> dict[str, torch.Tensor]:
+    """Per class c of ``classes``, ``scale`` · ∂(Σ_batch softmax_c)/∂W over batch ``x``, per parameter.
+
+    Returns, in ``named_parameters`` order, one tensor of shape (|S|, *W.shape) per parameter: row i
+    is class ``classes[i]``'s signed gradient, for the caller to take |·| and reduce over classes as
+    it needs. Dense stacks take the hand-written path, other models one VJP per class; the values
+    agree to float32 rounding. The model's parameters, gradients and train/eval mode are left as
+    they were.
+    """
     # ``scale`` multiplies the cotangent: the gradients are linear in it, and scaling the few
     # cotangents is cheaper than scaling |S| model-sized results afterwards.
     layers = _dense_stack(model)
@@ -137,7 +177,8 @@ def _class_output_grads(
     return _dense_class_grads(model, layers, x, classes, scale)
 
 
-def _check_classes(model_out: int, classes: Sequence[int]) -> None:
+def check_classes(model_out: int, classes: Sequence[int]) -> None:
+    """Raise ValueError unless ``classes`` are distinct, at least one, and in [0, ``model_out``)."""
     if len(classes) == 0:
         raise ValueError("sensitivity needs at least one requested class")
     if len(set(classes)) != len(classes):
@@ -197,14 +238,14 @@ def sensitivity(
     if samples is not None and samples < x.shape[0]:
         rows = torch.randperm(x.shape[0], generator=generator)[:samples]
         x = x.index_select(0, rows.to(x.device))
-    _check_classes(_num_outputs(model, x), classes)
+    check_classes(_num_outputs(model, x), classes)
     # One or two classes (the usual request): 1/|S| goes into the cotangent, exact for a power of
     # two since the gradients are linear in it, and |g0| + |g1| needs no model-sized division.
     # More classes: the mean as it always was, so the scores are the same bits either way.
     if len(classes) > 2:
-        grads = _class_output_grads(model, x, classes)
+        grads = class_output_grads(model, x, classes)
         return {name: g.abs_().mean(dim=0) for name, g in grads.items()}
-    grads = _class_output_grads(model, x, classes, scale=1.0 / len(classes))
+    grads = class_output_grads(model, x, classes, scale=1.0 / len(classes))
     return {name: _sum_abs(g) for name, g in grads.items()}
 
 

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from agent.kt.sensitivity import _check_classes, _class_output_grads
+from agent.kt.sensitivity import check_classes, class_output_grads
 
 
 class SensitivityMap:
@@ -115,7 +115,7 @@ class SensitivityMap:
         if n > self.samples:
             idx = torch.randperm(n, generator=self._gen)[: self.samples]
             x = x.index_select(0, idx.to(x.device))
-        grads = _class_output_grads(model, x, classes)
+        grads = class_output_grads(model, x, classes)
         fresh = self._fresh
         for name, g in grads.items():
             _, off, rows, cols = self._layout[name]
@@ -140,7 +140,7 @@ class SensitivityMap:
 
     def covers(self, classes: Sequence[int]) -> bool:
         """Whether every class of ``classes`` has been refreshed at least once (so ``lookup`` answers)."""
-        _check_classes(self.num_classes, classes)
+        check_classes(self.num_classes, classes)
         return all(self._refreshes[int(c)] for c in classes)
 
     def lookup(self, classes: Sequence[int]) -> dict[str, torch.Tensor]:
@@ -150,7 +150,7 @@ class SensitivityMap:
         (whose row and column sums equal the stored ones); 1-D tensors get the stored vectors.
         Raises ValueError naming any requested class not refreshed yet.
         """
-        _check_classes(self.num_classes, classes)
+        check_classes(self.num_classes, classes)
         unseen = [int(c) for c in classes if not self._refreshes[int(c)]]
         if unseen:
             raise ValueError(

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from agent.errors import KtRejected
+from agent.kt.errors import KtRejected
 from agent.kt.selection import keep_count
 from agent.kt.significant import SignificantParams
 

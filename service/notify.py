@@ -140,28 +140,6 @@ def _send_datagram(address: str, payload: bytes) -> None:
         sock.sendall(payload)
 
 
-class Heartbeat:
-    """A timestamp a thread refreshes with ``beat()``; ``check(max_age)`` makes a liveness check of it.
-
-    >>> hb = Heartbeat(); hb.beat(); hb.check(max_age=60.0)()
-    True
-    """
-
-    def __init__(self) -> None:
-        self._last = time.monotonic()
-
-    def beat(self) -> None:
-        self._last = time.monotonic()
-
-    def age(self) -> float:
-        """Seconds since the last beat (or since creation)."""
-        return time.monotonic() - self._last
-
-    def check(self, max_age: float) -> Callable[[], bool]:
-        """A check that passes while the last beat is at most ``max_age`` seconds old."""
-        return lambda: self.age() <= max_age
-
-
 class Watchdog:
     """Thread that pings the systemd watchdog while every liveness check passes.
 

@@ -52,8 +52,8 @@ def _priority(levelno: int) -> int:
 def configure_logging(
     level: int | str = logging.INFO,
     *,
+    identifier: str,
     journald: bool | None = None,
-    identifier: str = "clue-agent",
     stream: TextIO | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> logging.Handler:
@@ -62,7 +62,7 @@ def configure_logging(
     ``journald``: None picks the journal when ``under_systemd()`` and systemd-python is importable;
     True asks for it (falls back to prefixed stderr, with a warning, without systemd-python); False
     forces stderr (still prefixed, without timestamps, under systemd). ``identifier`` is the
-    journal's SYSLOG_IDENTIFIER; ``stream`` defaults to stderr.
+    journal's SYSLOG_IDENTIFIER, the daemon's name (``clue-mds``); ``stream`` defaults to stderr.
     """
     systemd = under_systemd(environ)
     want_journal = systemd if journald is None else journald

@@ -1,0 +1,36 @@
+"""What a default agent loads: heavy packages that only an option needs stay out of its process."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# river (and through it scikit-learn, pandas and scipy: about 120 MB and 0.9 s) serves only the
+# page_hinkley and adwin detectors; onnxruntime serves only runtime = "onnx".
+OPTIONAL = {"river", "sklearn", "pandas", "scipy", "onnxruntime"}
+
+_DEFAULT_AGENT = """
+import json, sys
+import agent.daemon
+from agent.learner import Learner
+from agent.models import build_model
+import torch
+learner = Learner(build_model("mlp4", 10, seed=0), num_classes=10)
+learner.process_batch(torch.rand(8, 784), torch.randint(0, 10, (8,)))
+print(json.dumps(sorted({name.split(".")[0] for name in sys.modules})))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_default_agent_loads_no_optional_package():
+    # A fresh interpreter: the test session itself has imported everything by now.
+    out = subprocess.run(
+        [sys.executable, "-c", _DEFAULT_AGENT], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    loaded = set(json.loads(out.stdout.splitlines()[-1]))
+    assert loaded & OPTIONAL == set()
