@@ -44,6 +44,7 @@ from pydantic import ValidationError
 from agent.config import LearnerConfig
 from agent.errors import CheckpointError
 from agent.learner import Learner
+from service.settings import problems
 
 FORMAT = "clue-edge-checkpoint"
 VERSION = 1
@@ -149,8 +150,7 @@ def load_checkpoint(path: str | os.PathLike[str], learner: Learner, *, restore_c
     try:
         config = LearnerConfig.model_validate(meta.get("config"))
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in exc.errors())
-        raise CheckpointError(f"{where} holds an invalid config: {problems}") from exc
+        raise CheckpointError(f"{where} holds an invalid config: {problems(exc)}") from exc
     batch_index = meta.get("batch_index")
     if not isinstance(batch_index, int) or isinstance(batch_index, bool) or batch_index < 0:
         raise CheckpointError(f"{where} has a bad batch counter {batch_index!r}")

@@ -6,9 +6,8 @@ is validated against it as a whole before anything changes.
 
 from __future__ import annotations
 
-from typing import Any, Literal
-
 import math
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -16,6 +15,7 @@ from agent.drift import DriftConfig, RollingErrorConfig
 from agent.ensemble import ClassAwareOperatorConfig, OperatorConfig
 from agent.errors import ConfigError
 from agent.kt.pool import DiscardConfig, DynamicDiscardConfig
+from service.settings import problems
 
 
 class LearnerConfig(BaseModel):
@@ -101,7 +101,4 @@ def patched(config: LearnerConfig, values: dict[str, Any]) -> LearnerConfig:
     try:
         return LearnerConfig.model_validate(merged)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()
-        )
-        raise ConfigError(f"invalid config patch: {problems}") from exc
+        raise ConfigError(f"invalid config patch: {problems(exc)}") from exc

@@ -45,9 +45,9 @@ from agent.settings import (
     write_patches,
 )
 from broker import topics
-from broker.topology import kt_channel
 from broker.client import ErrorEvent, Inbound, MqttClient, Responder
 from broker.errors import BusError, RemoteError, RequestRejected, RequestTimeout
+from broker.topology import kt_channel
 from broker.wire import (
     ArrayPayload,
     ConfigAck,

@@ -348,6 +348,10 @@ class NoveltyTrigger(DriftDetector):
     """
 
     name = "novelty"
+    _hist: np.ndarray
+    _fired: np.ndarray
+    _seen: int
+    _novel: tuple[int, ...]
 
     def __init__(
         self,
@@ -381,7 +385,7 @@ class NoveltyTrigger(DriftDetector):
         self._novel = ()
         if labels is None or labels.size == 0:
             return False
-        counts = np.bincount(labels, minlength=self.num_classes)
+        counts = np.bincount(labels, minlength=self._hist.size)
         if self._seen >= self.warmup_samples:
             longrun_share = self._hist / max(self._seen, 1)
             fire = (
@@ -402,7 +406,7 @@ class NoveltyTrigger(DriftDetector):
         self._hist = np.zeros(n, dtype=np.int64)
         self._fired = np.zeros(n, dtype=bool)
         self._seen = 0
-        self._novel: tuple[int, ...] = ()
+        self._novel = ()
 
 
 _DETECTORS: dict[str, type[DriftDetector]] = {

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from agent.config import LearnerConfig, patched
-from agent.drift import DriftDetector, NoveltyTrigger, RollingErrorDrift, build_detector, classes_to_request
+from agent.drift import DriftDetector, NoveltyTrigger, build_detector, classes_to_request
 from agent.ensemble import EnsembleOperator, build_operator
 from agent.errors import KtRejected
 from agent.kt import booster, codec, vetting

@@ -21,6 +21,7 @@ from agent.errors import ConfigError
 from agent.fl import FlConfig
 from agent.models import ARCHITECTURES
 from broker import topics
+from service.settings import problems
 
 _TOML_FILE: contextvars.ContextVar[Path | None] = contextvars.ContextVar("clue_agent_toml", default=None)
 
@@ -111,10 +112,6 @@ class AgentSettings(BaseSettings):
         return self.state_dir / f"{self.node_id}.patches.json"
 
 
-def _problems(exc: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in exc.errors())
-
-
 def load_settings(config_file: str | Path | None = None, **flags: Any) -> AgentSettings:
     """Settings from ``config_file`` (TOML), then ``CLUE_*`` variables, then ``flags`` (None = not given).
 
@@ -127,7 +124,7 @@ def load_settings(config_file: str | Path | None = None, **flags: Any) -> AgentS
     try:
         return AgentSettings(**{k: v for k, v in flags.items() if v is not None})
     except ValidationError as exc:
-        raise ConfigError(f"invalid settings: {_problems(exc)}") from exc
+        raise ConfigError(f"invalid settings: {problems(exc)}") from exc
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read settings: {exc}") from exc
     finally:
@@ -180,7 +177,7 @@ def split_patch(
     try:
         new_daemon = DaemonKnobs.model_validate({**daemon.model_dump(), **daemon_part})
     except ValidationError as exc:
-        raise ConfigError(f"invalid config patch: {_problems(exc)}") from exc
+        raise ConfigError(f"invalid config patch: {problems(exc)}") from exc
     new_learner = patched(learner, learner_part) if learner_part else learner
     return new_learner, new_daemon
 

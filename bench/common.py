@@ -146,7 +146,8 @@ def set_nodelay(client: MqttClient) -> None:
     (a PUBACK, then the reply) waits for the peer's delayed ACK, ~40 ms on Linux. Benchmarks use
     this to show that cost next to the shipped behaviour, never in place of it.
     """
-    sock = client._paho.socket() if client._paho is not None else None
+    paho = client._connection._paho
+    sock = paho.socket() if paho is not None else None
     if sock is None:
         raise RuntimeError(f"client {client.name} has no socket (not connected)")
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

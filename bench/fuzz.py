@@ -79,8 +79,24 @@ def _wire_seeds() -> list[bytes]:
 
     from broker.chunking import encode_chunks
     from broker.wire import (
-        ArrayPayload, Candidate, ConfigAck, ConfigPatch, ErrorReply, Event, GlobalModel, HelperList, HelpQuery,
-        KtBlob, KtRequest, ModelUpdate, NamedArray, NodeMeta, Prediction, RequestBatch, encode, encode_json,
+        ArrayPayload,
+        Candidate,
+        ConfigAck,
+        ConfigPatch,
+        ErrorReply,
+        Event,
+        GlobalModel,
+        HelperList,
+        HelpQuery,
+        KtBlob,
+        KtRequest,
+        ModelUpdate,
+        NamedArray,
+        NodeMeta,
+        Prediction,
+        RequestBatch,
+        encode,
+        encode_json,
     )
 
     arr = ArrayPayload.from_numpy(np.arange(6, dtype=np.float32).reshape(2, 3))

@@ -26,7 +26,7 @@ import numpy as np
 
 from bench.common import interleave, paired_ratio, parse_args, set_nodelay, stats, summary_row, table, write_json
 from broker import topics
-from broker.client import MqttClient, Responder
+from broker.client import ClientSettings, MqttClient, Responder
 from broker.launcher import PrivateMosquitto
 from broker.wire import Candidate, HelperList, HelpQuery, NodeMeta
 from mds.service import MetadataService
@@ -69,11 +69,11 @@ def serve(host: str, port: int, n: int, nodelay: bool, conn: Connection) -> None
     fill(store, n, seed=n)
     q = query()
     candidates = [Candidate(node_id=m.node_id, score=m.score, classes=list(m.classes)) for m in store.query(ASKER, ARCH, LINEAGE, CLASSES, q.hist, K)]
-    mds_client = MqttClient(client_id="bench-mds", host=host, port=port, session_expiry=30, clean_start=True,
-                            inbox_size=100_000, name="clue-mds")
+    mds_client = MqttClient(ClientSettings(client_id="bench-mds", host=host, port=port, session_expiry=30, clean_start=True,
+                                           inbox_size=100_000, name="clue-mds"))
     service = MetadataService(mds_client, store).start()
     mds_client.start()
-    echo_client = MqttClient(client_id=ECHO_NODE, host=host, port=port, clean_start=True)
+    echo_client = MqttClient(ClientSettings(client_id=ECHO_NODE, host=host, port=port, clean_start=True))
     echo_client.subscribe(topics.node_kt(ECHO_NODE), 1)
     echo = Responder(echo_client, lambda request, item: HelperList(corr=item.corr, candidates=candidates)).start()
     echo_client.start()
@@ -96,7 +96,7 @@ def measure(broker: PrivateMosquitto, n: int, *, nodelay: bool, reps: int, warmu
     here, there = ctx.Pipe()
     server = ctx.Process(target=serve, args=(broker.host, broker.port, n, nodelay, there), daemon=True)
     server.start()
-    asker = MqttClient(client_id=ASKER, host=broker.host, port=broker.port, clean_start=True)
+    asker = MqttClient(ClientSettings(client_id=ASKER, host=broker.host, port=broker.port, clean_start=True))
     asker.start()
     try:
         if not here.poll(600) or not here.recv()["ready"]:

@@ -14,6 +14,7 @@ from typing import Any
 
 _EXPORTS = {
     "MqttClient": "broker.client",
+    "ClientSettings": "broker.client",
     "Responder": "broker.client",
     "Inbound": "broker.client",
     "ErrorEvent": "broker.client",

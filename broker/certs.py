@@ -21,7 +21,7 @@ running again with more `--nodes` adds certificates signed by the same CA; `--fo
     python -m broker.certs OUTDIR --nodes n1,n2 --roles mds,relay,operator
 
 >>> certs = generate(tmp, nodes=["n1"], roles=["mds"])            # doctest: +SKIP
->>> MqttClient(client_id="n1", port=8883, **certs.client_kwargs("n1"))   # doctest: +SKIP
+>>> MqttClient.from_url("mqtts://127.0.0.1", client_id="n1", **certs.client_kwargs("n1"))   # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ class CertSet:
         return self.directory / f"{validate_node_id(identity)}.key"
 
     def client_kwargs(self, identity: str) -> dict[str, Path]:
-        """`tls_ca`, `tls_cert`, `tls_key` for `MqttClient(...)` as `identity`."""
+        """`tls_ca`, `tls_cert`, `tls_key` for `ClientSettings(...)` as `identity`."""
         return {"tls_ca": self.ca, "tls_cert": self.cert(identity), "tls_key": self.key(identity)}
 
 

@@ -36,7 +36,7 @@ from typing import Any, Sequence, TextIO
 from pydantic import ValidationError
 
 from broker import topics
-from broker.client import ErrorEvent, Inbound, MqttClient, iter_inbox, parse_broker_url
+from broker.client import ClientSettings, ErrorEvent, Inbound, MqttClient, iter_inbox, parse_broker_url
 from broker.errors import BusError
 from broker.wire import ConfigAck, ConfigPatch, Event, NodeMeta
 
@@ -186,7 +186,7 @@ def client_settings(args: argparse.Namespace) -> dict[str, Any]:
 def connect(settings: dict[str, Any], filters: Sequence[str], timeout: float) -> MqttClient:
     """A started client, connected and subscribed to ``filters``; Unreachable (or Refused) otherwise."""
     try:
-        client = MqttClient(**settings)
+        client = MqttClient(ClientSettings(**settings))
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     for topic_filter in filters:

@@ -26,32 +26,35 @@ once); a transfer stops when the target's request expires (its v5 MessageExpiryI
 dropped, since the answer goes out at QoS 1 to the target's session; replies that come after
 their timeout are dropped by the client (`late_replies` in `stats()`); at most `max_nodes`
 histograms are cached.
+
+`clue-relay` runs it (`main`): settings from a TOML file (`--config`), then `CLUE_RELAY_*`
+environment variables, then flags (`clue-relay --help`); signals, readiness, the watchdog and the
+exit codes are the runner's (`service.runner`).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import logging
-import signal
 import sys
 import threading
 import time
 from collections import OrderedDict
-from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic_settings import SettingsConfigDict
 
 from broker import topics
 from broker.client import ErrorEvent, Inbound, InboxItem, MqttClient
 from broker.errors import BusError, RemoteError, RequestTimeout, TopicError
 from broker.wire import Envelope, ErrorReply, HelperList, HelpQuery, KtBlob, KtRequest, NodeId, NodeMeta
-from service.cli import ServiceArgumentParser
-from service.exit_codes import EXIT_CONFIG, EXIT_CRASH, EXIT_OK
-from service.logs import configure_logging
-from service.notify import Notifier, Watchdog
+from service.runner import WorkerDaemon, serve
+from service.settings import BrokerSettings, DaemonSettings
+from service.worker import InboxWorker
 
 log = logging.getLogger("clue.relay")
 
@@ -76,14 +79,16 @@ class RelayConfig(BaseModel):
     max_nodes: int = Field(100_000, ge=1, le=10_000_000, description="node histograms cached")
 
 
-class Relay:
+class Relay(InboxWorker[InboxItem]):
     """Serves `KtRequest`s on `relay/kt` through `client` (see the module docstring).
 
-    `start()` subscribes and starts a dispatcher thread that owns the client's inbox; the caller
-    starts and stops the client. Build the client with `reply_topic=relay_reply(relay_id)`.
+    `start()` subscribes and starts the dispatch thread that takes the client's inbox; transfers
+    run on a pool of `max_transfers` threads. The caller starts and stops the client. Build the
+    client with `reply_topic=relay_reply(relay_id)`.
     """
 
     def __init__(self, client: MqttClient, config: RelayConfig | None = None) -> None:
+        super().__init__(client, name="relay-dispatch")
         self.client = client
         self.config = config or RelayConfig()
         self.reply_topic = topics.relay_reply(self.config.relay_id)
@@ -91,53 +96,36 @@ class Relay:
         self._active: set[tuple[str, str]] = set()
         self._finished: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._stats = dict.fromkeys(
             ("requests", "forwarded", "failed", "busy", "duplicates", "unanswerable", "expired", "errors"), 0
         )
 
     def start(self) -> "Relay":
-        """Subscribe (`$share/{group}/relay/kt`, every node's meta) and start serving."""
+        """Start serving and subscribe (`$share/{group}/relay/kt`, every node's meta)."""
+        self._pool = concurrent.futures.ThreadPoolExecutor(self.config.max_transfers, thread_name_prefix="relay-kt")
+        super().start()
         self.client.subscribe(f"$share/{self.config.share_group}/{topics.relay_kt()}", 1)
         self.client.subscribe(topics.all_meta(), 1)
-        self._pool = concurrent.futures.ThreadPoolExecutor(self.config.max_transfers, thread_name_prefix="relay-kt")
-        self._thread = threading.Thread(target=self._run, name="relay-dispatch", daemon=True)
-        self._thread.start()
+        log.info("relay %s serving %s", self.config.relay_id, topics.relay_kt())
         return self
-
-    def alive(self) -> bool:
-        """The dispatch thread runs (for the systemd watchdog)."""
-        return self._thread is not None and self._thread.is_alive()
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop taking requests; transfers in flight end when the client stops."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        super().stop(timeout)
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
 
     def stats(self) -> dict[str, int]:
-        """Counters, plus `active` transfers, cached `nodes` and the client's `late_replies`."""
+        """Counters (`errors` with the dispatch thread's), plus `active` transfers, cached `nodes`
+        and the client's `late_replies`."""
         with self._lock:
             out = dict(self._stats, active=len(self._active), nodes=len(self._meta))
+        out["errors"] += self.errors
         out["late_replies"] = self.client.stats()["late_replies"]
         return out
 
-    # --- dispatch (one thread) ---------------------------------------------------------------
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            item = self.client.get(timeout=0.1)
-            if item is None:
-                continue
-            try:
-                self.handle(item)
-            except Exception:  # noqa: BLE001 - keep serving
-                self._count("errors")
-                log.exception("relay: error handling an item")
+    # --- dispatch (the worker thread) --------------------------------------------------------
 
     def handle(self, item: InboxItem) -> None:
         """Take one inbox item: node metadata is cached, a KT request starts a transfer."""
@@ -302,68 +290,43 @@ def _asker(reply_to: str | None) -> str | None:
     return node_id if leaf == "reply" else None
 
 
+class RelaySettings(DaemonSettings, BrokerSettings, RelayConfig):
+    """`clue-relay` settings: the relay's own (`RelayConfig`), how it reaches the broker, logging."""
+
+    model_config = SettingsConfigDict(env_prefix="CLUE_RELAY_")
+
+    program: ClassVar[str] = "clue-relay"
+    description: ClassVar[str] = "The trusted KT relay of CLUE Edge."
+
+
+def build(settings: RelaySettings) -> WorkerDaemon:
+    """The relay of `settings` and its client (reply topic `relay/{relay_id}/reply`)."""
+    client = MqttClient.from_url(
+        settings.broker,
+        client_id=settings.relay_id,
+        reply_topic=topics.relay_reply(settings.relay_id),
+        name=f"relay-{settings.relay_id}",
+        **settings.client_kwargs(),
+    )
+    relay = Relay(client, settings)
+    return WorkerDaemon(client, relay, status=lambda: _status_line(settings.relay_id, relay.stats()))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """`clue-relay --broker mqtts://host:8883 --tls-ca ca.crt --tls-cert relay.crt --tls-key relay.key`.
 
-    Exits 0 after SIGTERM or SIGINT, 78 for a bad flag or configuration, 1 for a crash
-    (`service.exit_codes`).
+    Exits 0 after SIGTERM or SIGINT, 78 for a bad setting, 1 for a crash (`service.exit_codes`).
     """
-    ap = ServiceArgumentParser(prog="clue-relay", description="The trusted KT relay of CLUE Edge.")
-    ap.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="mqtt://host:port, mqtts://host:port or unix:///path")
-    ap.add_argument("--tls-ca", help="CA certificate file")
-    ap.add_argument("--tls-cert", help="client certificate file (CN relay)")
-    ap.add_argument("--tls-key", help="client key file")
-    for name, field in RelayConfig.model_fields.items():
-        ap.add_argument(f"--{name.replace('_', '-')}", type=type(field.default), default=None, help=field.description)
-    ap.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
-    args = ap.parse_args(argv)
-    configure_logging(args.log_level, identifier="clue-relay")
-    try:
-        values = {name: getattr(args, name) for name in RelayConfig.model_fields if getattr(args, name) is not None}
-        config = RelayConfig(**values)
-        for path in (args.tls_ca, args.tls_cert, args.tls_key):
-            if path is not None and not Path(path).is_file():
-                raise ValueError(f"no such file: {path}")
-        client = MqttClient.from_url(
-            args.broker,
-            client_id=config.relay_id,
-            reply_topic=topics.relay_reply(config.relay_id),
-            tls_ca=args.tls_ca,
-            tls_cert=args.tls_cert,
-            tls_key=args.tls_key,
-            name=f"relay-{config.relay_id}",
-        )
-    except (ValidationError, ValueError) as exc:
-        print(f"clue-relay: bad configuration: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    relay = Relay(client, config)
-    notifier = Notifier()
-    watchdog = Watchdog(notifier, checks={"mqtt loop": lambda: client.loop_alive, "relay": relay.alive})
-    try:
-        relay.start()
-        client.start()
-        client.wait_subscribed(5.0)
-        notifier.ready(f"relay {config.relay_id} serving {topics.relay_kt()}")
-        watchdog.start()
-        log.info("relay %s serving %s on %s", config.relay_id, topics.relay_kt(), args.broker)
-        while not stop.wait(1.0):
-            pass
-        notifier.stopping()
-    except Exception:  # noqa: BLE001 - log, then the crash exit code
-        log.exception("relay crashed")
-        return EXIT_CRASH
-    finally:
-        watchdog.stop()
-        relay.stop()
-        client.stop()
-    return EXIT_OK
+    return serve(RelaySettings, build, argv)
+
+
+def _status_line(relay_id: str, stats: dict[str, Any]) -> str:
+    """The one line `systemctl status` shows."""
+    return f"relay {relay_id} serving {topics.relay_kt()}: {stats['active']} transfers, {stats['forwarded']} forwarded"
 
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
 
 
-__all__ = ["Relay", "RelayConfig", "main"]
+__all__ = ["Relay", "RelayConfig", "RelaySettings", "build", "main"]

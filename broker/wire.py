@@ -507,7 +507,7 @@ def encode(msg: Envelope) -> bytes:
         raise WireError(f"cannot encode {type(msg).__name__}: not an Envelope")
     try:
         return msgpack.packb(msg.model_dump(mode="python"), use_bin_type=True)
-    except Exception as exc:  # noqa: BLE001 - a model built with model_construct may hold anything
+    except Exception as exc:  # a model built with model_construct may hold anything
         raise WireError(f"cannot encode {type(msg).__name__}: {exc}") from exc
 
 
@@ -517,7 +517,7 @@ def encode_json(msg: Envelope) -> bytes:
         raise WireError(f"cannot encode {type(msg).__name__}: not an Envelope")
     try:
         return json.dumps(msg.model_dump(mode="python"), allow_nan=False, separators=(",", ":")).encode()
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise WireError(f"cannot encode {type(msg).__name__} as JSON: {exc}") from exc
 
 
@@ -570,7 +570,7 @@ def decode_config(
         )
     except _DuplicateKey as exc:
         raise SchemaError(f"duplicate key {exc.key[:64]!r} in the config message") from exc
-    except Exception as exc:  # noqa: BLE001 - JSONDecodeError, UnicodeDecodeError, RecursionError, …
+    except Exception as exc:  # JSONDecodeError, UnicodeDecodeError, RecursionError, …
         raise WireError(f"not a JSON config message: {type(exc).__name__}: {str(exc)[:200]}") from exc
     if not isinstance(obj, dict):
         raise SchemaError("a JSON config message must be an object")
@@ -601,7 +601,7 @@ def from_obj(obj: Any, *, expect: ExpectArg = None) -> Envelope:
         return cls.model_validate(obj)
     except ValidationError as exc:
         raise SchemaError(f"invalid {name!r}: {_summary(exc)}") from exc
-    except Exception as exc:  # noqa: BLE001 - a validator tripping on odd input is still bad input
+    except Exception as exc:  # a validator tripping on odd input is still bad input
         raise SchemaError(f"invalid {name!r}: {type(exc).__name__}: {str(exc)[:200]}") from exc
 
 
@@ -623,7 +623,7 @@ def _unpack(raw: bytes, max_bytes: int) -> Any:
         )
     except _DuplicateKey as exc:
         raise SchemaError(f"duplicate key {str(exc.key)[:64]!r} in a map") from exc
-    except Exception as exc:  # noqa: BLE001 - msgpack raises many ValueError/TypeError flavours
+    except Exception as exc:  # msgpack raises many ValueError/TypeError flavours
         raise WireError(f"not a msgpack message: {_reason(exc)}") from exc
 
 

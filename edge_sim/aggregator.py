@@ -24,32 +24,33 @@ disconnected; a node that joins later adopts the next round's model.
     python -m edge_sim.aggregator --broker mqtt://127.0.0.1:1883 --job demo --every 10 \\
         --members edge-0,edge-1,edge-2,edge-3 --per-round 3
 
-Exit codes (`service.exit_codes`, as every daemon): 0 after SIGTERM/SIGINT, 78 for a bad flag or
-configuration, 1 for a crash. Logs go to stderr, or to the journal under systemd (`service.logs`).
+Settings, as every daemon's (`service.settings`): a TOML file (`--config`), then
+`CLUE_AGGREGATOR_*` environment variables (`CLUE_AGGREGATOR_MEMBERS=edge-0,edge-1`), then flags.
+Exit codes (`service.exit_codes`): 0 after SIGTERM/SIGINT, 78 for a bad setting, 1 for a crash.
+Logs go to stderr, or to the journal under systemd (`service.logs`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import signal
 import sys
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Any, ClassVar
 
-from pydantic import ValidationError
+from pydantic import Field, field_validator
+from pydantic_settings import SettingsConfigDict
 
 from agent.fl import FlConfig, FlRejected, fedavg, global_from_tensors, layout, participants
 from broker import topics
 from broker.client import ErrorEvent, InboxItem, MqttClient
 from broker.errors import BusError
 from broker.wire import ModelUpdate
-from service.cli import ServiceArgumentParser
-from service.exit_codes import EXIT_CONFIG, EXIT_CRASH, EXIT_OK
-from service.logs import configure_logging
+from service.runner import WorkerDaemon, serve
+from service.settings import BrokerSettings, DaemonSettings
+from service.worker import InboxWorker
 
 log = logging.getLogger("clue.aggregator")
 
@@ -64,11 +65,11 @@ class _Round:
     updates: dict[str, ModelUpdate] = field(default_factory=dict)
 
 
-class FedAvgAggregator:
+class FedAvgAggregator(InboxWorker[InboxItem]):
     """Averages each round's updates of one job and publishes the global model (module docstring).
 
-    `start()` subscribes and starts a worker thread that owns the client's inbox; the caller
-    starts and stops the client.
+    `start()` subscribes and starts the worker thread that takes the client's inbox; its `tick`
+    averages the rounds whose time is up. The caller starts and stops the client.
     """
 
     def __init__(
@@ -83,6 +84,7 @@ class FedAvgAggregator:
             raise ValueError("round_timeout must be > 0 s")
         if max_open_rounds < 1:
             raise ValueError("max_open_rounds must be >= 1")
+        super().__init__(client, name=f"fedavg-{cfg.job}")
         self.client = client
         self.cfg = cfg
         self.round_timeout = round_timeout
@@ -92,8 +94,6 @@ class FedAvgAggregator:
         self._last_round = -1
         self._layout: dict[str, tuple[str, tuple[int, ...]]] | None = None
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._stats = dict.fromkeys(
             (
                 "rounds_published",
@@ -110,39 +110,32 @@ class FedAvgAggregator:
         )
 
     def start(self) -> "FedAvgAggregator":
-        """Subscribe to `fl/{job}/update/+` and start the worker thread."""
+        """Start the worker thread and subscribe to `fl/{job}/update/+`; stopping abandons open rounds."""
+        super().start()
         self.client.subscribe(topics.fl_updates(self.cfg.job), 1)
-        self._thread = threading.Thread(target=self._run, name=f"fedavg-{self.cfg.job}", daemon=True)
-        self._thread.start()
+        log.info(
+            "aggregating job %s: %d of %d members per round, every %d batches",
+            self.cfg.job, self.cfg.per_round, len(self.cfg.members), self.cfg.every,
+        )
         return self
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stop the worker; open rounds are abandoned."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-
     def stats(self) -> dict[str, int]:
-        """Counters, plus `updates_ignored` (their sum), `open_rounds` and `last_round` (-1: none)."""
+        """Counters (`errors` with the worker's), plus `updates_ignored` (their sum), `open_rounds`
+        and `last_round` (-1: none)."""
         with self._lock:
             out = dict(self._stats, open_rounds=len(self._open), last_round=self._last_round)
+        out["errors"] += self.errors
         out["updates_ignored"] = sum(out[f"ignored_{k}"] for k in _IGNORED)
         return out
 
     # --- the worker ----------------------------------------------------------------------
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            item = self.client.get(timeout=0.1)
-            try:
-                if item is not None:
-                    self._handle(item)
-                self._expire(time.monotonic())
-            except Exception:  # noqa: BLE001 - keep aggregating
-                self._count("errors")
-                log.exception("aggregator %s: error handling an item", self.cfg.job)
+    def tick(self) -> None:
+        """Average the rounds whose `round_timeout` has passed."""
+        self._expire(time.monotonic())
 
-    def _handle(self, item: InboxItem) -> None:
+    def handle(self, item: InboxItem) -> None:
+        """Take one inbox item: an update joins its round (module docstring)."""
         if isinstance(item, ErrorEvent):
             if item.context in ("decode", "chunk", "size"):
                 self._count("updates_received")
@@ -247,94 +240,52 @@ def _update_topic(msg: ModelUpdate) -> str:
     return topics.fl_update(msg.job, msg.node_id)
 
 
-# --- command line ----------------------------------------------------------------------------
+# --- the daemon ----------------------------------------------------------------------------
 
 
-def build_parser() -> ServiceArgumentParser:
-    """The argument parser of `python -m edge_sim.aggregator`."""
-    p = ServiceArgumentParser(prog="clue-aggregator", description="FedAvg aggregator of the CLUE Edge baseline.")
-    p.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="mqtt://host:port, mqtts://host:port, unix:///path or a socket path")
-    p.add_argument("--job", required=True, help="job id (the fl/{job}/… topics)")
-    p.add_argument("--every", type=int, required=True, help="f: a round every f batches")
-    p.add_argument("--members", required=True, help="comma-separated node ids of the job (n)")
-    p.add_argument("--per-round", type=int, required=True, help="n′: participants per round")
-    p.add_argument("--seed", type=int, default=0, help="seed of the participant draw (same on every node)")
-    p.add_argument("--round-timeout", type=float, default=30.0, help="s after a round's first update to average what came")
-    p.add_argument("--max-open-rounds", type=int, default=4, help="rounds collected at once")
-    p.add_argument("--client-id", default=None, help="MQTT client id (default: aggregator-{job})")
-    p.add_argument("--username", default=None)
-    p.add_argument("--password-file", default=None, help="file holding the broker password")
-    p.add_argument("--tls-ca", default=None, help="CA certificate file")
-    p.add_argument("--tls-cert", default=None, help="client certificate file (CN aggregator)")
-    p.add_argument("--tls-key", default=None, help="client key file")
-    p.add_argument("--stats-interval", type=float, default=60.0, help="s between stats lines in the log (0: only at exit)")
-    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
-    return p
+class AggregatorSettings(DaemonSettings, BrokerSettings, FlConfig):
+    """`clue-aggregator` settings: the job (`FlConfig`), the rounds, the broker, logging."""
+
+    # Members come as `a,b,c` from a flag or a variable, as an array from the file.
+    model_config = SettingsConfigDict(env_prefix="CLUE_AGGREGATOR_", enable_decoding=False)
+
+    program: ClassVar[str] = "clue-aggregator"
+    description: ClassVar[str] = "FedAvg aggregator of the CLUE Edge baseline."
+
+    round_timeout: float = Field(30.0, gt=0.0, description="s after a round's first update to average what came")
+    max_open_rounds: int = Field(4, ge=1, description="rounds collected at once")
+    client_id: str | None = Field(None, description="MQTT client id (default: aggregator-{job})")
+
+    @field_validator("members", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        return [m.strip() for m in value.split(",") if m.strip()] if isinstance(value, str) else value
+
+
+def build(settings: AggregatorSettings) -> WorkerDaemon:
+    """The aggregator of `settings` and its client."""
+    # All members may send at once (non-participants too): room to reassemble every transfer.
+    client = MqttClient.from_url(
+        settings.broker,
+        client_id=settings.client_id or f"aggregator-{settings.job}",
+        max_transfers=max(16, 2 * len(settings.members)),
+        name=f"aggregator-{settings.job}",
+        **settings.client_kwargs(),
+    )
+    job = FlConfig(**settings.model_dump(include=set(FlConfig.model_fields)))
+    aggregator = FedAvgAggregator(
+        client, job, round_timeout=settings.round_timeout, max_open_rounds=settings.max_open_rounds
+    )
+    return WorkerDaemon(client, aggregator)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the aggregator until SIGTERM or SIGINT; return the exit code."""
-    args = build_parser().parse_args(argv)
-    configure_logging(args.log_level, identifier="clue-aggregator")
-    try:
-        cfg = FlConfig(
-            job=args.job,
-            every=args.every,
-            members=[m.strip() for m in args.members.split(",") if m.strip()],
-            per_round=args.per_round,
-            seed=args.seed,
-        )
-        for path in (args.password_file, args.tls_ca, args.tls_cert, args.tls_key):
-            if path is not None and not Path(path).is_file():
-                raise ValueError(f"no such file: {path}")
-        if args.stats_interval < 0:
-            raise ValueError("--stats-interval must be >= 0")
-        # All members may send at once (non-participants too): room to reassemble every transfer.
-        client = MqttClient.from_url(
-            f"unix://{args.broker}" if args.broker.startswith("/") else args.broker,
-            client_id=args.client_id or f"aggregator-{cfg.job}",
-            username=args.username,
-            password_file=args.password_file,
-            tls_ca=args.tls_ca,
-            tls_cert=args.tls_cert,
-            tls_key=args.tls_key,
-            max_transfers=max(16, 2 * len(cfg.members)),
-            name=f"aggregator-{cfg.job}",
-        )
-        aggregator = FedAvgAggregator(
-            client, cfg, round_timeout=args.round_timeout, max_open_rounds=args.max_open_rounds
-        )
-    except (ValidationError, ValueError) as exc:
-        print(f"clue-aggregator: bad configuration: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        aggregator.start()
-        client.start()
-        log.info(
-            "aggregating job %s: %d of %d members per round, every %d batches, on %s",
-            cfg.job, cfg.per_round, len(cfg.members), cfg.every, args.broker,
-        )
-        next_stats = time.monotonic() + args.stats_interval
-        while not stop.wait(1.0):
-            if args.stats_interval and time.monotonic() >= next_stats:
-                log.info("stats %s", json.dumps(aggregator.stats()))
-                next_stats = time.monotonic() + args.stats_interval
-    except Exception:  # noqa: BLE001 - a crash is exit 1, told apart from a bad config
-        log.exception("aggregator crashed")
-        return EXIT_CRASH
-    finally:
-        aggregator.stop()
-        client.stop()
-        log.info("final stats %s", json.dumps(aggregator.stats()))
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    return EXIT_OK
+    return serve(AggregatorSettings, build, argv)
 
 
 if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["FedAvgAggregator", "build_parser", "main"]
+__all__ = ["AggregatorSettings", "FedAvgAggregator", "build", "main"]

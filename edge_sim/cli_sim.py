@@ -27,9 +27,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from agent.errors import ConfigError
+from agent.models import save_weights
 from edge_sim.report import headline_table, write_report
 from edge_sim.scenario import Scenario, load_scenario, shipped_scenarios
-from agent.models import save_weights
 from edge_sim.sim import feed_external, load_dataset, prepare_base, run_scenario
 from service.exit_codes import EXIT_CONFIG
 

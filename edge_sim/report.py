@@ -100,7 +100,7 @@ def summarise(scn: Scenario, runs: Sequence[ModeRun]) -> dict[str, Any]:
         per_mode[mode] = {"runs": rows}
     iso = {row["seed"]: row for row in per_mode.get("isolated", {}).get("runs", [])}
     fed = {row["seed"]: row for row in per_mode.get("fedavg", {}).get("runs", [])}
-    for mode, entry in per_mode.items():
+    for entry in per_mode.values():
         rows = entry["runs"]
 
         def ratio(key: str, base: dict, row: dict) -> float | None:

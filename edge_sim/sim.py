@@ -28,8 +28,8 @@ import numpy as np
 
 from agent.fl import FlConfig, is_round_batch
 from agent.models import save_weights
-from broker.launcher import PrivateMosquitto
 from broker.client import MqttClient
+from broker.launcher import PrivateMosquitto
 from edge_sim.collector import Collector, Feeder
 from edge_sim.experiment import MODES, pretrain_base
 from edge_sim.processes import Child, spawn, spawn_agent, spawn_mds

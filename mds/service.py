@@ -2,7 +2,8 @@
 
 `MetadataService` subscribes to every node's `meta` and `status` and to the helper queries
 (`$share/{group}/clue/v1/mds/query` by default, so several MdS split the queries; each still sees
-every `meta` and `status`). One worker thread takes the client's inbox in arrival order:
+every `meta` and `status`). Its worker thread (`service.worker.InboxWorker`) takes the client's
+inbox in arrival order:
 
 - `node/{id}/meta`: a `NodeMeta` goes into the `NodeStore`, the last received in place of the one
   before: the sender's `ts` orders nothing, so a replayed or skewed message cannot pin or hide a
@@ -19,7 +20,8 @@ every `meta` and `status`). One worker thread takes the client's inbox in arriva
   decode is answered `bad_request` when its v5 properties say where to; retained queries are
   ignored (a stale retained query would be answered at every restart).
 
-Undecodable input is logged and counted, never fatal. Rebuilding after a restart: an MdS with an
+Undecodable input is logged and counted, never fatal; so is a handler that raises
+(`worker_errors`). Rebuilding after a restart: an MdS with an
 on-disk store answers from SQLite at once; the retained `meta`/`status` messages that arrive on
 subscribing bring it up to date. `stop()` unsubscribes from the queries first, so the broker stops
 routing shared-group queries to this instance before it disconnects.
@@ -49,6 +51,7 @@ from broker.errors import RequestRejected, TopicError, UnknownMessageType, Unsup
 from broker.wire import Candidate, Envelope, ErrorReply, HelperList, HelpQuery, NodeMeta, decode
 from mds.similarity import SIMILARITIES
 from mds.store import NodeStore, QueryRejected
+from service.worker import InboxWorker
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +59,8 @@ log = logging.getLogger(__name__)
 LATENCY_WINDOW = 10_000
 #: Largest `max_clock_skew` accepted (s): a day ahead is a broken clock, not skew.
 MAX_CLOCK_SKEW = 86_400.0
-_MAX_K_ON_WIRE = 64
+#: Largest `max_k` accepted: the most candidates a `HelperList` carries.
+MAX_K = 64
 _DECODE_CONTEXTS = ("decode", "chunk", "size")
 _COUNTERS = (
     "queries",
@@ -72,11 +76,10 @@ _COUNTERS = (
     "status_updates",
     "bad_input",
     "client_errors",
-    "worker_errors",
 )
 
 
-class MetadataService:
+class MetadataService(InboxWorker[InboxItem]):
     """Answers helper queries from the node metadata it collects (see the module docstring).
 
     `similarity`: a name from `mds.similarity.SIMILARITIES`; `min_class_share`: the share of its
@@ -106,10 +109,11 @@ class MetadataService:
             raise ValueError(f"unknown similarity {similarity!r}; known: {sorted(SIMILARITIES)}")
         if not 0.0 <= min_class_share <= 1.0:
             raise ValueError(f"min_class_share must be in [0, 1], got {min_class_share}")
-        if isinstance(max_k, bool) or not isinstance(max_k, int) or not 1 <= max_k <= _MAX_K_ON_WIRE:
-            raise ValueError(f"max_k must be an int in [1, {_MAX_K_ON_WIRE}], got {max_k!r}")
+        if isinstance(max_k, bool) or not isinstance(max_k, int) or not 1 <= max_k <= MAX_K:
+            raise ValueError(f"max_k must be an int in [1, {MAX_K}], got {max_k!r}")
         if not 0.0 <= max_clock_skew <= MAX_CLOCK_SKEW:
             raise ValueError(f"max_clock_skew must be in [0, {MAX_CLOCK_SKEW:g}] s, got {max_clock_skew}")
+        super().__init__(client, name=f"mds-{client.name}")
         self.client = client
         self.store = store
         self.similarity = similarity
@@ -124,22 +128,17 @@ class MetadataService:
         self._rejected: Counter[str] = Counter()
         self._latency_ms: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self._compute_ms: deque[float] = deque(maxlen=LATENCY_WINDOW)
-        self._stop = threading.Event()
-        self._worker: threading.Thread | None = None
 
     # --- lifecycle -----------------------------------------------------------------------------
 
     def start(self) -> "MetadataService":
-        """Subscribe (now or on the client's next connect) and start the worker thread."""
-        if self._worker is not None:
-            raise RuntimeError("MetadataService already started")
+        """Start the worker thread and subscribe (now or on the client's next connect)."""
+        super().start()
         self.client.subscribe(topics.all_meta(), 1)
         self.client.subscribe(topics.all_status(), 1)
         # Raw: the service decodes queries itself so that one that fails to decode can still be
         # answered, on the v5 ResponseTopic it carries.
         self.client.subscribe(self.query_filter, 1, decoding="raw")
-        self._worker = threading.Thread(target=self._run, name=f"mds-{self.client.name}", daemon=True)
-        self._worker.start()
         log.info(
             "MdS %s: serving %s (similarity %s, max_k %d, max_clock_skew %g s)",
             self.client.name,
@@ -150,26 +149,14 @@ class MetadataService:
         )
         return self
 
-    def alive(self) -> bool:
-        """The worker thread runs (for the systemd watchdog)."""
-        return self._worker is not None and self._worker.is_alive()
-
     def stop(self, timeout: float = 5.0) -> None:
         """Leave the query subscription, then stop the worker (the client stays the caller's)."""
-        if self._worker is None or self._stop.is_set():
-            return
-        try:
-            self.client.unsubscribe(self.query_filter)
-        except Exception:  # noqa: BLE001 - a client already stopped is fine here
-            log.debug("MdS %s: unsubscribe on stop failed", self.client.name, exc_info=True)
-        self._stop.set()
-        self._worker.join(timeout)
-
-    def __enter__(self) -> "MetadataService":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        if self.running:
+            try:
+                self.client.unsubscribe(self.query_filter)
+            except Exception:  # noqa: BLE001 - a client already stopped is fine here
+                log.debug("MdS %s: unsubscribe on stop failed", self.client.name, exc_info=True)
+        super().stop(timeout)
 
     # --- stats ---------------------------------------------------------------------------------
 
@@ -181,6 +168,7 @@ class MetadataService:
             out["rejected_by_code"] = dict(self._rejected)
             latency = np.array(self._latency_ms)
             compute = np.array(self._compute_ms)
+        out["worker_errors"] = self.errors
         out["duplicates"] = self._responder.duplicates
         out["unanswerable"] += self._responder.unanswerable + self._responder.bad_reply_to
         out["inbox_dropped"] = self.client.stats()["inbox_dropped"]
@@ -192,18 +180,8 @@ class MetadataService:
 
     # --- worker --------------------------------------------------------------------------------
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            item = self.client.get(timeout=0.1)
-            if item is None:
-                continue
-            try:
-                self._handle(item)
-            except Exception:  # noqa: BLE001 - one bad item must not stop the service
-                self._count("worker_errors")
-                log.exception("MdS %s: error handling a message on %s", self.client.name, getattr(item, "topic", None))
-
-    def _handle(self, item: InboxItem) -> None:
+    def handle(self, item: InboxItem) -> None:
+        """Take one inbox item (module docstring)."""
         if isinstance(item, ErrorEvent):
             if item.context in _DECODE_CONTEXTS:
                 self._bad_input(item.topic, item.error)
@@ -353,4 +331,4 @@ def _percentiles(samples: np.ndarray) -> dict[str, float]:
     return {"count": int(samples.size), "p50": float(p50), "p99": float(p99), "max": float(samples.max())}
 
 
-__all__ = ["LATENCY_WINDOW", "MAX_CLOCK_SKEW", "MetadataService"]
+__all__ = ["LATENCY_WINDOW", "MAX_CLOCK_SKEW", "MAX_K", "MetadataService"]

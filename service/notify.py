@@ -214,7 +214,7 @@ class Watchdog:
         if self.interval is None or self._thread is not None:
             return
         self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="sd-watchdog", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(self.interval / 2,), name="sd-watchdog", daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float | None = 5.0) -> None:
@@ -224,8 +224,7 @@ class Watchdog:
             self._thread.join(timeout)
             self._thread = None
 
-    def _run(self) -> None:
-        period = self.interval / 2
+    def _run(self, period: float) -> None:
         while not self._stop.is_set():
             self.tick()
             self._stop.wait(period)

@@ -5,6 +5,10 @@
 - `unique_id`: a node-id-safe id derived from the test's name (plus a random suffix), so tests
   sharing the session broker never see each other's topics.
 - `make_client(broker, **settings)`: an `MqttClient` with fast reconnects, stopped at teardown.
+- `fleet`: real daemons (MdS, relay, agents) on a `fresh_mosquitto`, stopped at teardown
+  (`support.fleet.Fleet`).
+
+Helpers the tests import (`wait_until`, `requires_mosquitto`, ...) are in `tests/support/`.
 
 Tests that talk to a broker are marked `@pytest.mark.integration` and carry a
 `@pytest.mark.timeout(...)` so a hang fails instead of stalling CI.
@@ -12,27 +16,27 @@ Tests that talk to a broker are marked `@pytest.mark.integration` and carry a
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
-from broker.client import MqttClient
+from broker.client import ClientSettings, MqttClient
 from broker.launcher import PrivateMosquitto
+from support import MOSQUITTO_MISSING, mosquitto_available
 
-
-def _mosquitto_available() -> bool:
-    return shutil.which("mosquitto") is not None or os.access("/usr/sbin/mosquitto", os.X_OK)
+if TYPE_CHECKING:
+    from support.fleet import Fleet
 
 
 @pytest.fixture(scope="session")
 def mosquitto() -> Iterator[PrivateMosquitto]:
     """One private Mosquitto for the whole session (do not kill it: use `fresh_mosquitto`)."""
-    if not _mosquitto_available():
-        pytest.skip("mosquitto not installed (Debian package 'mosquitto')")
+    if not mosquitto_available():
+        pytest.skip(MOSQUITTO_MISSING)
     with PrivateMosquitto(unix_socket=True) as broker:
         yield broker
 
@@ -40,8 +44,8 @@ def mosquitto() -> Iterator[PrivateMosquitto]:
 @pytest.fixture
 def fresh_mosquitto() -> Iterator[PrivateMosquitto]:
     """A private Mosquitto for one test: free to `kill()` and `start()` again."""
-    if not _mosquitto_available():
-        pytest.skip("mosquitto not installed (Debian package 'mosquitto')")
+    if not mosquitto_available():
+        pytest.skip(MOSQUITTO_MISSING)
     with PrivateMosquitto() as broker:
         yield broker
 
@@ -75,7 +79,7 @@ def make_client() -> Iterator[Callable[..., MqttClient]]:
         if "unix_socket" not in settings:
             settings.setdefault("host", broker.host)
             settings.setdefault("port", broker.port)
-        client = MqttClient(**settings)  # type: ignore[arg-type]
+        client = MqttClient(ClientSettings(**settings))  # type: ignore[arg-type]
         clients.append(client)
         if start:
             client.start()
@@ -84,3 +88,13 @@ def make_client() -> Iterator[Callable[..., MqttClient]]:
     yield factory
     for client in reversed(clients):
         client.stop()
+
+
+@pytest.fixture
+def fleet(fresh_mosquitto: PrivateMosquitto, make_client: Callable[..., MqttClient], tmp_path: Path) -> Iterator[Fleet]:
+    """Start an MdS, a relay, agents on demand (`support.fleet.Fleet`); stop them at teardown."""
+    from support.fleet import Fleet  # numpy, paho and the simulator: only for the tests that run a fleet
+
+    fleet = Fleet(fresh_mosquitto, make_client, tmp_path)
+    yield fleet
+    fleet.close()

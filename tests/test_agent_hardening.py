@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -23,8 +22,8 @@ from agent.models import build_model
 from broker import topics
 from broker.wire import ArrayPayload, Event, KtBlob, KtRequest, RequestBatch, encode
 from edge_sim.processes import spawn
-
-from test_daemons_e2e import Clusters, _learner, _next, _patch_and_ack, _wait_online, fleet  # noqa: F401
+from support import next_message, wait_until
+from support.fleet import Clusters, patch_and_ack, wait_online
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -47,7 +46,7 @@ def _serving(fleet, node: str, seed: int, batches: int, **settings):
     """A real agent that has served and learnt ``batches`` batches of classes 0-7."""
     child = fleet.agent(node, **settings)
     feeder, collector = fleet.observer()
-    _wait_online(fleet, [node])
+    wait_online(fleet, [node])
     data = Clusters(seed)
     for t in range(batches):
         assert feeder.step(t, [(node, *data.batch(range(8)))])
@@ -69,7 +68,7 @@ def test_a_retained_batch_that_raises_is_refused_and_the_agent_serves_on_across_
     data = Clusters(7)
     for attempt in range(2):
         child = fleet.agent(node)
-        _wait_online(fleet, [node])
+        wait_online(fleet, [node])
         assert collector.wait_for(lambda: len(_rejections(collector, node)) > attempt, 30), child.log_text()[-2000:]
         assert "sample axis" in _rejections(collector, node)[-1]
         assert feeder.step(attempt, [(node, *data.batch(range(8)))]), "the agent stopped serving"
@@ -147,7 +146,7 @@ def test_a_kt_request_on_the_batch_topic_or_above_the_z_cap_is_not_served(fleet)
     node = "leaky"
     fleet.agent(node)
     feeder, collector = fleet.observer()
-    _wait_online(fleet, [node])
+    wait_online(fleet, [node])
     data = Clusters(10)
     assert feeder.step(0, [(node, *data.batch(range(10)))])
     listener = fleet.client()
@@ -168,10 +167,14 @@ def test_a_kt_request_on_the_batch_topic_or_above_the_z_cap_is_not_served(fleet)
     greedy = KtRequest(classes=[1], z=1.0, value_codec="float32", reply_to=topics.node_reply("spy"), corr="c2", **ids)
     listener.publish(topics.node_kt(node), encode(greedy), 1)
     seen = []
-    reply = _next(listener, object, lambda m: seen.append(m) or getattr(m, "corr", None) == "c2", timeout=30)
+    reply = next_message(listener, object, lambda m: seen.append(m) or getattr(m, "corr", None) == "c2", timeout=30)
     assert not isinstance(reply, KtBlob) and "serve_max_z" in reply.message
-    time.sleep(1.0)
-    while (item := listener.get(timeout=0.2)) is not None:
+    # Fence: the agent handles its messages one after the other and publishes in that order, so once
+    # the answer to a later request is in, anything it published for the two above has arrived too.
+    fence = KtRequest(classes=[1], z=1.0, value_codec="float32", reply_to=topics.node_reply("spy"), corr="fence", **ids)
+    listener.publish(topics.node_kt(node), encode(fence), 1)
+    next_message(listener, object, lambda m: seen.append(m) or getattr(m, "corr", None) == "fence", timeout=30)
+    while (item := listener.get(timeout=0)) is not None:
         seen.append(getattr(item, "message", None))
     assert not collector.events_of(node, "kt_served")
     assert not [m for m in seen if isinstance(m, KtBlob)], "the model was published"
@@ -190,22 +193,22 @@ def test_run_time_patches_survive_a_restart_and_a_reload(fleet, tmp_path):
     toml.write_text(f'node_id = "{node}"\nbroker = "{fleet.broker_url}"\nstate_dir = "{fleet.state}"\n[learner]\nhelp_cooldown = 7\n')
     child = spawn(node, [sys.executable, "-m", "agent", "--config", str(toml)], fleet.logs)
     try:
-        _wait_online(fleet, [node])
-        ack = _patch_and_ack(fleet, client, node, '{"kt_mode": "relay", "z": 0.3}')
+        wait_online(fleet, [node])
+        ack = patch_and_ack(fleet, client, node, '{"kt_mode": "relay", "z": 0.3}')
         assert ack.ok and ack.applied["kt_mode"] == "relay"
         assert child.terminate(20) == 0
         child = spawn(node, [sys.executable, "-m", "agent", "--config", str(toml)], fleet.logs)
-        started = _next(client, Event, lambda e: e.kind == "started" and e.detail.get("resumed"))
+        started = next_message(client, Event, lambda e: e.kind == "started" and e.detail.get("resumed"))
         assert started.detail["resumed"] is True
-        ack = _patch_and_ack(fleet, client, node, '{"pool_max": 2}')
+        ack = patch_and_ack(fleet, client, node, '{"pool_max": 2}')
         assert ack.applied["kt_mode"] == "relay" and ack.applied["z"] == 0.3 and ack.applied["help_cooldown"] == 7
 
         # A reload lays the file under the patches and says what changed.
         toml.write_text(toml.read_text().replace("help_cooldown = 7", "help_cooldown = 9"))
         child.process.send_signal(signal.SIGHUP)
-        reloaded = _next(client, Event, lambda e: e.detail.get("source") == "reload")
+        reloaded = next_message(client, Event, lambda e: e.detail.get("source") == "reload")
         assert reloaded.kind == "config_applied" and reloaded.detail["changed"] == ["help_cooldown"]
-        ack = _patch_and_ack(fleet, client, node, '{"k": 2}')
+        ack = patch_and_ack(fleet, client, node, '{"k": 2}')
         assert ack.applied["help_cooldown"] == 9 and ack.applied["kt_mode"] == "relay" and ack.applied["pool_max"] == 2
     finally:
         assert child.terminate(20) == 0
@@ -232,12 +235,12 @@ def test_the_log_tells_an_operator_what_happened(fleet):
     node = "talker"
     child = fleet.agent(node)
     feeder, collector = fleet.observer()
-    _wait_online(fleet, [node])
+    wait_online(fleet, [node])
     client = fleet.client()
     client.subscribe(topics.node_config_ack(node), 1)
     assert client.wait_subscribed(10)
-    assert _patch_and_ack(fleet, client, node, '{"z": 0.3}').ok
-    assert not _patch_and_ack(fleet, client, node, '{"z": 7}').ok
+    assert patch_and_ack(fleet, client, node, '{"z": 0.3}').ok
+    assert not patch_and_ack(fleet, client, node, '{"z": 7}').ok
     data = Clusters(11)
     assert feeder.step(0, [(node, *data.batch(range(8)))])
     client.publish(topics.node_batch(node), _batch(5, np.zeros(3, dtype=np.float32)), 1)
@@ -254,10 +257,7 @@ def test_an_unresolvable_broker_is_logged_at_once(tmp_path):
         tmp_path / "logs",
     )
     try:
-        deadline = time.monotonic() + 30
-        while "no-such-host.invalid" not in child.log_text() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert "no-such-host.invalid" in child.log_text(), child.log_text()
+        wait_until(lambda: "no-such-host.invalid" in child.log_text(), 30, what=child.log_text, interval=0.2)
         assert child.alive()
     finally:
         child.terminate(20)

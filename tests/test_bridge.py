@@ -16,9 +16,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from broker import certs as certs_mod, topics
+from broker import certs as certs_mod
+from broker import topics
 from broker.certs import CertSet
-from broker.client import Inbound, MqttClient, Responder
+from broker.client import ClientSettings, Inbound, MqttClient, Responder
 from broker.launcher import PrivateMosquitto
 from broker.mosquitto import private, render
 from broker.wire import Event, HelperList, HelpQuery
@@ -81,9 +82,11 @@ def test_request_response_across_the_bridge(certs: CertSet, protocol: str) -> No
         seen.append(item)
         return HelperList(corr=item.corr or "none", candidates=[])
 
-    mds = MqttClient(client_id="mds", host=regional.host, port=regional.port, reconnect_min_delay=0.05, **certs.client_kwargs("mds"))
+    mds = MqttClient(
+        ClientSettings(client_id="mds", host=regional.host, port=regional.port, reconnect_min_delay=0.05, **certs.client_kwargs("mds"))
+    )
     mds.subscribe(topics.mds_query_shared())
-    node = MqttClient(client_id="n1", host=site.host, port=site.port, reconnect_min_delay=0.05)
+    node = MqttClient(ClientSettings(client_id="n1", host=site.host, port=site.port, reconnect_min_delay=0.05))
     node.subscribe(topics.node_events("n1"))
     responder = Responder(mds, answer)
     try:
@@ -92,7 +95,7 @@ def test_request_response_across_the_bridge(certs: CertSet, protocol: str) -> No
         assert mds.wait_subscribed(10) and node.wait_subscribed(10)
         # The bridge is up and subscribed on the regional side once a regional message reaches the
         # site: the MdS identity may not write node events, so the bridge identity probes.
-        probe = MqttClient(client_id="probe", host=regional.host, port=regional.port, **certs.client_kwargs("bridge"))
+        probe = MqttClient(ClientSettings(client_id="probe", host=regional.host, port=regional.port, **certs.client_kwargs("bridge")))
         probe.start()
         try:
             deadline = time.monotonic() + 15

@@ -10,11 +10,8 @@ answered `ExtraData`. Each test here failed before the fix.
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import time
-from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -40,17 +37,9 @@ from broker.wire import (
     RequestBatch,
     encode,
 )
+from support import requires_mosquitto, wait_until
 
-from test_client import wait_until  # noqa: E402
-
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.timeout(60),
-    pytest.mark.skipif(
-        not (shutil.which("mosquitto") or os.access("/usr/sbin/mosquitto", os.X_OK)),
-        reason="mosquitto not installed (Debian package 'mosquitto')",
-    ),
-]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(60), requires_mosquitto]
 
 
 # --- helpers ---------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import pytest
 
 from broker import topics
 from broker.chunking import split
-from broker.client import ErrorEvent, Inbound, MqttClient, Responder, drain
+from broker.client import ClientSettings, ErrorEvent, Inbound, MqttClient, Responder, drain
 from broker.errors import (
     ChunkError,
     MessageTooLarge,
@@ -567,17 +567,17 @@ def test_inbox_is_bounded(mosquitto: PrivateMosquitto, make_client, unique_id: s
 
 def test_settings_are_checked_at_once() -> None:
     with pytest.raises(ValueError):
-        MqttClient(client_id="")
+        MqttClient(ClientSettings(client_id=""))
     with pytest.raises(ValueError):
-        MqttClient(client_id="a", chunk_bytes=2 << 20)
+        MqttClient(ClientSettings(client_id="a", chunk_bytes=2 << 20))
     with pytest.raises(ValueError):
-        MqttClient(client_id="a", session_expiry=0)
+        MqttClient(ClientSettings(client_id="a", session_expiry=0))
     with pytest.raises(ValueError):
-        MqttClient(client_id="a", reconnect_min_delay=5, reconnect_max_delay=1)
+        MqttClient(ClientSettings(client_id="a", reconnect_min_delay=5, reconnect_max_delay=1))
     with pytest.raises(ValueError):
-        MqttClient(client_id="a", status_node_id="bad/id")
+        MqttClient(ClientSettings(client_id="a", status_node_id="bad/id"))
     with pytest.raises(TypeError):
-        MqttClient(client_id="a").send_request(topics.mds_query(), NodeMeta(node_id="a", arch_id="m", lineage="l", hist=[]))
+        MqttClient(ClientSettings(client_id="a")).send_request(topics.mds_query(), NodeMeta(node_id="a", arch_id="m", lineage="l", hist=[]))
     c = MqttClient.from_url("unix:///tmp/x.sock", client_id="a")
     assert c.unix_socket == "/tmp/x.sock"
     c = MqttClient.from_url("mqtt://10.0.0.2:1999", client_id="a")

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 import pytest
 
 from broker import ctl, topics
-from broker.client import Inbound, MqttClient
+from broker.client import ClientSettings, Inbound, MqttClient
 from broker.launcher import PrivateMosquitto
 from broker.wire import NodeMeta
 from edge_sim.processes import Child, spawn_agent
@@ -134,9 +134,7 @@ def _mosquitto_available() -> bool:
 
 def _wait_online(broker: PrivateMosquitto, node: str, child: Child, timeout: float = 60.0, **tls: object) -> None:
     """Until the node's retained status says online (it publishes it once connected)."""
-    from broker.client import MqttClient
-
-    client = MqttClient(client_id=f"probe-{node}-{time.monotonic_ns()}", host=broker.host, port=broker.port, **tls)
+    client = MqttClient(ClientSettings(client_id=f"probe-{node}-{time.monotonic_ns()}", host=broker.host, port=broker.port, **tls))
     client.subscribe(topics.node_status(node), 1)
     client.start()
     try:

@@ -39,6 +39,7 @@ from broker.client import ErrorEvent, Inbound, MqttClient
 from broker.launcher import PrivateMosquitto
 from broker.wire import ConfigAck, Event
 from edge_sim.processes import Child, spawn, spawn_agent
+from support import requires_mosquitto
 
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ROOT / "deploy" / "systemd"
@@ -59,10 +60,6 @@ EXPOSURE_BUDGET = {"clue-agent.service": 2.0, "clue-agent@.service": 2.0, "clue-
 #: Console scripts the units, the compose file and the guide run.
 CONSOLE_SCRIPTS = ("clue-agent", "clue-mds", "clue-relay", "clue-ctl", "clue-sim")
 COMPOSE_AGENTS = [f"node-{i}" for i in range(5)]
-
-
-def _mosquitto_available() -> bool:
-    return shutil.which("mosquitto") is not None or os.access("/usr/sbin/mosquitto", os.X_OK)
 
 
 def _require(tool: str, package: str) -> str:
@@ -220,16 +217,16 @@ def test_example_agent_config_is_valid():
     assert settings.daemon.kt_mode == "relay", "secure.conf's relay ACL lets no node write another's kt topic"
 
 
-def test_example_mds_and_relay_settings_name_real_flags():
-    from mds import cli as mds_cli
+@pytest.mark.parametrize("env_file", ["mds.env", "relay.env"])
+def test_example_mds_and_relay_settings_name_real_settings(env_file):
+    from broker.relay import RelaySettings
+    from mds.cli import MdsSettings
 
-    env = dict(line.split("=", 1) for line in (UNITS / "mds.env").read_text().splitlines() if line and not line.startswith("#"))
-    flags = {f"CLUE_MDS_{a.dest.upper()}" for a in mds_cli.build_parser()._actions}
-    assert set(env) <= flags, set(env) - flags
-    args = shlex.split(shlex.split((UNITS / "relay.env").read_text().split("CLUE_RELAY_ARGS=", 1)[1])[0])
-    usage = subprocess.run([sys.executable, "-m", "broker.relay", "--help"], capture_output=True, text=True, timeout=30).stdout
-    for flag in (a for a in args if a.startswith("--")):
-        assert flag in usage, flag
+    settings = {"mds.env": MdsSettings, "relay.env": RelaySettings}[env_file]
+    env = dict(line.split("=", 1) for line in (UNITS / env_file).read_text().splitlines() if line and not line.startswith("#"))
+    prefix = settings.model_config["env_prefix"]
+    names = {f"{prefix}{name.upper()}" for name in settings.model_fields}
+    assert set(env) <= names, set(env) - names
 
 
 # --- docker compose ------------------------------------------------------------------------------
@@ -284,10 +281,9 @@ def _conf_options(text: str) -> dict[str, list[str]]:
 
 @pytest.mark.integration
 @pytest.mark.timeout(30)
+@requires_mosquitto
 def test_compose_broker_config_runs_with_dev_conf_limits(make_client):
     """The compose broker keeps dev.conf's choices, and Mosquitto accepts the file."""
-    if not _mosquitto_available():
-        pytest.skip("mosquitto not installed (Debian package 'mosquitto')")
     text = (COMPOSE / "mosquitto.conf").read_text()
     ours, dev = _conf_options(text), _conf_options((ROOT / "broker/mosquitto/dev.conf").read_text())
     differ = {k for k in set(ours) | set(dev) if ours.get(k) != dev.get(k)}

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -28,13 +24,13 @@ from agent.fl import (
 )
 from agent.models import build_model
 from broker import topics
-from broker.client import Inbound, MqttClient
+from broker.client import Inbound
 from broker.wire import ArrayPayload, GlobalModel, ModelUpdate, NamedArray, decode, encode
 from edge_sim.aggregator import FedAvgAggregator
 from service.exit_codes import EXIT_CONFIG
+from support import next_message, wait_until
 
 MEMBERS = ["edge-0", "edge-1", "edge-2", "edge-3", "edge-4"]
-_MOSQUITTO = shutil.which("mosquitto") or os.access("/usr/sbin/mosquitto", os.X_OK)
 
 
 def _cfg(**changes: object) -> FlConfig:
@@ -213,24 +209,6 @@ def test_non_float32_models_are_refused() -> None:
 # --- the aggregator over a real broker -------------------------------------------------------
 
 
-def _wait(condition: Callable[[], bool], timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
-
-
-def _next_global(client: MqttClient, timeout: float = 20.0) -> GlobalModel:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        item = client.get(timeout=0.1)
-        if isinstance(item, Inbound) and isinstance(item.message, GlobalModel):
-            return item.message
-    raise AssertionError("no global model received")
-
-
 def _aggregator_and_listener(mosquitto, make_client, job: str, cfg: FlConfig, **kwargs: object):
     agg_client = make_client(mosquitto, client_id=f"{job}-agg", start=False)
     aggregator = FedAvgAggregator(agg_client, cfg, **kwargs).start()  # type: ignore[arg-type]
@@ -244,7 +222,6 @@ def _aggregator_and_listener(mosquitto, make_client, job: str, cfg: FlConfig, **
 
 @pytest.mark.integration
 @pytest.mark.timeout(60)
-@pytest.mark.skipif(not _MOSQUITTO, reason="mosquitto not installed (Debian package 'mosquitto')")
 def test_aggregator_averages_chunked_mlp_updates(mosquitto, make_client, unique_id: str) -> None:
     job = unique_id[:40]
     cfg = FlConfig(job=job, every=1, members=["a", "b", "c", "d"], per_round=3, seed=1)
@@ -265,7 +242,7 @@ def test_aggregator_averages_chunked_mlp_updates(mosquitto, make_client, unique_
             assert len(published.infos) > 1  # ~1.9 MB: chunked by the client
             assert published.wait(10)
 
-        received = _next_global(listener)
+        received = next_message(listener, GlobalModel, timeout=20)
         assert (received.job, received.round, received.samples) == (job, 0, sum(samples[m] for m in chosen))
         model = build_model("mlp4", 10, seed=99)
         apply_global(model, received)
@@ -275,7 +252,10 @@ def test_aggregator_averages_chunked_mlp_updates(mosquitto, make_client, unique_
             assert torch.allclose(tensor.double(), want, atol=1e-6), name
 
         # The listener can see the global model before the aggregator's worker has counted it.
-        assert _wait(lambda: aggregator.stats()["ignored_non_participant"] == 1 and aggregator.stats()["rounds_published"] == 1)
+        wait_until(
+            lambda: aggregator.stats()["ignored_non_participant"] == 1 and aggregator.stats()["rounds_published"] == 1,
+            20, what="the outsider ignored and the round published",
+        )
         stats = aggregator.stats()
         assert stats["rounds_published"] == 1 and stats["rounds_partial"] == 0
         assert stats["updates_used"] == 3 and stats["updates_ignored"] == 1 and stats["last_round"] == 0
@@ -290,7 +270,6 @@ def test_aggregator_averages_chunked_mlp_updates(mosquitto, make_client, unique_
 
 @pytest.mark.integration
 @pytest.mark.timeout(60)
-@pytest.mark.skipif(not _MOSQUITTO, reason="mosquitto not installed (Debian package 'mosquitto')")
 def test_aggregator_times_out_and_ignores_stale_duplicate_and_mismatched(mosquitto, make_client, unique_id: str) -> None:
     job = unique_id[:40]
     cfg = FlConfig(job=job, every=1, members=["a", "b", "c"], per_round=3)
@@ -307,15 +286,18 @@ def test_aggregator_times_out_and_ignores_stale_duplicate_and_mismatched(mosquit
         send("a", 0, 1, w=w * 100)  # a redelivery must not count twice
         send("b", 0, 3, w=w * 3)
         send("c", 0, 5, w=np.zeros(3, np.float32))  # another shape
-        first = _next_global(listener)  # c's update does not fit: the round closes on its deadline
+        first = next_message(listener, GlobalModel, timeout=20)  # c's update does not fit: the round closes on its deadline
         assert first.round == 0 and [t.array.to_numpy().tolist() for t in first.tensors] == [[2.5, 7.5]]
 
         send("c", 0, 1, w=w)  # round 0 is over
         send("a", 2, 1, w=w)
         send("b", 2, 1, w=w)
         send("c", 2, 2, w=w * 4)
-        assert _next_global(listener).round == 2
-        assert _wait(lambda: aggregator.stats()["ignored_stale"] == 1 and aggregator.stats()["rounds_published"] == 2)
+        assert next_message(listener, GlobalModel, timeout=20).round == 2
+        wait_until(
+            lambda: aggregator.stats()["ignored_stale"] == 1 and aggregator.stats()["rounds_published"] == 2,
+            20, what="the stale update ignored and the second round published",
+        )
         stats = aggregator.stats()
         assert stats["rounds_published"] == 2 and stats["rounds_partial"] == 1
         assert (stats["ignored_duplicate"], stats["ignored_mismatch"], stats["updates_used"]) == (1, 1, 5)
@@ -337,7 +319,6 @@ def test_cli_refuses_a_bad_configuration() -> None:
 
 @pytest.mark.integration
 @pytest.mark.timeout(60)
-@pytest.mark.skipif(not _MOSQUITTO, reason="mosquitto not installed (Debian package 'mosquitto')")
 def test_cli_serves_until_sigterm(mosquitto, make_client, unique_id: str) -> None:
     job = unique_id[:40]
     proc = subprocess.Popen(

@@ -13,10 +13,11 @@ import time
 import pytest
 import torch
 
-from test_daemons_e2e import Clusters, Learner_clone_for_blobs, _learner, fleet  # noqa: F401
 from broker import topics
 from broker.client import Responder
 from broker.wire import KtBlob, NodeMeta
+from support.fleet import Clusters, learner_settings
+from support.peers import peer_for_blobs
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -56,7 +57,7 @@ def test_a_drift_during_a_transfer_is_queued_and_served_after_it(fleet):
     drift = {"type": "novelty", "warmup_samples": 300, "min_count": 5}
     settings = load_settings(
         node_id="target", broker=fleet.broker_url, state_dir=str(fleet.state),
-        learner=_learner(drift=drift, discard={"type": "static", "n_batches": 50}),
+        learner=learner_settings(drift=drift, discard={"type": "static", "n_batches": 50}),
         daemon={"meta_interval": 0.0, "kt_timeout": 20.0},
     )
     target = AgentDaemon(settings)
@@ -67,12 +68,12 @@ def test_a_drift_during_a_transfer_is_queued_and_served_after_it(fleet):
         data = Clusters(12)
         for t in range(5):
             assert feeder.step(t, [("target", *data.batch(range(8)))])
-        peer = Learner_clone_for_blobs(target.learner, data)
+        peer = peer_for_blobs(target.learner, data)
         for _ in range(15):  # a helper that knows classes 8 and 9 well
             peer.process_batch(*(torch.from_numpy(a) for a in data.batch(range(10))))
         ids = {"arch_id": target.learner.arch_id, "lineage": target.learner.lineage}
         asked, stop = _slow_helper(fleet, "slow-helper", ids, peer, delay=2.0)
-        time.sleep(1.0)  # the MdS ingests the helper's retained meta
+        fleet.wait_offered(["slow-helper"], **ids)  # the MdS has the helper's retained meta and status
         # Class 8 appears: a transfer starts and waits on the slow helper. Class 9 appears in the
         # very next batch, while that transfer is still under way.
         feeder.send("target", 5, *data.batch(list(range(8)) + [8] * 3))

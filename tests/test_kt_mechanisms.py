@@ -411,21 +411,29 @@ def test_sensitive_transfer_beats_random_at_same_z():
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     centres = torch.randn(10, 784, generator=g)
+
     def data(classes, n):
         y = torch.tensor(classes)[torch.randint(len(classes), (n,), generator=g)]
         return centres[y] + 0.8 * torch.randn(n, 784, generator=g), y
+
     base = build_model("mlp4", 10, seed=0)
     target, helper = build_model("mlp4", 10), build_model("mlp4", 10)
-    target.load_state_dict(base.state_dict()); helper.load_state_dict(base.state_dict())
+    target.load_state_dict(base.state_dict())
+    helper.load_state_dict(base.state_dict())
     for model, classes in ((target, list(range(8))), (helper, list(range(10)))):
         opt = torch.optim.Adam(model.parameters(), 1e-3)
         for _ in range(30):
             x, y = data(classes, 64)
-            opt.zero_grad(); nn.functional.cross_entropy(model(x), y).backward(); opt.step()
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
     x, y = data([8, 9], 400)
     sig = _sig(helper, 0.5)
     rnd = random_mask(param_shapes(helper), 0.5, torch.Generator().manual_seed(0))
     rsig = significant_params(helper, rnd, arch_id="a", lineage="l", classes=(8, 9), z=0.5)
-    acc = lambda m: float((m(x).argmax(1) == y).float().mean())
+
+    def acc(m):
+        return float((m(x).argmax(1) == y).float().mean())
+
     assert acc(target) < 0.05
     assert acc(booster.boosted_helper(target, sig)) > acc(booster.boosted_helper(target, rsig)) + 0.3

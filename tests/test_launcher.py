@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,14 +15,12 @@ from broker import topics
 from broker.client import Inbound, MqttClient
 from broker.errors import BrokerError, BrokerNotFound, BrokerStartError
 from broker.launcher import Listener, PrivateMosquitto, find_mosquitto, free_port
+from support import requires_mosquitto, wait_until
 
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.timeout(60),
-    pytest.mark.skipif(
-        not (shutil.which("mosquitto") or os.access("/usr/sbin/mosquitto", os.X_OK)),
-        reason="mosquitto not installed (Debian package 'mosquitto')",
-    ),
+    requires_mosquitto,
 ]
 
 
@@ -94,10 +90,7 @@ def test_kill_and_restart_keep_port_and_data() -> None:
             check=True, timeout=10,
         )
         db = broker.data_dir / "mosquitto.db"
-        deadline = time.monotonic() + 10
-        while not (db.exists() and b"survivor" in db.read_bytes()):
-            assert time.monotonic() < deadline, "autosave never wrote the retained message"
-            time.sleep(0.01)
+        wait_until(lambda: db.exists() and b"survivor" in db.read_bytes(), 10, what="autosave to write the retained message")
         pid = broker.pid
         broker.kill()
         assert not broker.running and not accepts("127.0.0.1", port)

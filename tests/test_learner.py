@@ -7,7 +7,6 @@ import torch
 
 from agent.config import LearnerConfig
 from agent.errors import ConfigError, KtRejected
-from agent.kt import codec
 from agent.kt.selection import select
 from agent.learner import Learner
 from agent.models import build_model

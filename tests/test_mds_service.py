@@ -7,7 +7,6 @@ status (`online` on connect, `offline` on stop or as their will), as agents do.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -28,29 +27,19 @@ from broker.client import Inbound, MqttClient
 from broker.errors import RemoteError, RequestTimeout
 from broker.launcher import PrivateMosquitto
 from broker.wire import ErrorReply, Event, HelperList, HelpQuery, NodeMeta, decode
-from mds.cli import build_parser
+from mds.cli import MdsSettings
 from mds.service import MetadataService
 from mds.store import NodeStore
+from support import requires_mosquitto, wait_until
 
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.timeout(60),
-    pytest.mark.skipif(
-        not (shutil.which("mosquitto") or os.access("/usr/sbin/mosquitto", os.X_OK)),
-        reason="mosquitto not installed (Debian package 'mosquitto')",
-    ),
+    requires_mosquitto,
 ]
 
 REPO = Path(__file__).resolve().parents[1]
 ARCH, LINEAGE = "mlp-test", "base-0"
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 def node_meta(
@@ -475,10 +464,19 @@ def test_daemon_restarts_do_not_keep_a_future_stamp(fleet: Fleet, tmp_path: Path
 
 def test_clock_skew_setting_from_flag_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CLUE_MDS_MAX_CLOCK_SKEW", raising=False)
-    assert build_parser().parse_args([]).max_clock_skew == 300.0
+    assert MdsSettings.from_argv([]).max_clock_skew == 300.0
     monkeypatch.setenv("CLUE_MDS_MAX_CLOCK_SKEW", "60")
-    assert build_parser().parse_args([]).max_clock_skew == 60.0
-    assert build_parser().parse_args(["--max-clock-skew", "5"]).max_clock_skew == 5.0
+    assert MdsSettings.from_argv([]).max_clock_skew == 60.0
+    assert MdsSettings.from_argv(["--max-clock-skew", "5"]).max_clock_skew == 5.0
+
+
+def test_no_shared_flag_and_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--no-shared` takes no value; its variable, as every other option's, is `CLUE_MDS_*`."""
+    monkeypatch.delenv("CLUE_MDS_NO_SHARED", raising=False)
+    assert MdsSettings.from_argv([]).no_shared is False
+    assert MdsSettings.from_argv(["--no-shared"]).no_shared is True
+    monkeypatch.setenv("CLUE_MDS_NO_SHARED", "true")
+    assert MdsSettings.from_argv([]).no_shared is True
 
 
 @pytest.mark.parametrize(

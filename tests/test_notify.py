@@ -14,6 +14,7 @@ import pytest
 
 from service import logs, notify
 from service.notify import Notifier, Watchdog
+from support import wait_until
 
 
 @pytest.fixture
@@ -156,7 +157,7 @@ def test_watchdog_interval(env, expected):
     assert Notifier(environ=env).watchdog_interval() == expected
 
 
-def test_watchdog_pings_only_while_checks_pass(notify_socket):
+def test_watchdog_pings_only_while_checks_pass(notify_socket, caplog):
     path, sock = notify_socket
     alive = {"mqtt": True, "worker": True}
     n = Notifier(environ={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "100000"})
@@ -168,7 +169,10 @@ def test_watchdog_pings_only_while_checks_pass(notify_socket):
         pings = _collect(sock, 0.4)
         assert len(pings) >= 4 and set(pings) == {"WATCHDOG=1"}
         alive["worker"] = False
-        time.sleep(0.25)  # a tick already past its checks may still ping
+        # A tick already past its checks may still ping; once a later one has seen the failure,
+        # every such ping is in the socket (the ticks run one after the other).
+        with caplog.at_level(logging.ERROR, logger="service.notify"):
+            wait_until(lambda: "withholding watchdog pings" in caplog.text, 5, what="a tick to see the failing check")
         _drain(sock)
         assert _collect(sock, 0.4) == []
         assert dog.failing() == ["worker_alive"]

@@ -18,20 +18,22 @@ import sys
 import tempfile
 import time
 import uuid
-from pathlib import Path
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from paho.mqtt.properties import Properties
 
-from broker import certs as certs_mod, topics
+from broker import certs as certs_mod
+from broker import topics
 from broker.certs import CertSet
-from broker.client import Inbound, MqttClient, Responder
+from broker.client import ClientSettings, Inbound, MqttClient, Responder
 from broker.errors import RemoteError, RequestRejected
 from broker.launcher import PrivateMosquitto
 from broker.mosquitto import private
-from broker.relay import Relay, RelayConfig, main as relay_main
+from broker.relay import Relay, RelayConfig
+from broker.relay import main as relay_main
 from broker.topology import kt_channel
 from broker.wire import Envelope, KtBlob, KtRequest, NodeMeta, decode
 from mds.service import MetadataService
@@ -63,18 +65,23 @@ class Recording(MqttClient):
     """An `MqttClient` that records every MQTT message it receives, at the wire (chunks included)
     and once reassembled, as (topic, payload, properties)."""
 
-    def __init__(self, **kw: Any) -> None:
-        super().__init__(**kw)
+    def __init__(self, settings: ClientSettings) -> None:
+        super().__init__(settings)
         self.wire: list[tuple[str, bytes, Properties | None]] = []
         self.whole: list[tuple[str, bytes, Properties | None]] = []
+        # Tap the two stages of the client's receiver: each MQTT message, each whole message.
+        receiver = self._receiver
+        handle, deliver = receiver.handle, receiver.deliver
 
-    def _handle_message(self, topic: str, payload: bytes, props: Properties | None, retained: bool, qos: int) -> None:
-        self.wire.append((topic, payload, props))
-        super()._handle_message(topic, payload, props, retained, qos)
+        def on_wire(topic: str, payload: bytes, props: Properties | None, *args: Any) -> None:
+            self.wire.append((topic, payload, props))
+            handle(topic, payload, props, *args)
 
-    def _dispatch(self, topic: str, message: Envelope, payload: bytes, props: Properties | None, *args: Any, **kw: Any) -> None:
-        self.whole.append((topic, payload, props))
-        super()._dispatch(topic, message, payload, props, *args, **kw)
+        def on_whole(topic: str, message: Envelope, payload: bytes, props: Properties | None, *args: Any, **kw: Any) -> None:
+            self.whole.append((topic, payload, props))
+            deliver(topic, message, payload, props, *args, **kw)
+
+        receiver.handle, receiver.deliver = on_wire, on_whole  # type: ignore[method-assign]
 
     def forget(self) -> None:
         self.wire.clear()
@@ -131,12 +138,14 @@ class Helper:
 
 def node(broker: PrivateMosquitto, certs: CertSet, node_id: str, hist: list[float]) -> Recording:
     client = Recording(
-        client_id=node_id,
-        host=broker.host,
-        port=broker.port,
-        status_node_id=node_id,
-        reconnect_min_delay=0.05,
-        **certs.client_kwargs(node_id),
+        ClientSettings(
+            client_id=node_id,
+            host=broker.host,
+            port=broker.port,
+            status_node_id=node_id,
+            reconnect_min_delay=0.05,
+            **certs.client_kwargs(node_id),
+        )
     )
     client.set_retained(topics.node_meta(node_id), NodeMeta(node_id=node_id, arch_id="mlp", lineage="b0", hist=hist))
     return client
@@ -148,14 +157,14 @@ def fleet() -> Iterator[dict[str, Any]]:
     certs = certs_mod.generate(directory, nodes=[TARGET, HELPER_A, HELPER_B, SPY], roles=["mds", "relay"])
     broker = private("secure.conf", certs=certs, topology="relay").start()
     store = NodeStore(":memory:")
-    mds_client = MqttClient(client_id="mds", host=broker.host, port=broker.port, **certs.client_kwargs("mds"))
+    mds_client = MqttClient(ClientSettings(client_id="mds", host=broker.host, port=broker.port, **certs.client_kwargs("mds")))
     service = MetadataService(mds_client, store).start()
     helpers = {
         HELPER_A: Helper(broker, certs, HELPER_A, [4.0, 4.0, 2.0, 2.0, 0.0]),
         HELPER_B: Helper(broker, certs, HELPER_B, [1.0, 1.0, 5.0, 5.0, 0.0]),
     }
     target = node(broker, certs, TARGET, TARGET_HIST)
-    spy = Recording(client_id=SPY, host=broker.host, port=broker.port, **certs.client_kwargs(SPY))
+    spy = Recording(ClientSettings(client_id=SPY, host=broker.host, port=broker.port, **certs.client_kwargs(SPY)))
     spy.subscribe(f"{topics.PREFIX}/#")  # granted, but the ACL delivers none of the others' topics
     clients = [mds_client, *(h.client for h in helpers.values()), target, spy]
     try:
@@ -196,12 +205,14 @@ def start_relay(fleet: dict[str, Any]) -> Iterator[Callable[..., Relay]]:
         name = f"relay-{uuid.uuid4().hex[:8]}"
         config = RelayConfig(relay_id=name, share_group=name, **settings)
         client = MqttClient(
-            client_id=name,
-            host=fleet["broker"].host,
-            port=fleet["broker"].port,
-            reply_topic=topics.relay_reply(name),
-            session_expiry=1,
-            **fleet["certs"].client_kwargs("relay"),
+            ClientSettings(
+                client_id=name,
+                host=fleet["broker"].host,
+                port=fleet["broker"].port,
+                reply_topic=topics.relay_reply(name),
+                session_expiry=1,
+                **fleet["certs"].client_kwargs("relay"),
+            )
         )
         relay = Relay(client, config).start()
         client.start()
@@ -354,7 +365,9 @@ def test_relay_refuses_a_target_that_is_not_the_reply_topics_owner(fleet: dict[s
 def test_clue_relay_refuses_a_bad_configuration(capsys: pytest.CaptureFixture[str]) -> None:
     assert relay_main(["--candidates", "0"]) == 78
     assert relay_main(["--broker", "ftp://x"]) == 78
-    assert "bad configuration" in capsys.readouterr().err
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("clue-relay: error: invalid settings: candidates:"), err
+    assert err[1].startswith("clue-relay: error: unsupported broker URL scheme in 'ftp://x'"), err
 
 
 def test_clue_relay_serves_until_sigterm(fleet: dict[str, Any]) -> None:

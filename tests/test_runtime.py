@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from agent import runtime as runtime_module
 from agent.config import LearnerConfig
 from agent.errors import ConfigError
 from agent.learner import Learner
-from agent import runtime as runtime_module
 from agent.models import build_model
 from agent.runtime import EnsembleRuntime, OnnxModel, resolve_device, select_providers
 

@@ -67,7 +67,7 @@ FORMAT_VERSION = 1
 
 _TOP_KEYS = frozenset({"v", "arch_id", "lineage", "classes", "z", "delta", "tensors"})
 _TENSOR_KEYS = frozenset({"name", "shape", "enc", "idx", "n", "dtype", "val"})
-_DTYPES = {"f4": np.dtype("<f4"), "f2": np.dtype("<f2"), "i1": np.dtype("i1")}
+_DTYPES: dict[str, np.dtype] = {"f4": np.dtype("<f4"), "f2": np.dtype("<f2"), "i1": np.dtype("i1")}
 _SCALED_DTYPES = frozenset({"i1", "i4"})
 _INT8_LEVELS = 127
 _INT4_LEVELS = 7

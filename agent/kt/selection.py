@@ -40,8 +40,8 @@ def top_fraction(score: torch.Tensor, z: float) -> torch.Tensor:
     # On CPU numpy's introselect is ~3x faster than torch.kthvalue and np.flatnonzero than
     # torch.nonzero; the same order statistic and the same tie rule, so the same positions.
     v = flat.cpu()
-    v = (v if v.dtype in (torch.float32, torch.float64) else v.float()).numpy()
-    keys = _order_keys(v)
+    values = (v if v.dtype in (torch.float32, torch.float64) else v.float()).numpy()
+    keys = _order_keys(values)
     threshold = np.partition(keys, n - k)[n - k]
     mask = keys >= threshold
     # Ties at the threshold are rare in real scores, so only then pay a second pass to drop the

@@ -18,6 +18,7 @@ from __future__ import annotations
 import inspect
 from collections import deque
 from collections.abc import Iterable, Sequence
+from typing import cast
 
 import torch
 from torch import nn
@@ -85,7 +86,7 @@ def _forward_child(module: nn.Module) -> nn.Module | None:
 def _chain(module: nn.Module) -> list[nn.Module]:
     """The modules ``module``'s forward runs one after the other, as far as its structure tells."""
     if type(module).forward is nn.Sequential.forward:
-        return [m for child in module for m in _chain(child)]
+        return [m for child in cast(nn.Sequential, module) for m in _chain(child)]
     child = _forward_child(module)
     return [module] if child is None else _chain(child)
 
@@ -193,7 +194,7 @@ def _num_outputs(model: nn.Module, x: torch.Tensor) -> int:
     layers = _dense_stack(model)
     if layers is not None:
         # A dense stack's width is its last Linear's: no forward pass (about 0.5 ms on the MLP).
-        return int(layers[-1].out_features)
+        return int(cast(nn.Linear, layers[-1]).out_features)
     was_training = model.training
     model.eval()
     try:

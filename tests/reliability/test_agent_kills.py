@@ -105,7 +105,7 @@ def test_agent_sigkilled_mid_training_resumes_from_a_consistent_checkpoint(fresh
     rng = random.Random(KILLS)
     resumes, matched, mid_save, backlog_at_kill, batches, ahead = 0, 0, 0, [], [], []
     try:
-        for k in range(KILLS):
+        for _ in range(KILLS):
             # Serving, and past at least a few checkpoints of this incarnation, before the kill.
             seen = len(collector.predictions[NODE])
             assert collector.wait_for(lambda: len(collector.predictions[NODE]) >= seen + 3 * CHECKPOINT_EVERY, 120), child.log_text()[-2000:]

@@ -24,8 +24,6 @@ config must stay bit-identical.
 
 from __future__ import annotations
 
-import time
-
 import msgpack
 import numpy as np
 import pytest
@@ -36,8 +34,9 @@ from agent.daemon import AgentDaemon
 from broker import topics
 from broker.chunking import split
 from broker.wire import ConfigAck, ConfigPatch, Event, HelpQuery, KtRequest, NodeMeta, encode
-
-from test_daemons_e2e import Clusters, Learner_clone_for_blobs, _hostile_blobs, _rogue, fleet, start_victim  # noqa: F401
+from support import next_message, wait_until
+from support.fleet import Clusters
+from support.peers import hostile_blobs, peer_for_blobs, rogue, start_victim
 
 from .conftest import record
 
@@ -165,8 +164,8 @@ def test_hostile_blobs_configs_and_batches_are_refused_and_state_stays_bit_ident
             assert feeder.step(t, [("victim", *data.batch(range(8)))])
 
         # 1. Blobs, each from a rogue helper the MdS offers for the drifted classes.
-        peer = Learner_clone_for_blobs(learner, data)
-        blobs = {**_hostile_blobs(peer), **_more_hostile_blobs(peer)}
+        peer = peer_for_blobs(learner, data)
+        blobs = {**hostile_blobs(peer), **_more_hostile_blobs(peer)}
         snapshots: list[dict[str, torch.Tensor]] = []
 
         def answer_with(name):
@@ -178,8 +177,9 @@ def test_hostile_blobs_configs_and_batches_are_refused_and_state_stays_bit_ident
 
         hist = [0.0] * 8 + [50.0, 50.0]
         ids = {"arch_id": learner.arch_id, "lineage": learner.lineage}
-        rogues = [_rogue(fleet, f"rogue-{name.replace('_', '-')}", ids, hist, answer_with(name)) for name in blobs]
-        time.sleep(1.0)  # the MdS ingests the rogues' retained meta
+        names = [f"rogue-{name.replace('_', '-')}" for name in blobs]
+        rogues = [rogue(fleet, node_id, ids, hist, answer_with(name)) for node_id, name in zip(names, blobs)]
+        fleet.wait_offered(names, **ids)  # the MdS has the rogues' retained meta and status
         t = 10
         while not collector.events_of("victim", "help_failed"):
             assert t < 20, "no drift"
@@ -199,7 +199,7 @@ def test_hostile_blobs_configs_and_batches_are_refused_and_state_stays_bit_ident
         refused_configs = []
         for name, payload in configs.items():
             acks.publish(topics.node_config("victim"), payload)
-            ack = _next_ack(acks)
+            ack = next_message(acks, ConfigAck, timeout=20)
             assert not ack.ok, (name, ack)
             refused_configs.append(name)
         assert collector.wait_for(lambda: len(collector.events_of("victim", "config_refused")) == len(configs), 30)
@@ -224,7 +224,8 @@ def test_hostile_blobs_configs_and_batches_are_refused_and_state_stays_bit_ident
         helper_id = f"rogue-{sorted(blobs)[0].replace('_', '-')}"
         forged = NodeMeta(node_id=helper_id, hist=[0.0] * 10, ts=1e18, **ids)
         sender.publish(topics.node_meta(helper_id), encode(forged), 1, retain=True)
-        time.sleep(1.0)
+        mds_log = fleet.mds_child.log_text
+        wait_until(lambda: f"metadata of {helper_id} refused" in mds_log(), 30, what="the MdS to refuse the forged metadata")
         query = HelpQuery(node_id="victim", classes=[8, 9], hist=[1.0] * 10, k=16, **ids)
         found = [c.node_id for c in sender.request(topics.mds_query(), query, timeout=10).candidates]
         future_refused = helper_id in found
@@ -243,12 +244,3 @@ def test_hostile_blobs_configs_and_batches_are_refused_and_state_stays_bit_ident
          "blob_rejections": [e.detail.get("reason", "")[:200] for e in rejected_blobs],
          "batch_rejections": [e.detail.get("reason", "")[:200] for e in rejected_batches]},
     )
-
-
-def _next_ack(client, timeout: float = 20.0) -> ConfigAck:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        message = getattr(client.get(timeout=0.2), "message", None)
-        if isinstance(message, ConfigAck):
-            return message
-    raise AssertionError("no config ack")
