@@ -14,10 +14,10 @@ import collections
 import concurrent.futures
 import copy
 import logging
-import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -45,7 +45,7 @@ from agent.settings import (
     write_patches,
 )
 from broker import topics
-from broker.client import ErrorEvent, Inbound, MqttClient, Responder
+from broker.client import ErrorEvent, Inbound, InboxItem, MqttClient, Responder
 from broker.errors import BusError, RemoteError, RequestRejected, RequestTimeout
 from broker.topology import kt_channel
 from broker.wire import (
@@ -64,9 +64,11 @@ from broker.wire import (
     decode_config,
 )
 from service.cli import ServiceArgumentParser
-from service.exit_codes import EXIT_CONFIG, EXIT_CRASH, EXIT_OK
+from service.exit_codes import EXIT_CONFIG
 from service.logs import configure_logging
-from service.notify import Notifier, Watchdog
+from service.notify import Notifier
+from service.runner import Daemon, run
+from service.worker import InboxWorker
 
 log = logging.getLogger("clue.agent")
 
@@ -111,8 +113,33 @@ class HelpFlow:
     installed: int = 0
 
 
-class AgentDaemon:
-    """One edge node: a Learner, its MQTT client, its checkpoints and its systemd integration."""
+class _AgentWorker(InboxWorker[InboxItem]):
+    """The one thread that owns the learner: messages in arrival order, then the KT flow and metadata."""
+
+    def __init__(self, daemon: "AgentDaemon") -> None:
+        super().__init__(daemon.client, name=f"clue-agent-{daemon.node_id}", poll=0.05)
+        self.daemon = daemon
+
+    def handle(self, item: InboxItem) -> None:
+        self.daemon._handle(item)
+
+    def tick(self) -> None:
+        self.daemon._tick()
+
+    def on_error(self, item: InboxItem | None, exc: Exception) -> None:
+        # The handlers change the learner only once a message has passed its checks, so a message
+        # that fails part-way leaves the model as it was (a training step is rolled back by itself).
+        topic = getattr(item, "topic", None) or ("a tick" if item is None else "the connection")
+        log.error("message on %s refused: it raised %s", topic, type(exc).__name__, exc_info=exc)
+        self.daemon._reject(f"message on {topic} raised {type(exc).__name__}: {exc}", context="handler")
+
+
+class AgentDaemon(Daemon):
+    """One edge node: a Learner, its MQTT client, its checkpoints and its systemd integration.
+
+    ``service.runner.run`` drives it (signals, readiness, the watchdog, exit codes); the worker is
+    a ``service.worker.InboxWorker``.
+    """
 
     def __init__(self, settings: AgentSettings, *, config_file: Path | None = None, notifier: Notifier | None = None) -> None:
         self.settings = settings
@@ -150,10 +177,8 @@ class AgentDaemon:
             self.learner.inference = EnsembleRuntime(providers=settings.onnx_providers, intra_op_num_threads=settings.torch_threads)
         self.client = self._make_client(settings)
         self.responder = Responder(self.client, self._serve_kt, cache_bytes=settings.reply_cache_mb << 20)
-        self._stop = threading.Event()
         self._reload = threading.Event()
-        self._worker: threading.Thread | None = None
-        self.heartbeat = time.monotonic()
+        self._reloaded = threading.Event()
         self._help: HelpFlow | None = None
         # Requests the learner made while a transfer was under way: each is served in turn, never
         # dropped (the learner has already started its cooldown for those classes).
@@ -166,7 +191,7 @@ class AgentDaemon:
         # Running sums, not lists: a daemon serving 100 batches/s for months must not grow.
         self._timings: dict[str, RunningMean] = {name: RunningMean() for name in ("batch", "predict", "train", "pick", "install")}
         self._fl_samples = 0
-        self.crashed: BaseException | None = None
+        self.worker = _AgentWorker(self)
 
     @staticmethod
     def _make_client(settings: AgentSettings) -> MqttClient:
@@ -198,14 +223,12 @@ class AgentDaemon:
         if self.settings.fl is not None:
             self.client.subscribe(topics.fl_global(self.settings.fl.job), 1, accept=(GlobalModel,))
         self.client.start()
-        self._worker = threading.Thread(target=self._run_worker, name=f"clue-agent-{nid}", daemon=True)
-        self._worker.start()
+        self.worker.start()
 
     def wait_ready(self, timeout: float | None = None) -> bool:
-        """True once connected and subscribed; then tells systemd READY=1."""
+        """True once connected and subscribed (the runner then tells systemd READY=1)."""
         if not self.client.wait_connected(timeout) or not self.client.wait_subscribed(timeout or 10.0):
             return False
-        self.notifier.ready()
         self._set_status("serving" if not self.resumed else f"serving (resumed at batch {self.learner.batch_index})")
         self._event("started", resumed=self.resumed, batch=self.learner.batch_index, arch_id=self.learner.arch_id, lineage=self.learner.lineage)
         for refusal in self.checkpoint_refusals:
@@ -214,29 +237,27 @@ class AgentDaemon:
             self._event("config_refused", source="stored", error=drop[:1000])
         return True
 
-    def worker_alive(self) -> bool:
-        """The worker thread is running and has looped recently (for the systemd watchdog)."""
-        return self._worker is not None and self._worker.is_alive() and time.monotonic() - self.heartbeat < 30.0
+    def liveness(self) -> dict[str, Callable[[], bool]]:
+        """The watchdog pings while the MQTT loop runs and the worker loops."""
+        return {"mqtt loop": lambda: self.client.loop_alive, "worker": self.worker.alive}
 
-    def mqtt_alive(self) -> bool:
-        return self.client.loop_alive
+    @property
+    def crashed(self) -> BaseException | None:
+        return self.worker.crashed
 
-    def wait_stopped(self, timeout: float) -> bool:
-        """True once a stop was requested (signal, or the worker died)."""
-        return self._stop.wait(timeout)
+    def status(self) -> str | None:
+        return self._status or None
 
-    def request_stop(self) -> None:
-        self._stop.set()
-
-    def request_reload(self) -> None:
+    def reload(self) -> None:
+        """SIGHUP (on the runner's thread): the worker re-reads the file between two messages."""
+        self._reloaded.clear()
         self._reload.set()
+        if not self._reloaded.wait(30.0):
+            log.warning("reload still pending after 30 s; the worker will apply it when it can")
 
     def stop(self) -> None:
         """Stop the worker, write a checkpoint, report counters, disconnect cleanly (status goes offline)."""
-        self.notifier.stopping()
-        self._stop.set()
-        if self._worker is not None:
-            self._worker.join(timeout=30)
+        self.worker.stop(timeout=30)
         self.checkpoint()
         self._publish_stats()
         self.client.stop()
@@ -279,35 +300,13 @@ class AgentDaemon:
 
     # -- the worker ------------------------------------------------------------------------------
 
-    def _run_worker(self) -> None:
-        try:
-            while not self._stop.is_set():
-                self.heartbeat = time.monotonic()
-                if self._reload.is_set():
-                    self._reload.clear()
-                    self._reload_config_file()
-                item = self.client.get(timeout=0.05)
-                if item is not None:
-                    self._handle_contained(item)
-                self._advance_help()
-                self._maybe_publish_meta()
-        except BaseException as exc:  # the worker dying must stop the daemon, not hang it
-            log.exception("worker crashed")
-            self.crashed = exc
-            self._stop.set()
-
-    def _handle_contained(self, item: Inbound | ErrorEvent) -> None:
-        """Handle one message; whatever it raises refuses that message, and the worker lives on.
-
-        The handlers change the learner only once a message has passed its checks, so a message
-        that fails part-way leaves the model as it was (a training step is rolled back by itself).
-        """
-        try:
-            self._handle(item)
-        except Exception as exc:  # noqa: BLE001 - the boundary of one message
-            topic = getattr(item, "topic", None) or "the connection"
-            log.exception("message on %s refused: it raised %s", topic, type(exc).__name__)
-            self._reject(f"message on {topic} raised {type(exc).__name__}: {exc}", context="handler")
+    def _tick(self) -> None:
+        if self._reload.is_set():
+            self._reload.clear()
+            self._reload_config_file()
+            self._reloaded.set()
+        self._advance_help()
+        self._maybe_publish_meta()
 
     def _handle(self, item: Inbound | ErrorEvent) -> None:
         if isinstance(item, ErrorEvent) and item.context == "timeout":
@@ -673,7 +672,6 @@ class AgentDaemon:
 
     def _reload_config_file(self) -> None:
         """SIGHUP: the settings file again, with the run-time patches laid over it."""
-        self.notifier.reloading()
         try:
             fresh = load_settings(self.config_file, node_id=self.node_id)
             changed = self._apply_stored_patches(fresh.learner, fresh.daemon)
@@ -685,7 +683,6 @@ class AgentDaemon:
             for drop in self.patch_drops:
                 self._event("config_refused", source="stored", error=drop[:1000])
             self.patch_drops.clear()
-        self.notifier.ready()
 
 
 #: Events an operator must notice in the journal; the rest are logged at INFO.
@@ -730,32 +727,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"clue-agent: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     configure_logging(settings.log_level, identifier="clue-agent")
+    notifier = Notifier()
     try:
-        daemon = AgentDaemon(settings, config_file=args.config)
+        daemon = AgentDaemon(settings, config_file=args.config, notifier=notifier)
     except (ConfigError, CheckpointError, BusError, ValueError) as exc:
         # The first line in the journal says why: nothing is logged before the settings are used.
         log.error("cannot start: %s", exc)
         return EXIT_CONFIG
-    signal.signal(signal.SIGTERM, lambda *_: daemon.request_stop())
-    signal.signal(signal.SIGINT, lambda *_: daemon.request_stop())
-    signal.signal(signal.SIGHUP, lambda *_: daemon.request_reload())
-    daemon.start()
-    watchdog = Watchdog(daemon.notifier, checks=[daemon.mqtt_alive, daemon.worker_alive])
-    watchdog.start()
-    ready = False
-    try:
-        while True:
-            if not ready:
-                # Blocks on the connection itself: "started" (and READY=1) the moment it is up.
-                ready = daemon.wait_ready(0.2)
-            if daemon.wait_stopped(0.2 if ready else 0.0):
-                break
-    finally:
-        watchdog.stop()
-        daemon.stop()
-    if daemon.crashed is not None:
-        return EXIT_CRASH
-    return EXIT_OK
+    return run(daemon, name="clue-agent", notifier=notifier)
 
 
 if __name__ == "__main__":

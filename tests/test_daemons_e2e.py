@@ -141,7 +141,6 @@ def test_hostile_blobs_are_rejected_and_weights_stay_bit_identical(fleet):
         for _, stop in rogues:
             stop.set()
     finally:
-        victim.request_stop()
         victim.stop()
 
 

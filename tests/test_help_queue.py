@@ -87,5 +87,4 @@ def test_a_drift_during_a_transfer_is_queued_and_served_after_it(fleet):
         assert collector.events_of("target", "help_queued")
         stop.set()
     finally:
-        target.request_stop()
         target.stop()

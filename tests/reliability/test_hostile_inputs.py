@@ -216,7 +216,7 @@ def test_hostile_blobs_configs_and_batches_are_refused_and_state_stays_bit_ident
 
         assert _identical(before, _state(victim)), "weights or optimiser state changed"
         assert victim.config_values() == config_before and learner.batch_index == batches_before
-        assert victim.worker_alive() and victim.crashed is None
+        assert victim.worker.alive() and victim.crashed is None
         assert feeder.step(t, [("victim", *data.batch(range(8)))]), "the agent no longer serves"
 
         # 4. A forged metadata message from the future on a helper's own meta topic must not
@@ -232,7 +232,6 @@ def test_hostile_blobs_configs_and_batches_are_refused_and_state_stays_bit_ident
         assert future_refused, found
         sender.clear_retained(topics.node_meta(helper_id))
     finally:
-        victim.request_stop()
         victim.stop()
     record(
         "hostile",
