@@ -61,7 +61,6 @@ from broker.wire import (
     NodeMeta,
     Prediction,
     RequestBatch,
-    decode_config,
 )
 from service.cli import ServiceArgumentParser
 from service.exit_codes import EXIT_CONFIG
@@ -596,11 +595,12 @@ class AgentDaemon(Daemon):
     def _on_config(self, item: Inbound) -> None:
         if not item.payload:
             return  # a cleared retained config
+        # The bus decoded it already, under the config topic's limit and accepting config patches only.
+        patch = item.message
         patch_id = None
         try:
-            patch = decode_config(item.payload)
             if not isinstance(patch, ConfigPatch):
-                raise ConfigError(f"expected a config patch, got {patch.type}")
+                raise ConfigError(f"expected a config patch, got {getattr(patch, 'type', 'nothing')}")
             patch_id = patch.msg_id
             self.apply_patch(patch.values)
         except (ConfigError, BusError) as exc:

@@ -298,7 +298,7 @@ class Learner:
         if not bool(torch.isfinite(x).all()):
             raise ValueError("inputs contain NaN or infinite values")
         low, high = self.config.input_range
-        lowest, highest = float(x.min()), float(x.max())
+        lowest, highest = (float(v) for v in torch.aminmax(x))
         if lowest < low or highest > high:
             raise ValueError(
                 f"inputs span [{lowest:.4g}, {highest:.4g}], outside the declared input_range [{low:g}, {high:g}]"

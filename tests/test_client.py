@@ -51,26 +51,12 @@ from broker.wire import (
     RequestBatch,
     encode,
 )
+from support import requires_mosquitto, wait_until
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.timeout(60),
-    pytest.mark.skipif(
-        not (shutil.which("mosquitto") or os.access("/usr/sbin/mosquitto", os.X_OK)),
-        reason="mosquitto not installed (Debian package 'mosquitto')",
-    ),
-]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(60), requires_mosquitto]
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 def next_item(client: MqttClient, timeout: float = 10.0, where: Callable[[Any], bool] = lambda _: True) -> Any:

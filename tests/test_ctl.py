@@ -26,6 +26,7 @@ from broker.client import ClientSettings, Inbound, MqttClient
 from broker.launcher import PrivateMosquitto
 from broker.wire import NodeMeta
 from edge_sim.processes import Child, spawn_agent
+from support import mosquitto_available, requires_openssl, session_left
 
 NODE = "ctl-node"
 
@@ -128,10 +129,6 @@ def test_an_unreachable_broker_exits_4(capsys):
 # --- against a live agent ------------------------------------------------------------------------
 
 
-def _mosquitto_available() -> bool:
-    return shutil.which("mosquitto") is not None or os.access("/usr/sbin/mosquitto", os.X_OK)
-
-
 def _wait_online(broker: PrivateMosquitto, node: str, child: Child, timeout: float = 60.0, **tls: object) -> None:
     """Until the node's retained status says online (it publishes it once connected)."""
     client = MqttClient(ClientSettings(client_id=f"probe-{node}-{time.monotonic_ns()}", host=broker.host, port=broker.port, **tls))
@@ -152,7 +149,7 @@ def _wait_online(broker: PrivateMosquitto, node: str, child: Child, timeout: flo
 @pytest.fixture(scope="module")
 def live(tmp_path_factory) -> Iterator[PrivateMosquitto]:
     """A broker of this module's own with one agent, ``NODE``, online on it."""
-    if not _mosquitto_available():
+    if not mosquitto_available():
         pytest.skip("mosquitto not installed (Debian package 'mosquitto')")
     root = tmp_path_factory.mktemp("ctl")
     with PrivateMosquitto() as broker:
@@ -237,17 +234,6 @@ def test_watch_prints_events_until_count(live):
     assert lines[1].split()[1:3] == [NODE, "config_refused"]
 
 
-def session_left(broker: PrivateMosquitto, client_id: str) -> bool:
-    """Whether the broker still holds a session for ``client_id`` (resumed by a fresh connect)."""
-    probe = MqttClient.from_url(broker.url, client_id=client_id, clean_start=False, session_expiry=1)
-    probe.start()
-    try:
-        assert probe.wait_connected(10), "the probe could not connect"
-        return probe.stats()["session_present"] > 0
-    finally:
-        probe.stop()
-
-
 @pytest.mark.integration
 @pytest.mark.timeout(60)
 def test_ctl_leaves_no_session_behind(live):
@@ -268,7 +254,7 @@ DYNSEC = next(iter(glob.glob("/usr/lib/*/mosquitto_dynamic_security.so") + glob.
 def refusing(tmp_path) -> Iterator[PrivateMosquitto]:
     """A broker whose ACL refuses every subscription in the SUBACK (0x87), as Mosquitto's dynamic
     security plugin, EMQX or HiveMQ do; Mosquitto 2.0's ACL file never refuses one."""
-    if not _mosquitto_available() or DYNSEC is None:
+    if not mosquitto_available() or DYNSEC is None:
         pytest.skip("needs mosquitto with its dynamic security plugin (Debian package 'mosquitto')")
     broker = PrivateMosquitto(extra_conf=[f"plugin {DYNSEC}", "plugin_opt_config_file {workdir}/dynsec.json"])
     access = {"publishClientSend": True, "publishClientReceive": True, "subscribe": False, "unsubscribe": True}
@@ -294,7 +280,7 @@ def test_a_refused_subscription_exits_4_and_says_so(refusing, command):
 
 @pytest.mark.integration
 @pytest.mark.timeout(90)
-@pytest.mark.skipif(not shutil.which("openssl"), reason="needs openssl (Debian package 'openssl')")
+@requires_openssl
 def test_operator_over_tls_and_the_relay_acl(tmp_path):
     """The operator identity of the shipped ACL may patch a node; a node's identity sees no fleet
     and says why; no certificate, no connection.
@@ -302,7 +288,7 @@ def test_operator_over_tls_and_the_relay_acl(tmp_path):
     The agent reads its key as systemd hands it over: a credential name looked up in
     ``$CREDENTIALS_DIRECTORY``.
     """
-    if not _mosquitto_available():
+    if not mosquitto_available():
         pytest.skip("mosquitto not installed (Debian package 'mosquitto')")
     from broker import certs as certs_mod
     from broker.mosquitto import private
