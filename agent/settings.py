@@ -7,23 +7,21 @@ are never settings values: settings name *files*, and a relative name is looked 
 
 from __future__ import annotations
 
-import contextvars
 import json
 import os
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+from pydantic_settings import SettingsConfigDict
 
 from agent.config import LearnerConfig, patched
 from agent.errors import ConfigError
 from agent.fl import FlConfig
 from agent.models import ARCHITECTURES
 from broker import topics
-from service.settings import problems
-
-_TOML_FILE: contextvars.ContextVar[Path | None] = contextvars.ContextVar("clue_agent_toml", default=None)
+from service.settings import ConfigError as ServiceConfigError
+from service.settings import LayeredSettings, problems
 
 
 class DaemonKnobs(BaseModel):
@@ -38,7 +36,7 @@ class DaemonKnobs(BaseModel):
     checkpoint_every: int = Field(50, ge=1, le=1_000_000, description="batches between checkpoints")
 
 
-class AgentSettings(BaseSettings):
+class AgentSettings(LayeredSettings):
     """``clue-agent`` settings. Nested fields use ``__`` in environment names: ``CLUE_LEARNER__Z=0.3``."""
 
     model_config = SettingsConfigDict(env_prefix="CLUE_", env_nested_delimiter="__", extra="forbid", frozen=True)
@@ -89,21 +87,6 @@ class AgentSettings(BaseSettings):
             raise ValueError(f"unknown architecture {value!r}; known: {sorted(ARCHITECTURES)}")
         return value
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        toml_file = _TOML_FILE.get()
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        if toml_file is not None:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
-        return tuple(sources)
-
     def checkpoint_path(self) -> Path:
         return self.state_dir / f"{self.node_id}.ckpt.npz"
 
@@ -117,18 +100,10 @@ def load_settings(config_file: str | Path | None = None, **flags: Any) -> AgentS
 
     Raises ConfigError naming every problem.
     """
-    path = Path(config_file) if config_file is not None else None
-    if path is not None and not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    token = _TOML_FILE.set(path)
     try:
-        return AgentSettings(**{k: v for k, v in flags.items() if v is not None})
-    except ValidationError as exc:
-        raise ConfigError(f"invalid settings: {problems(exc)}") from exc
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot read settings: {exc}") from exc
-    finally:
-        _TOML_FILE.reset(token)
+        return AgentSettings.load(config_file, **flags)
+    except ServiceConfigError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def credential_path(name: str | None) -> Path | None:

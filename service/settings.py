@@ -37,7 +37,8 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from service.cli import ServiceArgumentParser
 
-_S = TypeVar("_S", bound="DaemonSettings")
+_S = TypeVar("_S", bound="LayeredSettings")
+_D = TypeVar("_D", bound="DaemonSettings")
 _TOML_FILE: contextvars.ContextVar[Path | None] = contextvars.ContextVar("clue_settings_toml", default=None)
 
 
@@ -72,20 +73,14 @@ def _default_text(value: Any) -> str:
     return "" if value is None else f"default {value!r}; "
 
 
-class DaemonSettings(BaseSettings):
-    """The base of every daemon's settings (module docstring).
+class LayeredSettings(BaseSettings):
+    """Strict settings read from a TOML file, then the environment, then keyword arguments (flags).
 
-    A subclass sets `program` (its command, ``clue-mds``), `description` (its ``--help`` line) and
-    ``env_prefix`` in its `model_config`. Fields that are models themselves get no flag.
+    What every daemon's settings share, the agent's included (whose flags and nested tables are
+    its own); a subclass sets ``env_prefix`` in its `model_config`.
     """
 
     model_config = SettingsConfigDict(extra="forbid", frozen=True)
-
-    program: ClassVar[str] = "clue"
-    description: ClassVar[str] = ""
-
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
-    stats_interval: float = Field(60.0, ge=0.0, description="s between stats lines in the log (0: only at exit)")
 
     _config_file: Path | None = PrivateAttr(None)
 
@@ -93,11 +88,6 @@ class DaemonSettings(BaseSettings):
     def config_file(self) -> Path | None:
         """The TOML file these settings were loaded from (a reload reads it again), or None."""
         return self._config_file
-
-    @field_validator("log_level", mode="before")
-    @classmethod
-    def _any_case(cls, value: Any) -> Any:
-        return value.upper() if isinstance(value, str) else value
 
     @classmethod
     def settings_customise_sources(
@@ -136,6 +126,25 @@ class DaemonSettings(BaseSettings):
         settings._config_file = path
         return settings
 
+
+class DaemonSettings(LayeredSettings):
+    """The base of every daemon's settings (module docstring).
+
+    A subclass sets `program` (its command, ``clue-mds``), `description` (its ``--help`` line) and
+    ``env_prefix`` in its `model_config`. Fields that are models themselves get no flag.
+    """
+
+    program: ClassVar[str] = "clue"
+    description: ClassVar[str] = ""
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
+    stats_interval: float = Field(60.0, ge=0.0, description="s between stats lines in the log (0: only at exit)")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _any_case(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
     @classmethod
     def parser(cls) -> ServiceArgumentParser:
         """``--config`` and one flag per field; a usage error exits 78 (`service.cli`)."""
@@ -156,7 +165,7 @@ class DaemonSettings(BaseSettings):
         return p
 
     @classmethod
-    def from_argv(cls: type[_S], argv: Sequence[str] | None = None) -> _S:
+    def from_argv(cls: type[_D], argv: Sequence[str] | None = None) -> _D:
         """Parse the command line (``sys.argv`` when None) and load; raises ConfigError."""
         flags = vars(cls.parser().parse_args(argv))
         return cls.load(flags.pop("config"), **flags)
@@ -204,4 +213,4 @@ class BrokerSettings(BaseModel):
         return {"username": self.username, **files}
 
 
-__all__ = ["BrokerSettings", "ConfigError", "DaemonSettings", "credential_path", "problems"]
+__all__ = ["BrokerSettings", "ConfigError", "DaemonSettings", "LayeredSettings", "credential_path", "problems"]
