@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from agent.drift import DriftConfig, RollingErrorConfig
 from agent.ensemble import ClassAwareOperatorConfig, OperatorConfig
 from agent.errors import ConfigError
+from agent.kt.coordinator import HelpPolicy
 from agent.kt.pool import DiscardConfig, DynamicDiscardConfig
 from service.settings import problems
 
@@ -102,3 +103,12 @@ def patched(config: LearnerConfig, values: dict[str, Any]) -> LearnerConfig:
         return LearnerConfig.model_validate(merged)
     except ValidationError as exc:
         raise ConfigError(f"invalid config patch: {problems(exc)}") from exc
+
+
+def help_policy(config: LearnerConfig, *, relay: str | None = None) -> HelpPolicy:
+    """The help coordinator's knobs from a learner config (`relay`: the daemon's relay mode)."""
+    return HelpPolicy(
+        enabled=config.kt_apply != "off", cooldown=config.help_cooldown, delay=config.help_delay,
+        split_helpers=config.split_helpers, selection=config.helper_selection, k=config.k, z=config.z,
+        value_codec=config.value_codec, relay=relay,
+    )

@@ -3,22 +3,23 @@
 The paho thread only decodes, validates and enqueues (``MqttClient``). One worker thread owns the
 model and handles, in arrival order: request batches, KT requests (as a helper), MdS and KT
 replies (as a target), config patches. No lock around the model is needed and the order of work
-is reproducible. The KT conversation of a target is a small state machine advanced by the worker
-(query the MdS → ask the best candidate → on timeout or a rejected blob, the next one), so the
-agent keeps serving batches while it waits.
+is reproducible. Knowledge transfer as a target is `agent.kt.coordinator.HelpCoordinator`'s: the
+worker gives it what each labelled batch showed, carries its commands to the bus (an MdS query, a
+KT request, installing a received blob) and routes each reply or timeout back to it by the
+request's correlation id, so the agent keeps serving batches while it waits.
 """
 
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import copy
 import logging
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +27,13 @@ import numpy as np
 import torch
 
 from agent.checkpoint import load_newest_good, save_checkpoint
+from agent.config import help_policy
 from agent.errors import CheckpointError, ConfigError, KtRejected
 from agent.fl import FlRejected, apply_global, is_round_batch, model_to_update, participants
-from agent.helper_selection import CandidateInfo, HelperSelection, build_selection
 from agent.kt.codec import VALUE_CODECS
-from agent.learner import BatchResult, HelpRequest, Learner
+from agent.kt.coordinator import AskHelper, Command, HelpCoordinator, HelpPolicy, Install, QueryHelpers, Status
+from agent.kt.helper_selection import CandidateInfo
+from agent.learner import BatchResult, Learner
 from agent.malloc import retain_freed_memory
 from agent.models import build_model, load_weights
 from agent.runtime import EnsembleRuntime, resolve_device
@@ -46,12 +49,13 @@ from agent.settings import (
 )
 from broker import topics
 from broker.client import ErrorEvent, Inbound, InboxItem, MqttClient, Responder
-from broker.errors import BusError, RemoteError, RequestRejected, RequestTimeout
+from broker.errors import BusError, RemoteError, RequestRejected
 from broker.topology import kt_channel
 from broker.wire import (
     ArrayPayload,
     ConfigAck,
     ConfigPatch,
+    ErrorReply,
     Event,
     GlobalModel,
     HelperList,
@@ -89,27 +93,6 @@ class RunningMean:
     @property
     def mean(self) -> float:
         return self.total / self.count if self.count else 0.0
-
-
-@dataclass
-class HelpFlow:
-    """One knowledge transfer in progress, as a target: possibly several helpers, one at a time."""
-
-    request: HelpRequest
-    request_number: int
-    #: Fixed for the flow's life: a config patch mid-transfer does not switch strategy half-way.
-    selection: HelperSelection
-    detected_at: float
-    detected_batch: int
-    stage: str
-    future: concurrent.futures.Future
-    missing: set[int]
-    candidates: list[CandidateInfo] = field(default_factory=list)
-    tried: list[str] = field(default_factory=list)
-    helper: str | None = None
-    #: The classes the current helper was asked for: its blob must bring exactly these.
-    asked: tuple[int, ...] = ()
-    installed: int = 0
 
 
 class _AgentWorker(InboxWorker[InboxItem]):
@@ -167,6 +150,7 @@ class AgentDaemon(Daemon):
             log.info("resumed from %s at batch %d", info.path, info.batch_index)
         for refusal in self.checkpoint_refusals:
             log.error("checkpoint refused, fell back to the previous one: %s", refusal)
+        self.help = HelpCoordinator(self._help_policy())
         self.patches: dict[str, Any] = {}
         self.patch_drops: list[str] = []
         self._apply_stored_patches(settings.learner, settings.daemon)
@@ -178,11 +162,8 @@ class AgentDaemon(Daemon):
         self.responder = Responder(self.client, self._serve_kt, cache_bytes=settings.reply_cache_mb << 20)
         self._reload = threading.Event()
         self._reloaded = threading.Event()
-        self._help: HelpFlow | None = None
-        # Requests the learner made while a transfer was under way: each is served in turn, never
-        # dropped (the learner has already started its cooldown for those classes).
-        self._queued_help: collections.deque[HelpRequest] = collections.deque()
-        self._help_requests = 0
+        #: Correlation id of each request of the coordinator in flight → (its flow, "query" or "kt").
+        self._pending: dict[str, tuple[int, str]] = {}
         self._last_meta = -1e9
         self._meta_dirty = True
         self._batches_since_ckpt = 0
@@ -304,12 +285,15 @@ class AgentDaemon(Daemon):
             self._reload.clear()
             self._reload_config_file()
             self._reloaded.set()
-        self._advance_help()
         self._maybe_publish_meta()
 
     def _handle(self, item: Inbound | ErrorEvent) -> None:
+        is_reply = isinstance(item, ErrorEvent) or (item.message is not None and item.message.is_reply)
+        if is_reply and item.corr in self._pending:
+            self._on_reply(*self._pending.pop(item.corr), item)
+            return
         if isinstance(item, ErrorEvent) and item.context == "timeout":
-            return  # a request of the KT flow timed out: its future says so and the flow moves on
+            return  # a request that is no longer the coordinator's: its flow moved on
         if isinstance(item, ErrorEvent):
             reason = f"{item.context} error on {item.topic or 'the connection'}: {item.error}"
             if item.topic in (topics.node_config(self.node_id), topics.fleet_config()):
@@ -333,7 +317,7 @@ class AgentDaemon(Daemon):
         elif self.settings.fl is not None and item.topic == topics.fl_global(self.settings.fl.job) and isinstance(message, GlobalModel):
             self._on_global(message)
         elif message is not None and message.is_reply:
-            return  # a reply the KT flow already has through its future
+            return  # a late or repeated reply: the bus matched it to a request that has ended
         else:
             kind = message.type if message is not None else "an empty"
             self._reject(f"{kind} message is not accepted on {item.topic}", context="topic")
@@ -369,10 +353,11 @@ class AgentDaemon(Daemon):
             self._event("helper_discarded", helper=helper_id, batch=result.batch_index)
         if result.drift:
             self._set_status(f"drift at batch {result.batch_index}")
-        # The drift event goes out before the prediction, so a lock-step feeder that sees the
-        # prediction already knows a transfer is under way.
-        if result.help is not None:
-            self._request_help(result.help)
+        # The drift event and the help request go out before the prediction, so a lock-step
+        # feeder that sees the prediction already knows a transfer is under way.
+        if result.learnt:
+            pool = self.learner.pool_state()
+            self._carry(self.help.on_batch(result.batch_index, drift=result.drift_report, dropped=result.dropped, pool=pool))
         # Metadata before the prediction too: a feeder that has every prediction of batch t knows
         # the MdS was sent every node's histogram of batch t.
         self._maybe_publish_meta()
@@ -425,132 +410,107 @@ class AgentDaemon(Daemon):
 
     # -- knowledge transfer as a target ----------------------------------------------------------
 
-    def _request_help(self, help: HelpRequest) -> None:
-        if self._help is None:
-            self._start_help(help)
-        else:
-            self._queued_help.append(help)
-            self._event("help_queued", classes=list(help.classes), reason=help.reason, behind=list(self._help.request.classes))
+    def _help_policy(self) -> HelpPolicy:
+        return help_policy(self.learner.config, relay=RELAY if self.knobs.kt_mode == "relay" else None)
 
-    def _flow_ended(self) -> None:
-        """The transfer in progress is over: start the next queued request still worth asking."""
-        self._help = None
-        while self._queued_help and self._help is None:
-            help = self._queued_help.popleft()
-            classes = tuple(c for c in help.classes if c not in self.learner.pool.classes())
-            if classes and len(self.learner.pool) < self.learner.pool.max_size:
-                self._start_help(replace(help, classes=classes))
+    def _carry(self, commands: list[Command]) -> None:
+        """Carry the coordinator's commands out; what they report back comes in as more commands."""
+        todo = collections.deque(commands)
+        while todo:
+            command = todo.popleft()
+            if isinstance(command, QueryHelpers):
+                todo.extend(self._query_helpers(command))
+            elif isinstance(command, AskHelper):
+                todo.extend(self._ask_helper(command))
+            elif isinstance(command, Install):
+                todo.extend(self._install(command))
+            elif isinstance(command, Status):
+                self._set_status(command.text)
+            elif command.kind == "rejected":
+                self._reject(command.detail["reason"])
+            else:
+                self._event(command.kind, **command.detail)
 
-    def _start_help(self, help: HelpRequest) -> None:
-        """Direct: ask the MdS for candidates first. Relay: the relay asks it, so the one candidate is the relay."""
-        self._event("drift", batch=help.batch_index, classes=list(help.classes), reason=help.reason, avoid=list(help.avoid))
-        now = time.perf_counter()
-        number = self._help_requests
-        self._help_requests += 1
-        selection = build_selection(self.learner.config.helper_selection)
-        if self.knobs.kt_mode == "relay":
-            # A candidate that names no classes vouches for all of them: the relay is asked for every one.
-            flow = HelpFlow(
-                help, number, selection, now, help.batch_index, "kt", concurrent.futures.Future(), set(help.classes),
-                candidates=[CandidateInfo(RELAY)],
-            )
-            self._help = flow
-            self._next_candidate(flow)
-            return
-        cover, rank = selection.query(number)
+    def _send_request(self, flow: int, channel: str, request: HelpQuery | KtRequest, timeout: float, retries: int) -> str | None:
+        """Send a request of flow ``flow``; its reply comes through the inbox, by correlation id.
+
+        Returns None, or why it could not be sent.
+        """
+        corr = uuid.uuid4().hex
+        self._pending[corr] = (flow, "query" if isinstance(request, HelpQuery) else "kt")
+        try:
+            self.client.send_request(channel, request.evolve(corr=corr), timeout=timeout, retries=retries, to_inbox=True)
+        except (BusError, ValueError) as exc:
+            del self._pending[corr]
+            return str(exc)
+        return None
+
+    def _query_helpers(self, command: QueryHelpers) -> list[Command]:
         query = HelpQuery(
             node_id=self.node_id, arch_id=self.learner.arch_id, lineage=self.learner.lineage,
-            classes=list(help.classes), hist=[float(v) for v in self.learner.histogram()], k=self.learner.config.k,
-            cover=cover, rank=rank,
+            classes=list(command.classes), hist=[float(v) for v in self.learner.histogram()], k=command.k,
+            cover=command.cover, rank=command.rank,
         )
-        future = self.client.send_request(topics.mds_query(), query, timeout=self.knobs.mds_timeout, retries=1, to_inbox=True)
-        self._help = HelpFlow(help, number, selection, now, help.batch_index, "query", future, set(help.classes))
-        self._set_status(f"asking the MdS for classes {list(help.classes)}")
+        error = self._send_request(command.flow, topics.mds_query(), query, self.knobs.mds_timeout, 1)
+        if error is None:
+            return []
+        return self.help.on_candidates(command.flow, None, error=error, pool=self.learner.pool_state())
 
-    def _send_kt(self, helper: str, classes: tuple[int, ...], help: HelpRequest) -> concurrent.futures.Future:
-        relay = helper == RELAY
+    def _ask_helper(self, command: AskHelper) -> list[Command]:
+        relay = command.helper == RELAY
         request = KtRequest(
-            classes=list(classes), z=help.z, arch_id=self.learner.arch_id, lineage=self.learner.lineage,
-            value_codec=help.value_codec, target=self.node_id if relay else None,
+            classes=list(command.classes), z=command.z, arch_id=self.learner.arch_id, lineage=self.learner.lineage,
+            value_codec=command.value_codec, target=self.node_id if relay else None,
         )
-        channel = kt_channel(self.knobs.kt_mode, None if relay else helper)
-        return self.client.send_request(channel, request, timeout=self.knobs.kt_timeout, retries=0, to_inbox=True)
+        channel = kt_channel(self.knobs.kt_mode, None if relay else command.helper)
+        error = self._send_request(command.flow, channel, request, self.knobs.kt_timeout, 0)
+        if error is None:
+            return []
+        return self.help.on_answer(command.flow, None, error=error, pool=self.learner.pool_state())
 
-    def _advance_help(self) -> None:
-        flow = self._help
-        if flow is None or not flow.future.done():
-            return
+    def _install(self, command: Install) -> list[Command]:
         try:
-            reply = flow.future.result()
-        except (RequestTimeout, RemoteError, BusError) as exc:
-            reply = exc
-        if flow.stage == "query":
-            avoid = set(flow.request.avoid)
-            if isinstance(reply, HelperList):
-                flow.candidates = [CandidateInfo(c.node_id, tuple(c.classes)) for c in reply.candidates if c.node_id not in avoid]
-            if not flow.candidates:
-                self._event("help_failed", stage="query", error=str(reply)[:500] if not isinstance(reply, HelperList) else "no candidates")
-                self._set_status("serving (no helper found)")
-                self._flow_ended()
-                return
-            self._next_candidate(flow)
-            return
-        if isinstance(reply, KtBlob):
-            try:
-                installed = self.learner.accept_kt_blob(
-                    reply.blob, classes=flow.asked, z=flow.request.z, source=flow.helper, baseline=flow.request.baseline
-                )
-            except KtRejected as exc:
-                self._reject(f"KT blob from {flow.helper}: {exc}")
-                self._next_candidate(flow)
-                return
-            self._timings["install"].add(installed.seconds)
-            self._event(
-                "helper_installed",
-                helper=flow.helper,
-                helper_id=installed.helper_id,
-                classes=list(installed.classes),
-                params=installed.count,
-                bytes=len(reply.blob),
-                batches=self.learner.batch_index - flow.detected_batch - 1,
-                ms=(time.perf_counter() - flow.detected_at) * 1000.0,
-                pool=len(self.learner.pool),
+            installed = self.learner.accept_kt_blob(
+                command.blob, classes=command.classes, z=command.z, source=command.source, baseline=command.baseline
             )
-            self._meta_dirty = True
-            flow.installed += 1
-            flow.missing.difference_update(installed.classes)
-            # Knowledge spread over several nodes: the next candidate is asked for what is still missing.
-            room = len(self.learner.pool) < self.learner.pool.max_size
-            if flow.missing and room and flow.installed < self.learner.config.split_helpers:
-                self._next_candidate(flow)
-            else:
-                self._end_help(flow)
-            return
-        self._event("kt_failed", helper=flow.helper, error=str(reply)[:500])
-        self._next_candidate(flow)
+        except KtRejected as exc:
+            return self.help.install_refused(command.flow, str(exc), pool=self.learner.pool_state())
+        self._timings["install"].add(installed.seconds)
+        self._event(
+            "helper_installed",
+            helper=command.source,
+            helper_id=installed.helper_id,
+            classes=list(installed.classes),
+            params=installed.count,
+            bytes=len(command.blob),
+            batches=self.learner.batch_index - command.detected_batch - 1,
+            ms=(time.perf_counter() - command.detected_at) * 1000.0,
+            pool=len(self.learner.pool),
+        )
+        self._meta_dirty = True
+        return self.help.installed(command.flow, installed.classes, pool=self.learner.pool_state())
 
-    def _next_candidate(self, flow: HelpFlow) -> None:
-        ask = flow.selection.next_ask(flow.candidates, flow.missing, flow.tried, flow.request_number)
-        if ask is None:
-            self._end_help(flow)
+    def _on_reply(self, flow: int, asked: str, item: Inbound | ErrorEvent) -> None:
+        """A reply (or a timeout) to flow ``flow``'s MdS query or KT request: to the coordinator."""
+        pool = self.learner.pool_state()
+        message = item.message if isinstance(item, Inbound) else None
+        if asked == "query" and isinstance(message, HelperList):
+            candidates = [CandidateInfo(c.node_id, tuple(c.classes)) for c in message.candidates]
+            self._carry(self.help.on_candidates(flow, candidates, pool=pool))
             return
-        flow.helper = ask.helper
-        flow.asked = tuple(ask.classes)
-        flow.tried.append(ask.helper)
-        flow.stage = "kt"
-        flow.future = self._send_kt(ask.helper, ask.classes, flow.request)
-        self._event("help_requested", helper=ask.helper, classes=list(ask.classes))
-        self._set_status(f"asking {ask.helper} for classes {list(ask.classes)}")
-
-    def _end_help(self, flow: HelpFlow) -> None:
-        """Every transfer ends with exactly one ``help_done`` (some helper installed) or ``help_failed``."""
-        if flow.installed == 0:
-            self._event("help_failed", stage="kt", tried=flow.tried)
-            self._set_status("serving (no helper answered)")
+        if asked == "kt" and isinstance(message, KtBlob):
+            self._carry(self.help.on_answer(flow, message.blob, pool=pool))
+            return
+        if isinstance(item, ErrorEvent):
+            error = str(item.error)
+        elif isinstance(message, ErrorReply):
+            error = str(RemoteError(message))
         else:
-            self._event("help_done", helpers=flow.installed, missing=sorted(flow.missing), tried=flow.tried)
-            self._set_status(f"serving with {len(self.learner.pool)} helper(s)")
-        self._flow_ended()
+            error = f"a {getattr(message, 'type', 'empty')} message is no answer to this request"
+        if asked == "query":
+            self._carry(self.help.on_candidates(flow, None, error=error, pool=pool))
+        else:
+            self._carry(self.help.on_answer(flow, None, error=error, pool=pool))
 
     # -- knowledge transfer as a helper ----------------------------------------------------------
 
@@ -630,6 +590,7 @@ class AgentDaemon(Daemon):
         if learner_config != self.learner.config:
             self.learner.apply_config(learner_config.model_dump())
         self.knobs = knobs
+        self.help.configure(self._help_policy())
 
     def _apply_stored_patches(self, learner_config: Any, knobs: DaemonKnobs) -> list[str]:
         """Lay the stored run-time patches over ``learner_config``/``knobs`` (the settings file's)

@@ -2,13 +2,14 @@
 
 The in-process experiment calls it directly; the daemon wires the same object to MQTT. It owns the
 target model, its optimiser, the class histograms, the reservoir (or sensitivity map) it answers
-helpers' requests from, the drift detector and the helper pool. It never touches the network:
-a help request is returned to the caller, and a KT blob is handed back in as bytes.
+helpers' requests from, the drift detector and the helper pool. It never touches the network and
+never decides whom to ask: it reports a drift (the classes behind it, the error before it) and the
+helpers it dropped as useless, and `agent.kt.coordinator.HelpCoordinator` runs the transfer; a KT
+blob is handed back in as bytes.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import time
 from collections import deque
@@ -26,6 +27,7 @@ from agent.drift import DriftDetector, NoveltyTrigger, build_detector, classes_t
 from agent.ensemble import EnsembleOperator, build_operator
 from agent.errors import KtRejected
 from agent.kt import booster, codec, vetting
+from agent.kt.coordinator import DriftReport, DroppedHelper, PoolState
 from agent.kt.pool import HelperPool, PooledHelper, build_discard_policy
 from agent.kt.selection import random_mask, select, significant_params
 from agent.kt.sensitivity import Reservoir, sensitivity
@@ -40,22 +42,6 @@ _BASELINE_BATCHES = 10
 _ERROR_HISTORY = 64
 
 
-@dataclass(frozen=True)
-class HelpRequest:
-    """The learner wants knowledge for ``classes``; the caller finds a helper and returns a blob."""
-
-    classes: tuple[int, ...]
-    z: float
-    value_codec: str
-    batch_index: int
-    reason: str
-    #: Nodes whose helpers for these classes were dropped as no better than the target: ask others.
-    avoid: tuple[str, ...] = ()
-    #: The target's error before the drift: what a helper installed for this request must restore
-    #: (None: the pre-drift error at install time).
-    baseline: float | None = None
-
-
 @dataclass
 class BatchResult:
     """What one request batch produced."""
@@ -67,11 +53,19 @@ class BatchResult:
     class_errors: dict[int, float] = field(default_factory=dict)
     helpers: tuple[str, ...] = ()
     drift: bool = False
-    help: HelpRequest | None = None
+    #: The drift this batch showed and the classes behind it (for the help coordinator).
+    drift_report: DriftReport | None = None
     discarded: tuple[str, ...] = ()
+    #: Helpers dropped as no better than the target on their own classes (their ids are in ``discarded`` too).
+    dropped: tuple[DroppedHelper, ...] = ()
     timings: dict[str, float] = field(default_factory=dict)
     #: Why the training step was rolled back (None: it was taken, or the batch had no labels).
     train_refused: str | None = None
+
+    @property
+    def learnt(self) -> bool:
+        """The batch was labelled and its training step taken: drift and helpers were checked."""
+        return self.target_error is not None and self.train_refused is None
 
 
 @dataclass(frozen=True)
@@ -132,11 +126,6 @@ class Learner:
         self._recent_hist: deque[np.ndarray] = deque(maxlen=cfg.history_window)
         self._recent_class_err: deque[tuple[np.ndarray, np.ndarray]] = deque(maxlen=cfg.history_window)
         self._target_errors: deque[float] = deque(maxlen=_ERROR_HISTORY)
-        self._asked: dict[tuple[int, ...], int] = {}
-        self._delayed_help: HelpRequest | None = None
-        # A request due at its batch_index (it carries the pre-drift error its helper must restore).
-        self._retry: HelpRequest | None = None
-        self._unhelpful: dict[int, set[str]] = {}
 
     def apply_config(self, values: Mapping[str, Any]) -> LearnerConfig:
         """Validate ``values`` against the whole config and apply them atomically, between batches.
@@ -252,42 +241,21 @@ class Learner:
         self.detector.update(result.target_error, labels)
         result.drift = self.detector.drift_detected
         if result.drift and self.config.kt_apply != "off":
-            request = self._help_request(index, recent_longrun)
-            if request is not None and self.config.help_delay > 0:
-                self._delayed_help, request = request, None
-            result.help = request
-        if self._delayed_help is not None and index - self._delayed_help.batch_index >= self.config.help_delay:
-            result.help = dataclasses.replace(self._delayed_help, batch_index=index)
-            self._delayed_help = None
+            result.drift_report = self._drift_report(index, recent_longrun)
         rolling = self._target_rolling_error()
         discarded = self.pool.discard_check(batch_index=index, target_rolling_error=rolling)
         if self.config.drop_unhelpful:
-            for helper in self.pool.drop_unhelpful():
-                discarded.append(helper.helper_id)
-                self._schedule_retry(index, helper)
-        if result.help is None and self._retry is not None and index >= self._retry.batch_index:
-            retry = self._retry
-            self._retry = None
-            classes = tuple(c for c in retry.classes if c not in self.pool.classes())
-            if classes and len(self.pool) < self.pool.max_size:
-                self._asked[classes] = index
-                result.help = dataclasses.replace(retry, classes=classes, batch_index=index, avoid=self._avoid_for(classes))
+            dropped = self.pool.drop_unhelpful()
+            discarded.extend(h.helper_id for h in dropped)
+            result.dropped = tuple(
+                DroppedHelper(h.helper_id, h.classes, h.source, h.installed_at, h.baseline_error) for h in dropped
+            )
         result.discarded = tuple(discarded)
         return result
 
-    def _schedule_retry(self, index: int, helper: PooledHelper) -> None:
-        """Ask again for an unhelpful helper's classes, once the request's cooldown is over."""
-        for c in helper.classes:
-            self._unhelpful.setdefault(c, set()).add(helper.source)
-        due = max(index + 1, helper.installed_at + self.config.help_cooldown)
-        request = HelpRequest(
-            classes=helper.classes, z=self.config.z, value_codec=self.config.value_codec, batch_index=due,
-            reason="unhelpful_helper", baseline=helper.baseline_error,
-        )
-        self._retry = request
-
-    def _avoid_for(self, classes: Sequence[int]) -> tuple[str, ...]:
-        return tuple(sorted({s for c in classes for s in self._unhelpful.get(c, ()) if s}))
+    def pool_state(self) -> PoolState:
+        """What the helper pool holds now (for the help coordinator)."""
+        return PoolState(frozenset(self.pool.classes()), len(self.pool), self.pool.max_size)
 
     def check_inputs(self, x: torch.Tensor) -> None:
         """Raise ValueError, changing nothing, for a batch the model must not see or learn from."""
@@ -347,7 +315,7 @@ class Learner:
         before = errors[-(window + _BASELINE_BATCHES) : -window] or errors[:1]
         return float(np.mean(before))
 
-    def _help_request(self, index: int, longrun_before: np.ndarray) -> HelpRequest | None:
+    def _drift_report(self, index: int, longrun_before: np.ndarray) -> DriftReport:
         if isinstance(self.detector, NoveltyTrigger) and self.detector.novel_classes:
             classes = tuple(sorted(self.detector.novel_classes))
             reason = "novelty"
@@ -362,17 +330,8 @@ class Learner:
                 class_err = np.divide(errs, counts, out=np.full(self.num_classes, np.nan), where=counts > 0)
                 classes = tuple(classes_to_request(longrun_before, counts, class_err))
             reason = self.detector.name
-        classes = tuple(c for c in classes if c not in self.pool.classes())
-        # A full pool takes a new helper only by evicting one still serving: ask nobody instead.
-        if not classes or len(self.pool) >= self.pool.max_size:
-            return None
-        last = self._asked.get(classes)
-        if last is not None and index - last < self.config.help_cooldown:
-            return None
-        self._asked[classes] = index
-        return HelpRequest(
-            classes=classes, z=self.config.z, value_codec=self.config.value_codec, batch_index=index, reason=reason,
-            avoid=self._avoid_for(classes), baseline=self._pre_drift_error(),
+        return DriftReport(
+            batch_index=index, classes=classes, reason=reason, baseline=self._pre_drift_error(), pool=self.pool_state()
         )
 
     # -- as helper -------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -19,10 +20,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from agent.config import LearnerConfig
+from agent.config import LearnerConfig, help_policy
 from agent.errors import KtRejected
 from agent.kt import codec
-from agent.learner import HelpRequest, Learner
+from agent.kt.coordinator import AskHelper, HelpCoordinator, Install, QueryHelpers
+from agent.kt.helper_selection import CandidateInfo
+from agent.learner import BatchResult, Learner
 from agent.models import build_model
 from edge_sim.datasets.images import load_fashion_mnist
 from edge_sim.workloads import BatchStream, Workload, introduction_workload, split_pool
@@ -127,12 +130,15 @@ def adaptability(errors: Sequence[float], drift_at: int, *, window: int, toleran
 
 
 class InProcessFleet:
-    """N learners and an in-process stand-in for the MdS and the KT channel."""
+    """N learners, each with its help coordinator, and an in-process stand-in for the MdS and the
+    KT channel: the coordinators' commands are carried out with function calls."""
 
     def __init__(self, learners: list[Learner]) -> None:
         self.learners = learners
+        self.coordinators = [HelpCoordinator(help_policy(lr.config)) for lr in learners]
 
     def find_helpers(self, asker: int, classes: Sequence[int], k: int) -> list[int]:
+        """The MdS's answer: the top-k nodes by similarity among those holding every class asked for."""
         hists = np.stack([lr.histogram() for lr in self.learners]).astype(np.float64)
         ids = [str(i) for i in range(len(self.learners))]
         mask = eligible_mask(
@@ -151,33 +157,50 @@ class InProcessFleet:
         idx, _ = top_k(hists[asker], hists, k, eligible=mask)
         return [int(i) for i in idx]
 
-    def transfer(self, target: int, help: HelpRequest, k: int) -> dict[str, Any] | None:
-        """Ask candidates in order until one blob is accepted; returns what happened, or None."""
-        help_classes, z, value_codec = help.classes, help.z, help.value_codec
-        for helper in self.find_helpers(target, help_classes, k):
-            t0 = time.perf_counter()
-            try:
-                blob = self.learners[helper].kt_blob(help_classes, z, value_codec)
-            except KtRejected:
-                continue
-            t1 = time.perf_counter()
-            try:
-                installed = self.learners[target].accept_kt_blob(
-                    blob, classes=help_classes, z=z, source=str(helper), baseline=help.baseline
-                )
-            except KtRejected:
-                continue
-            return {
-                "helper": helper,
-                "classes": list(help_classes),
-                "bytes": len(blob),
-                "params": installed.count,
-                "bytes_per_param": len(blob) / max(1, installed.count),
-                "pick_seconds": t1 - t0,
-                "install_seconds": installed.seconds,
-                "blob": blob,
-            }
-        return None
+    def after_batch(self, node: int, result: BatchResult) -> list[dict[str, Any]]:
+        """Give node ``node``'s coordinator what the batch showed; returns the transfers it made."""
+        if not result.learnt:
+            return []
+        learner, help = self.learners[node], self.coordinators[node]
+        todo = deque(help.on_batch(result.batch_index, drift=result.drift_report, dropped=result.dropped, pool=learner.pool_state()))
+        transfers: list[dict[str, Any]] = []
+        pick_seconds = 0.0
+        while todo:
+            command = todo.popleft()
+            pool = learner.pool_state()
+            if isinstance(command, QueryHelpers):
+                found = self.find_helpers(node, command.classes, command.k)
+                todo.extend(help.on_candidates(command.flow, [CandidateInfo(str(i)) for i in found], pool=pool))
+            elif isinstance(command, AskHelper):
+                t0 = time.perf_counter()
+                try:
+                    blob = self.learners[int(command.helper)].kt_blob(command.classes, command.z, command.value_codec)
+                except KtRejected as exc:
+                    todo.extend(help.on_answer(command.flow, None, error=str(exc), pool=pool))
+                    continue
+                pick_seconds = time.perf_counter() - t0
+                todo.extend(help.on_answer(command.flow, blob, pool=pool))
+            elif isinstance(command, Install):
+                reason = help.active.reason if help.active is not None else ""
+                try:
+                    installed = learner.accept_kt_blob(
+                        command.blob, classes=command.classes, z=command.z, source=command.source, baseline=command.baseline
+                    )
+                except KtRejected as exc:
+                    todo.extend(help.install_refused(command.flow, str(exc), pool=pool))
+                    continue
+                transfers.append({
+                    "helper": int(command.source),
+                    "classes": list(command.classes),
+                    "bytes": len(command.blob),
+                    "params": installed.count,
+                    "bytes_per_param": len(command.blob) / max(1, installed.count),
+                    "pick_seconds": pick_seconds,
+                    "install_seconds": installed.seconds,
+                    "reason": reason,
+                })
+                todo.extend(help.installed(command.flow, installed.classes, pool=learner.pool_state()))
+        return transfers
 
 
 def _learner_config(settings: ExperimentSettings, mode: str) -> LearnerConfig:
@@ -246,11 +269,9 @@ def run_mode(
                 trace.target_error.append(result.target_error)
                 trace.class_errors.append(result.class_errors)
                 trace.helpers.append(len(result.helpers))
-            if result.help is not None:
-                event = fleet.transfer(node, result.help, config.k)
-                if event is not None:
-                    event.update(node=node, batch=batch, reason=result.help.reason)
-                    kt_events.append(event)
+            for event in fleet.after_batch(node, result):
+                event.update(node=node, batch=batch)
+                kt_events.append(event)
     seconds = time.perf_counter() - t0
     return _summarise(settings, workload, mode, seed, trace, kt_events, seconds)
 
@@ -272,7 +293,7 @@ def _summarise(settings, workload, mode, seed, trace, kt_events, seconds) -> Run
         mode=mode,
         seed=seed,
         target=trace,
-        kt_events=[{k: v for k, v in e.items() if k != "blob"} for e in kt_events],
+        kt_events=kt_events,
         adaptability=adapt,
         recovered=recovered,
         pre_drift_error=pre,

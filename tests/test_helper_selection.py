@@ -2,7 +2,7 @@
 
 import pytest
 
-from agent.helper_selection import Ask, CandidateInfo, LeastSimilarFirst, MostSimilar, build_selection
+from agent.kt.helper_selection import Ask, CandidateInfo, LeastSimilarFirst, MostSimilar, build_selection
 
 SPLIT = [CandidateInfo("both", (8, 9)), CandidateInfo("eight", (8,)), CandidateInfo("nine", (9,))]
 

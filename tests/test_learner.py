@@ -5,8 +5,9 @@ import copy
 import pytest
 import torch
 
-from agent.config import LearnerConfig
+from agent.config import LearnerConfig, help_policy
 from agent.errors import ConfigError, KtRejected
+from agent.kt.coordinator import HelpCoordinator, QueryHelpers
 from agent.kt.selection import select
 from agent.learner import Learner
 from agent.models import build_model
@@ -75,27 +76,49 @@ def test_bad_labels_rejected(labels):
     assert _same(before, _weights(node))
 
 
+class Asking:
+    """A target's learner with its help coordinator; each help request is recorded and the MdS
+    stand-in finds nobody, so the next request starts at once."""
+
+    def __init__(self, learner):
+        self.learner = learner
+        self.help = HelpCoordinator(help_policy(learner.config))
+
+    def step(self, x, y):
+        """Process one batch; returns (result, the help request it made or None)."""
+        result = self.learner.process_batch(x, y)
+        asked = None
+        if result.learnt:
+            pool = self.learner.pool_state()
+            for command in self.help.on_batch(result.batch_index, drift=result.drift_report, dropped=result.dropped, pool=pool):
+                if isinstance(command, QueryHelpers):
+                    asked = self.help.active
+                    self.help.on_candidates(command.flow, [], pool=pool)
+        return result, asked
+
+
 def _drift_until_help(target, helper, blobs):
+    asking = target if isinstance(target, Asking) else Asking(target)
     for _ in range(15):
         helper.process_batch(*blobs.batch(range(10)))
-        target.process_batch(*blobs.batch(range(8)))
+        asking.step(*blobs.batch(range(8)))
     for _ in range(10):
         helper.process_batch(*blobs.batch(range(10)))
-        result = target.process_batch(*blobs.batch(list(range(8)) + [8, 9] * 2))
-        if result.help is not None:
-            return result
+        result, asked = asking.step(*blobs.batch(list(range(8)) + [8, 9] * 2))
+        if asked is not None:
+            return result, asked
     raise AssertionError("no help request after the drift")
 
 
 def test_drift_leads_to_help_request_and_helper_install():
     target, helper = _fleet(2)
     blobs = Blobs()
-    result = _drift_until_help(target, helper, blobs)
-    assert result.drift and set(result.help.classes) == {8, 9}
-    blob = helper.kt_blob(result.help.classes, result.help.z, result.help.value_codec)
-    installed = target.accept_kt_blob(blob, classes=result.help.classes, z=result.help.z, source="node-1")
+    result, asked = _drift_until_help(target, helper, blobs)
+    assert result.drift and set(result.drift_report.classes) == {8, 9} and asked.classes == (8, 9)
+    blob = helper.kt_blob(asked.classes, asked.z, asked.value_codec)
+    installed = target.accept_kt_blob(blob, classes=asked.classes, z=asked.z, source="node-1", baseline=asked.baseline)
     assert installed.helper_id is not None and installed.classes == (8, 9)
-    assert len(target.pool) == 1
+    assert len(target.pool) == 1 and next(iter(target.pool)).baseline_error == asked.baseline
     x, y = blobs.batch([8, 9])
     served = target.process_batch(x, y)
     assert served.helpers == (installed.helper_id,)
@@ -105,9 +128,11 @@ def test_drift_leads_to_help_request_and_helper_install():
 def test_same_request_not_repeated_within_cooldown():
     target, helper = _fleet(2, help_cooldown=50, kt_apply="replace")
     blobs = Blobs()
-    first = _drift_until_help(target, helper, blobs)
-    again = [target.process_batch(*blobs.batch(list(range(8)) + [8, 9] * 2)).help for _ in range(5)]
-    assert first.help is not None and all(h is None or h.classes != first.help.classes for h in again)
+    asking = Asking(target)
+    _, first = _drift_until_help(asking, helper, blobs)
+    again = [asking.step(*blobs.batch(list(range(8)) + [8, 9] * 2)) for _ in range(5)]
+    assert any(r.drift for r, _ in again), "the drift goes on: only the cooldown keeps it from asking"
+    assert all(h is None or h.classes != first.classes for _, h in again)
 
 
 def _hostile_blobs(helper):
@@ -229,46 +254,49 @@ def test_config_change_keeps_pooled_helpers_up_to_new_bound():
 
 def test_help_delay_postpones_the_request():
     target, helper = _fleet(2, help_delay=3)
+    asking = Asking(target)
     blobs = Blobs()
     for _ in range(15):
         helper.process_batch(*blobs.batch(range(10)))
-        target.process_batch(*blobs.batch(range(8)))
-    results = [target.process_batch(*blobs.batch(list(range(8)) + [8, 9] * 2)) for _ in range(10)]
-    first_drift = next(i for i, r in enumerate(results) if r.drift)
-    helps = [i for i, r in enumerate(results) if r.help is not None]
+        asking.step(*blobs.batch(range(8)))
+    results = [asking.step(*blobs.batch(list(range(8)) + [8, 9] * 2)) for _ in range(10)]
+    first_drift = next(i for i, (r, _) in enumerate(results) if r.drift)
+    helps = [i for i, (_, h) in enumerate(results) if h is not None]
     assert helps and helps[0] == first_drift + 3
-    assert set(results[helps[0]].help.classes) == {8, 9}
+    assert set(results[helps[0]][1].classes) == {8, 9}
 
 
 def test_a_wrong_helper_is_dropped_and_another_node_asked_after_the_cooldown():
     target, right = _fleet(2, help_cooldown=8)
+    asking = Asking(target)
     (wrong,) = _fleet(1)
     blobs = Blobs()
     for _ in range(15):
         wrong.process_batch(*blobs.batch(range(4)))  # never sees classes 8-9
-    first = _drift_until_help(target, right, blobs)
-    blob = wrong.kt_blob(first.help.classes, 0.5)
+    _, first = _drift_until_help(asking, right, blobs)
+    blob = wrong.kt_blob(first.classes, 0.5)
     with pytest.raises(KtRejected, match="below chance"):
-        target.accept_kt_blob(blob, classes=first.help.classes, z=0.5, source="wrong")
+        target.accept_kt_blob(blob, classes=first.classes, z=0.5, source="wrong")
     # A helper that passes that first look and only later proves no better than the target:
     # the pool's probation must still catch it.
     target.install(target.decode_blob(blob), source="wrong")
-    results = [target.process_batch(*blobs.batch(list(range(8)) + [8, 9] * 2)) for _ in range(12)]
-    dropped = next(i for i, r in enumerate(results) if r.discarded)
+    results = [asking.step(*blobs.batch(list(range(8)) + [8, 9] * 2)) for _ in range(12)]
+    dropped = next(i for i, (r, _) in enumerate(results) if r.discarded)
     assert dropped == target.pool.window - 1, "judged after its first L batches holding its classes"
+    assert [h.source for h in results[dropped][0].dropped] == ["wrong"]
     assert len(target.pool) == 0
-    helps = [(i, r.help) for i, r in enumerate(results) if r.help is not None]
+    helps = [(i, h) for i, (_, h) in enumerate(results) if h is not None]
     assert helps, "no second request after the wrong helper left"
     i, retry = helps[0]
-    assert first.help.batch_index + 8 <= retry.batch_index and i > dropped
+    assert first.batch_index + 8 <= retry.batch_index and i > dropped
     assert set(retry.classes) == {8, 9} and retry.avoid == ("wrong",) and retry.reason == "unhelpful_helper"
 
 
 def test_a_right_helper_survives_its_probation():
     target, helper = _fleet(2)
     blobs = Blobs()
-    first = _drift_until_help(target, helper, blobs)
-    target.accept_kt_blob(helper.kt_blob(first.help.classes, 0.5), classes=first.help.classes, z=0.5, source="right")
+    _, first = _drift_until_help(target, helper, blobs)
+    target.accept_kt_blob(helper.kt_blob(first.classes, 0.5), classes=first.classes, z=0.5, source="right")
     for _ in range(target.pool.window + 1):
         target.process_batch(*blobs.batch(list(range(8)) + [8, 9] * 2))
     assert [h.source for h in target.pool] == ["right"] and next(iter(target.pool)).judged
@@ -276,26 +304,21 @@ def test_a_right_helper_survives_its_probation():
 
 def test_a_full_pool_asks_for_no_more_help():
     target, helper = _fleet(2, pool_max=1, drop_unhelpful=False)
+    asking = Asking(target)
     blobs = Blobs()
-    for _ in range(15):
-        helper.process_batch(*blobs.batch(range(10)))
-        target.process_batch(*blobs.batch(range(8)))
-    for _ in range(10):
-        result = target.process_batch(*blobs.batch(list(range(8)) + [8, 9] * 2))
-        if result.help is not None:
-            break
-    assert result.help is not None
+    _drift_until_help(asking, helper, blobs)
     target.accept_kt_blob(helper.kt_blob((8,), 0.5), classes=(8,), z=0.5, source="eight")
     # Class 9 is still missing, but taking its helper would evict the one serving class 8.
-    later = [target.process_batch(*blobs.batch(list(range(8)) + [9] * 8)).help for _ in range(12)]
-    assert later == [None] * 12
+    later = [asking.step(*blobs.batch(list(range(8)) + [9] * 8)) for _ in range(12)]
+    assert any(r.drift for r, _ in later)
+    assert [h for _, h in later] == [None] * 12
 
 
 def test_int4_delta_blobs_go_out_as_deltas_whatever_value_delta_says():
     target, helper = _fleet(2, value_delta=False)
     blobs = Blobs()
-    first = _drift_until_help(target, helper, blobs)
-    blob = helper.kt_blob(first.help.classes, 0.5, "int4_delta")
-    installed = target.accept_kt_blob(blob, classes=first.help.classes, z=0.5, source="helper")
+    _, first = _drift_until_help(target, helper, blobs)
+    blob = helper.kt_blob(first.classes, 0.5, "int4_delta")
+    installed = target.accept_kt_blob(blob, classes=first.classes, z=0.5, source="helper")
     assert installed.classes == (8, 9)
-    assert len(blob) < 0.6 * len(helper.kt_blob(first.help.classes, 0.5, "int8"))
+    assert len(blob) < 0.6 * len(helper.kt_blob(first.classes, 0.5, "int8"))
