@@ -14,7 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from agent.drift import DriftConfig, RollingErrorConfig
 from agent.ensemble import ClassAwareOperatorConfig, OperatorConfig
 from agent.errors import ConfigError
+from agent.kt.booster import KtApplyConfig
 from agent.kt.coordinator import HelpPolicy
+from agent.kt.helper_selection import HelperSelectionConfig
+from agent.kt.picker import PickerConfig, SelectionConfig
 from agent.kt.pool import DiscardConfig, DynamicDiscardConfig
 from service.settings import problems
 
@@ -40,21 +43,24 @@ class LearnerConfig(BaseModel):
         le=1_000_000,
         description="rows of the reservoir the on-demand picker computes sensitivity over, drawn at random; 0: every row (cheaper with fewer, at some cost in adaptability)",
     )
-    picker: Literal["on_demand", "continuous"] = Field("on_demand", description="sensitivity from the reservoir, or a running per-class map")
-    selection: Literal["sensitivity", "random"] = Field(
-        "sensitivity", description="how a helper picks parameters; 'random' is the control (same Z, random positions)"
+    picker: PickerConfig = Field(
+        default_factory=PickerConfig, description="sensitivity from the reservoir (on_demand), or a running per-class map (continuous)"
+    )
+    selection: SelectionConfig = Field(
+        default_factory=SelectionConfig,
+        description="how a helper picks parameters; 'random' is the control (same Z, random positions)",
     )
     drift: DriftConfig = Field(default_factory=RollingErrorConfig, description="drift detector and its settings")
     operator: OperatorConfig = Field(default_factory=ClassAwareOperatorConfig, description="ensemble operator")
-    kt_apply: Literal["boost", "zero_filled", "replace", "average", "off"] = Field(
-        "boost",
+    kt_apply: KtApplyConfig = Field(
+        default_factory=KtApplyConfig,
         description="use of received parameters: boosted helper model (CLUE), zero-filled helper, write into the target, average into it, or no KT (isolated)",
     )
     discard: DiscardConfig = Field(default_factory=DynamicDiscardConfig, description="when helpers leave the pool")
     pool_max: int = Field(4, ge=1, le=64, description="most helpers pooled at once")
     k: int = Field(3, ge=1, le=32, description="helper candidates asked of the MdS")
-    helper_selection: Literal["most_similar", "least_similar_first"] = Field(
-        "most_similar",
+    helper_selection: HelperSelectionConfig = Field(
+        default_factory=HelperSelectionConfig,
         description="which candidate is asked: the one holding most of the missing classes, most similar first; or, for the first request only, the least similar node (the paper's wrong-helper staging, Fig. 10)",
     )
     split_helpers: int = Field(
@@ -108,7 +114,7 @@ def patched(config: LearnerConfig, values: dict[str, Any]) -> LearnerConfig:
 def help_policy(config: LearnerConfig, *, relay: str | None = None) -> HelpPolicy:
     """The help coordinator's knobs from a learner config (`relay`: the daemon's relay mode)."""
     return HelpPolicy(
-        enabled=config.kt_apply != "off", cooldown=config.help_cooldown, delay=config.help_delay,
+        enabled=config.kt_apply.build().enabled, cooldown=config.help_cooldown, delay=config.help_delay,
         split_helpers=config.split_helpers, selection=config.helper_selection, k=config.k, z=config.z,
         value_codec=config.value_codec, relay=relay,
     )

@@ -42,6 +42,11 @@ __all__ = [
 
 class _DetectorConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+    type: str
+
+    def build(self, *, num_classes: int) -> DriftDetector:
+        """The detector this config names, with its settings."""
+        return _DETECTORS[self.type](**self.model_dump(exclude={"type"}), num_classes=num_classes)
 
 
 class RollingErrorConfig(_DetectorConfig):
@@ -422,8 +427,7 @@ def build_detector(cfg: DriftConfig | Mapping[str, Any], *, num_classes: int) ->
     """
     if isinstance(cfg, Mapping):
         cfg = _DRIFT_CONFIG.validate_python(cfg)
-    params = cfg.model_dump(exclude={"type"})
-    return _DETECTORS[cfg.type](**params, num_classes=num_classes)
+    return cfg.build(num_classes=num_classes)
 
 
 # --- which classes to ask for --------------------------------------------------------------------

@@ -80,17 +80,18 @@ class MeanOperatorConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     type: Literal["mean"] = "mean"
 
+    def build(self) -> EnsembleOperator:
+        return MeanOperator()
+
 
 class ClassAwareOperatorConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     type: Literal["class_aware"] = "class_aware"
     w: float = Field(0.95, ge=0.5, le=1.0, description="weight of a helper on the classes it was asked for")
 
+    def build(self) -> EnsembleOperator:
+        return ClassAwareOperator(self.w)
+
 
 OperatorConfig = Annotated[Union[ClassAwareOperatorConfig, MeanOperatorConfig], Field(discriminator="type")]
 
-
-def build_operator(cfg: ClassAwareOperatorConfig | MeanOperatorConfig) -> EnsembleOperator:
-    if isinstance(cfg, ClassAwareOperatorConfig):
-        return ClassAwareOperator(cfg.w)
-    return MeanOperator()

@@ -23,15 +23,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from agent.config import LearnerConfig, patched
-from agent.drift import DriftDetector, NoveltyTrigger, build_detector, classes_to_request
-from agent.ensemble import EnsembleOperator, build_operator
+from agent.drift import DriftDetector, NoveltyTrigger, classes_to_request
+from agent.ensemble import EnsembleOperator
 from agent.errors import KtRejected
 from agent.kt import booster, codec, vetting
+from agent.kt.booster import KnowledgeUse
 from agent.kt.coordinator import DriftReport, DroppedHelper, PoolState
-from agent.kt.pool import HelperPool, PooledHelper, build_discard_policy
-from agent.kt.selection import random_mask, select, significant_params
-from agent.kt.sensitivity import Reservoir, sensitivity
-from agent.kt.sensitivity_map import SensitivityMap
+from agent.kt.picker import PositionChoice, SensitivitySource
+from agent.kt.pool import HelperPool, PooledHelper
+from agent.kt.selection import significant_params
+from agent.kt.sensitivity import Reservoir
 from agent.kt.significant import SignificantParams
 from agent.models import arch_id as compute_arch_id
 from agent.models import lineage as compute_lineage
@@ -116,13 +117,13 @@ class Learner:
     def _build_components(self) -> None:
         cfg = self.config
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
-        self.detector: DriftDetector = build_detector(cfg.drift, num_classes=self.num_classes)
-        self.operator: EnsembleOperator = build_operator(cfg.operator)
-        self.pool = HelperPool(build_discard_policy(cfg.discard), max_size=cfg.pool_max, window=cfg.discard.window)
+        self.detector: DriftDetector = cfg.drift.build(num_classes=self.num_classes)
+        self.operator: EnsembleOperator = cfg.operator.build()
+        self.pool = HelperPool(cfg.discard.build(), max_size=cfg.pool_max, window=cfg.discard.window)
         self.reservoir = Reservoir(cfg.reservoir_batches)
-        self.sensitivity_map = (
-            SensitivityMap(self.model, self.num_classes) if cfg.picker == "continuous" else None
-        )
+        self.sensitivity_source: SensitivitySource = cfg.picker.build(self.model, self.num_classes)
+        self.position_choice: PositionChoice = cfg.selection.build()
+        self.knowledge_use: KnowledgeUse = cfg.kt_apply.build()
         self._recent_hist: deque[np.ndarray] = deque(maxlen=cfg.history_window)
         self._recent_class_err: deque[tuple[np.ndarray, np.ndarray]] = deque(maxlen=cfg.history_window)
         self._target_errors: deque[float] = deque(maxlen=_ERROR_HISTORY)
@@ -140,18 +141,22 @@ class Learner:
             for group in self.optimizer.param_groups:
                 group["lr"] = new.lr
         if new.drift != old.drift:
-            self.detector = build_detector(new.drift, num_classes=self.num_classes)
+            self.detector = new.drift.build(num_classes=self.num_classes)
         if new.operator != old.operator:
-            self.operator = build_operator(new.operator)
+            self.operator = new.operator.build()
         if new.discard != old.discard or new.pool_max != old.pool_max:
             helpers = list(self.pool)
-            self.pool = HelperPool(build_discard_policy(new.discard), max_size=new.pool_max, window=new.discard.window)
+            self.pool = HelperPool(new.discard.build(), max_size=new.pool_max, window=new.discard.window)
             for h in sorted(helpers, key=lambda h: h.installed_at)[-new.pool_max :]:
                 self.pool.add(h)
         if new.reservoir_batches != old.reservoir_batches:
             self.reservoir.resize(new.reservoir_batches)
         if new.picker != old.picker:
-            self.sensitivity_map = SensitivityMap(self.model, self.num_classes) if new.picker == "continuous" else None
+            self.sensitivity_source = new.picker.build(self.model, self.num_classes)
+        if new.selection != old.selection:
+            self.position_choice = new.selection.build()
+        if new.kt_apply != old.kt_apply:
+            self.knowledge_use = new.kt_apply.build()
         if new.history_window != old.history_window:
             self._recent_hist = deque(self._recent_hist, maxlen=new.history_window)
             self._recent_class_err = deque(self._recent_class_err, maxlen=new.history_window)
@@ -229,8 +234,8 @@ class Learner:
             # The step was rolled back: these labels taught nothing, so they count nowhere.
             result.train_refused = refused
             return result
-        if self.sensitivity_map is not None:
-            self.sensitivity_map.update(self.model, x)
+        if self.sensitivity_source.observes:
+            self.sensitivity_source.observe(self.model, x)
             result.timings["sensitivity_map"] = time.perf_counter() - t2
 
         recent_longrun = self.longrun_hist.copy()
@@ -240,7 +245,7 @@ class Learner:
         self._target_errors.append(result.target_error)
         self.detector.update(result.target_error, labels)
         result.drift = self.detector.drift_detected
-        if result.drift and self.config.kt_apply != "off":
+        if result.drift and self.knowledge_use.enabled:
             result.drift_report = self._drift_report(index, recent_longrun)
         rolling = self._target_rolling_error()
         discarded = self.pool.discard_check(batch_index=index, target_rolling_error=rolling)
@@ -338,19 +343,12 @@ class Learner:
 
     def significant_for(self, classes: Sequence[int], z: float) -> SignificantParams:
         """The significant parameters of this node's model for ``classes`` (or the random control)."""
-        if self.config.selection == "random":
-            positions = random_mask(self._shapes, z, self._rng)
-        else:
-            if self.sensitivity_map is not None and self.sensitivity_map.covers(classes):
-                scores = self.sensitivity_map.lookup(classes)
-            else:
-                if len(self.reservoir) == 0:
-                    raise KtRejected("this node has seen no request batch yet, so it has nothing to pick from")
-                scores = sensitivity(
-                    self.model, self.reservoir.batches(), classes,
-                    samples=self.config.picker_samples or None, generator=self._rng,
-                )
-            positions = select(scores, z)
+        def scores() -> dict[str, torch.Tensor]:
+            return self.sensitivity_source.scores(
+                self.model, self.reservoir, classes, samples=self.config.picker_samples or None, generator=self._rng
+            )
+
+        positions = self.position_choice.positions(self._shapes, z, scores, self._rng)
         return significant_params(
             self.model, positions, arch_id=self.arch_id, lineage=self.lineage, classes=classes, z=z
         )
@@ -394,8 +392,7 @@ class Learner:
         t0 = time.perf_counter()
         sig = self.decode_blob(blob)
         vetting.vet_significant(sig, classes=classes, z=z, reference=dict(self.model.named_parameters()))
-        mode = self.config.kt_apply
-        if mode == "off":
+        if not self.knowledge_use.enabled:
             raise KtRejected("knowledge transfer is off on this node (kt_apply = 'off')")
         probe = booster.boosted_helper(self.model, sig)
         # A zero-filled helper is the paper's deliberately crippled baseline (Fig. 3): only the
@@ -404,7 +401,7 @@ class Learner:
             x, y = self._last_batch
             with torch.no_grad():
                 vetting.vet_helper_outputs(probe, x, y if self.config.helper_probe else None, sig.classes, self.num_classes)
-        return self.install(sig, source=source, started=t0, helper_model=probe if mode == "boost" else None, baseline=baseline)
+        return self.install(sig, source=source, started=t0, boosted=probe, baseline=baseline)
 
     def install(
         self,
@@ -412,37 +409,30 @@ class Learner:
         *,
         source: str = "",
         started: float | None = None,
-        helper_model: nn.Module | None = None,
+        boosted: nn.Module | None = None,
         baseline: float | None = None,
     ) -> Installed:
-        """Use already-validated significant parameters: pool a helper, or change the target.
+        """Use already-validated significant parameters per ``kt_apply``: pool a helper, or change the target.
 
-        ``helper_model``: the boosted helper already built from ``sig`` (to vet it), reused as is.
+        ``boosted``: the boosted helper already built from ``sig`` (to vet it), reused as is.
         ``baseline``: the error the helper must restore (its request's; None: the pre-drift error now).
         """
         t0 = started if started is not None else time.perf_counter()
-        mode = self.config.kt_apply
         helper_id = None
         evicted: list[str] = []
-        if mode in ("boost", "zero_filled"):
-            build = booster.boosted_helper if mode == "boost" else booster.zero_filled_helper
+        helper_model = self.knowledge_use.use(self.model, sig, boosted)
+        if helper_model is not None:
             helper_id = f"h{next(self._helper_ids)}"
             evicted = self.pool.add(
                 PooledHelper(
                     helper_id=helper_id,
-                    model=helper_model if helper_model is not None else build(self.model, sig),
+                    model=helper_model,
                     classes=sig.classes,
                     installed_at=self.batch_index,
                     baseline_error=baseline if baseline is not None else self._pre_drift_error(),
                     source=source,
                 )
             )
-        elif mode == "replace":
-            booster.apply_replace(self.model, sig)
-        elif mode == "average":
-            booster.apply_average(self.model, sig)
-        else:
-            raise KtRejected("knowledge transfer is off on this node (kt_apply = 'off')")
         return Installed(
             helper_id=helper_id,
             classes=sig.classes,

@@ -5,14 +5,13 @@ import torch
 from pydantic import TypeAdapter, ValidationError
 from torch import nn
 
-from agent.ensemble import ClassAwareOperator, MeanOperator, OperatorConfig, build_operator
+from agent.ensemble import ClassAwareOperator, MeanOperator, OperatorConfig
 from agent.kt.pool import (
     DiscardConfig,
     DynamicDiscard,
     HelperPool,
     PooledHelper,
     StaticDiscard,
-    build_discard_policy,
 )
 
 
@@ -55,8 +54,8 @@ def test_class_aware_several_helpers_sum_to_one():
 
 def test_operator_config_by_type():
     adapter = TypeAdapter(OperatorConfig)
-    assert build_operator(adapter.validate_python({"type": "mean"})).name == "mean"
-    op = build_operator(adapter.validate_python({"type": "class_aware", "w": 0.7}))
+    assert adapter.validate_python({"type": "mean"}).build().name == "mean"
+    op = adapter.validate_python({"type": "class_aware", "w": 0.7}).build()
     assert op.name == "class_aware" and op.w == 0.7
     with pytest.raises(ValidationError):
         adapter.validate_python({"type": "class_aware", "w": 1.5})
@@ -115,8 +114,8 @@ def test_pool_bound_evicts_worst():
 
 def test_discard_config_by_type():
     adapter = TypeAdapter(DiscardConfig)
-    assert build_discard_policy(adapter.validate_python({"type": "static", "n_batches": 7})).n_batches == 7
-    assert build_discard_policy(adapter.validate_python({"type": "dynamic"})).name == "dynamic"
+    assert adapter.validate_python({"type": "static", "n_batches": 7}).build().n_batches == 7
+    assert adapter.validate_python({"type": "dynamic"}).build().name == "dynamic"
     with pytest.raises(ValidationError):
         adapter.validate_python({"type": "dynamic", "tolerance": -1})
 

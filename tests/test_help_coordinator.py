@@ -16,7 +16,7 @@ from agent.kt.coordinator import (
     Report,
     Status,
 )
-from agent.kt.helper_selection import CandidateInfo
+from agent.kt.helper_selection import CandidateInfo, HelperSelectionConfig
 
 EMPTY = PoolState(frozenset(), 0, 4)
 
@@ -206,7 +206,7 @@ def test_relay_mode_asks_the_relay_for_every_class_without_querying():
 
 
 def test_least_similar_first_queries_any_node_only_for_the_first_request():
-    help = _coordinator(selection="least_similar_first", cooldown=0)
+    help = _coordinator(selection=HelperSelectionConfig(type="least_similar_first"), cooldown=0)
     (first,) = _of(help.on_batch(50, drift=_drift(50), pool=EMPTY), QueryHelpers)
     assert (first.cover, first.rank) == ("none", "least_similar")
     help.on_candidates(first.flow, [], pool=EMPTY)

@@ -1,8 +1,9 @@
 """Helper selection strategies: pure, candidates in, the next ask out."""
 
 import pytest
+from pydantic import ValidationError
 
-from agent.kt.helper_selection import Ask, CandidateInfo, LeastSimilarFirst, MostSimilar, build_selection
+from agent.kt.helper_selection import Ask, CandidateInfo, HelperSelectionConfig, LeastSimilarFirst, MostSimilar
 
 SPLIT = [CandidateInfo("both", (8, 9)), CandidateInfo("eight", (8,)), CandidateInfo("nine", (9,))]
 
@@ -40,7 +41,9 @@ def test_least_similar_first_stages_one_wrong_pick_then_behaves_like_most_simila
     assert sel.next_ask(SPLIT, {8, 9}, [], 1) == Ask("both", (8, 9))
 
 
-def test_build_selection_by_name():
-    assert build_selection("least_similar_first").name == "least_similar_first"
-    with pytest.raises(ValueError, match="unknown helper selection"):
-        build_selection("random")
+def test_a_selection_is_built_from_its_config_given_by_name_or_as_a_table():
+    assert HelperSelectionConfig.model_validate("least_similar_first").build().name == "least_similar_first"
+    assert HelperSelectionConfig.model_validate({"type": "most_similar"}).build().name == "most_similar"
+    assert HelperSelectionConfig().model_dump() == "most_similar"
+    with pytest.raises(ValidationError, match="most_similar"):
+        HelperSelectionConfig.model_validate("random")

@@ -215,14 +215,14 @@ def test_continuous_picker_answers_from_the_map():
         node.kt_blob((8,), 0.5)
     blobs = Blobs()
     node.process_batch(*blobs.batch(range(10)))
-    assert node.sensitivity_map.updates == 1
+    assert node.sensitivity_source.map.updates == 1
     # Class 8 is not refreshed yet (one class per update, round-robin): the reservoir answers.
-    assert not node.sensitivity_map.covers((8,))
+    assert not node.sensitivity_source.map.covers((8,))
     assert node.significant_for((8,), 0.5).count > 0
     for _ in range(8):
         node.process_batch(*blobs.batch(range(10)))
-    assert node.sensitivity_map.covers((8,))
-    from_map = select(node.sensitivity_map.lookup((8,)), 0.5)
+    assert node.sensitivity_source.map.covers((8,))
+    from_map = select(node.sensitivity_source.map.lookup((8,)), 0.5)
     got = node.significant_for((8,), 0.5)
     assert all(torch.equal(t.indices, from_map[t.name]) for t in got.tensors)
 

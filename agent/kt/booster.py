@@ -3,18 +3,22 @@
 ``boosted_helper`` is CLUE's choice: a frozen copy of the *target's* model with the helper's
 significant weights written over it (Equation 2). The others are the paper's alternatives, kept
 for comparison: a zero-filled helper, and ``replace``/``average`` that change the target itself.
+Each is a `KnowledgeUse`, built from the node's ``kt_apply`` config (`KtApplyConfig`).
 """
 
 from __future__ import annotations
 
 import copy
+from abc import ABC, abstractmethod
 from collections import OrderedDict
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
+from agent.kt.errors import KtRejected
 from agent.kt.significant import SignificantParams
+from agent.kt.strategy import NamedStrategyConfig
 
 # Attribute types a module copy may share with its original: immutable, and holding no tensor.
 _ATOMIC = frozenset({type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device})
@@ -174,3 +178,71 @@ def apply_average(target: nn.Module, sig: SignificantParams, *, alpha: float = 0
     if not 0.0 < alpha <= 1.0:
         raise ValueError(f"alpha must be in (0, 1], got {alpha}")
     _write(target, sig, alpha=alpha)
+
+
+class KnowledgeUse(ABC):
+    """What a target does with received significant parameters (``kt_apply``)."""
+
+    name: ClassVar[str]
+    #: False only for ``off``: this node takes no knowledge, so it asks for none.
+    enabled: ClassVar[bool] = True
+
+    @abstractmethod
+    def use(self, target: nn.Module, sig: SignificantParams, boosted: nn.Module | None = None) -> nn.Module | None:
+        """A frozen helper model to pool, or None once the target itself was changed.
+
+        ``boosted``: the boosted helper already built from ``sig`` (to vet it), reused if wanted.
+        """
+
+
+class BoostedHelperUse(KnowledgeUse):
+    name = "boost"
+
+    def use(self, target, sig, boosted=None):
+        return boosted if boosted is not None else boosted_helper(target, sig)
+
+
+class ZeroFilledHelperUse(KnowledgeUse):
+    name = "zero_filled"
+
+    def use(self, target, sig, boosted=None):
+        return zero_filled_helper(target, sig)
+
+
+class ReplaceUse(KnowledgeUse):
+    name = "replace"
+
+    def use(self, target, sig, boosted=None):
+        apply_replace(target, sig)
+        return None
+
+
+class AverageUse(KnowledgeUse):
+    name = "average"
+
+    def use(self, target, sig, boosted=None):
+        apply_average(target, sig)
+        return None
+
+
+class NoKnowledgeUse(KnowledgeUse):
+    name = "off"
+    enabled = False
+
+    def use(self, target, sig, boosted=None):
+        raise KtRejected("knowledge transfer is off on this node (kt_apply = 'off')")
+
+
+KNOWLEDGE_USES: dict[str, type[KnowledgeUse]] = {
+    cls.name: cls for cls in (BoostedHelperUse, ZeroFilledHelperUse, ReplaceUse, AverageUse, NoKnowledgeUse)
+}
+
+
+class KtApplyConfig(NamedStrategyConfig):
+    """How received knowledge is used: a boosted helper model (CLUE), a zero-filled helper, written
+    into the target, averaged into it, or not at all (isolated learning)."""
+
+    type: Literal["boost", "zero_filled", "replace", "average", "off"] = "boost"
+
+    def build(self) -> KnowledgeUse:
+        return KNOWLEDGE_USES[self.type]()

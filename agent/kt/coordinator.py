@@ -31,7 +31,7 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from agent.kt.helper_selection import CandidateInfo, Cover, HelperSelection, Rank, build_selection
+from agent.kt.helper_selection import CandidateInfo, Cover, HelperSelection, HelperSelectionConfig, Rank
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class HelpPolicy:
     cooldown: int = 10
     delay: int = 0
     split_helpers: int = 4
-    selection: str = "most_similar"
+    selection: HelperSelectionConfig = field(default_factory=HelperSelectionConfig)
     k: int = 3
     z: float = 0.5
     value_codec: str = "float16"
@@ -330,7 +330,7 @@ class HelpCoordinator:
 
     def _start(self, request: HelpRequest, pool: PoolState) -> list[Command]:
         self._flows += 1
-        selection = build_selection(self.policy.selection)
+        selection = self.policy.selection.build()
         flow = _Flow(
             id=self._flows, request=request, number=self._flows - 1, selection=selection,
             detected_at=self._clock(), missing=set(request.classes),

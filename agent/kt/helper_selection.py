@@ -19,6 +19,8 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
+from agent.kt.strategy import NamedStrategyConfig
+
 Cover = Literal["all", "any", "none"]
 Rank = Literal["most_similar", "least_similar"]
 
@@ -104,8 +106,10 @@ class LeastSimilarFirst(HelperSelection):
 SELECTIONS: dict[str, type[HelperSelection]] = {cls.name: cls for cls in (MostSimilar, LeastSimilarFirst)}
 
 
-def build_selection(name: str) -> HelperSelection:
-    try:
-        return SELECTIONS[name]()
-    except KeyError:
-        raise ValueError(f"unknown helper selection {name!r}; known: {sorted(SELECTIONS)}") from None
+class HelperSelectionConfig(NamedStrategyConfig):
+    """Which helper selection a node uses (``helper_selection`` in its config)."""
+
+    type: Literal["most_similar", "least_similar_first"] = "most_similar"
+
+    def build(self) -> HelperSelection:
+        return SELECTIONS[self.type]()

@@ -100,6 +100,9 @@ class DynamicDiscardConfig(BaseModel):
     min_batches: int = Field(3, ge=1, le=10_000, description="batches a helper serves before it may be dropped")
     window: int = Field(5, ge=1, le=1000, description="L: batches over which helpers are ranked on their own classes")
 
+    def build(self) -> DiscardPolicy:
+        return DynamicDiscard(self.tolerance, self.min_batches)
+
 
 class StaticDiscardConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -107,14 +110,11 @@ class StaticDiscardConfig(BaseModel):
     n_batches: int = Field(20, ge=1, le=1_000_000, description="N: batches a helper serves before it is dropped")
     window: int = Field(5, ge=1, le=1000, description="L: batches over which helpers are ranked on their own classes")
 
+    def build(self) -> DiscardPolicy:
+        return StaticDiscard(self.n_batches)
+
 
 DiscardConfig = Annotated[Union[DynamicDiscardConfig, StaticDiscardConfig], Field(discriminator="type")]
-
-
-def build_discard_policy(cfg: DynamicDiscardConfig | StaticDiscardConfig) -> DiscardPolicy:
-    if isinstance(cfg, DynamicDiscardConfig):
-        return DynamicDiscard(cfg.tolerance, cfg.min_batches)
-    return StaticDiscard(cfg.n_batches)
 
 
 class HelperPool:
