@@ -20,7 +20,6 @@ from agent.errors import ConfigError
 from agent.fl import FlConfig
 from agent.models import ARCHITECTURES
 from broker import topics
-from service.settings import ConfigError as ServiceConfigError
 from service.settings import LayeredSettings, problems
 
 
@@ -100,10 +99,7 @@ def load_settings(config_file: str | Path | None = None, **flags: Any) -> AgentS
 
     Raises ConfigError naming every problem.
     """
-    try:
-        return AgentSettings.load(config_file, **flags)
-    except ServiceConfigError as exc:
-        raise ConfigError(str(exc)) from exc
+    return AgentSettings.load(config_file, **flags)
 
 
 def credential_path(name: str | None) -> Path | None:
