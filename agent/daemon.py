@@ -40,7 +40,6 @@ from agent.runtime import EnsembleRuntime, resolve_device
 from agent.settings import (
     AgentSettings,
     DaemonKnobs,
-    credential_path,
     load_settings,
     merge_patch,
     read_patches,
@@ -179,12 +178,7 @@ class AgentDaemon(Daemon):
             settings.broker,
             client_id=settings.node_id,
             status_node_id=settings.node_id,
-            username=settings.username,
-            password_file=credential_path(settings.password_file),
-            tls_ca=settings.tls_ca,
-            tls_cert=settings.tls_cert,
-            tls_key=credential_path(settings.tls_key),
-            tls_key_password_file=credential_path(settings.tls_key_password_file),
+            **settings.client_kwargs(),
             max_message_bytes=max(settings.max_batch_bytes, 1 << 20),
             max_blob_bytes=max(64 << 20, settings.max_batch_bytes),
         )

@@ -20,7 +20,7 @@ from agent.errors import ConfigError
 from agent.fl import FlConfig
 from agent.models import ARCHITECTURES
 from broker import topics
-from service.settings import LayeredSettings, problems
+from service.settings import BrokerSettings, LayeredSettings, problems
 
 
 class DaemonKnobs(BaseModel):
@@ -35,19 +35,12 @@ class DaemonKnobs(BaseModel):
     checkpoint_every: int = Field(50, ge=1, le=1_000_000, description="batches between checkpoints")
 
 
-class AgentSettings(LayeredSettings):
+class AgentSettings(LayeredSettings, BrokerSettings):
     """``clue-agent`` settings. Nested fields use ``__`` in environment names: ``CLUE_LEARNER__Z=0.3``."""
 
     model_config = SettingsConfigDict(env_prefix="CLUE_", env_nested_delimiter="__", extra="forbid", frozen=True)
 
     node_id: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="this node's id (topics, client id, TLS identity)")
-    broker: str = Field("mqtt://127.0.0.1:1883", description="mqtt://host:port, mqtts://host:port or unix:///path")
-    username: str | None = Field(None, description="MQTT username (not needed with TLS client certificates)")
-    password_file: str | None = Field(None, description="file holding the MQTT password (credential name or path)")
-    tls_ca: str | None = Field(None, description="CA certificate file")
-    tls_cert: str | None = Field(None, description="client certificate file")
-    tls_key: str | None = Field(None, description="client key file (credential name or path)")
-    tls_key_password_file: str | None = Field(None, description="file holding the key's password (credential name or path)")
     state_dir: Path = Field(Path("state"), description="where checkpoints live (systemd: StateDirectory=)")
     arch: str = Field("mlp4", description=f"model architecture: one of {sorted(ARCHITECTURES)}")
     num_classes: int = Field(10, ge=2, le=4096, description="classes the model outputs")
@@ -100,19 +93,6 @@ def load_settings(config_file: str | Path | None = None, **flags: Any) -> AgentS
     Raises ConfigError naming every problem.
     """
     return AgentSettings.load(config_file, **flags)
-
-
-def credential_path(name: str | None) -> Path | None:
-    """Where a secret lives: an absolute path as is, else under ``$CREDENTIALS_DIRECTORY`` if set."""
-    if name is None:
-        return None
-    path = Path(name)
-    creds = os.environ.get("CREDENTIALS_DIRECTORY")
-    if not path.is_absolute() and creds and (Path(creds) / name).exists():
-        path = Path(creds) / name
-    if not path.exists():
-        raise ConfigError(f"credential file {path} does not exist")
-    return path
 
 
 def nest_dotted(values: dict[str, Any]) -> dict[str, Any]:

@@ -209,10 +209,18 @@ def test_console_script_the_deployment_runs_is_declared(script):
     assert callable(getattr(importlib.import_module(module), function)), declared[script]
 
 
-def test_example_agent_config_is_valid():
+def test_example_agent_config_is_valid(tmp_path, monkeypatch):
+    """Valid on a box that holds the files it names (every one is checked at start: a typo exits 78)."""
     from agent.settings import load_settings
 
-    settings = load_settings(UNITS / "agent.toml")
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    text = (UNITS / "agent.toml").read_text().replace("/etc/clue-agent/", f"{etc}/")
+    for name in ("ca.crt", "edge-1.crt", "base.npz", "clue-agent.key"):
+        (etc / name).write_bytes(b"x")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(etc))
+    (tmp_path / "agent.toml").write_text(text)
+    settings = load_settings(tmp_path / "agent.toml")
     assert settings.tls_key == "clue-agent.key", "a credential name, found in $CREDENTIALS_DIRECTORY"
     assert settings.daemon.kt_mode == "relay", "secure.conf's relay ACL lets no node write another's kt topic"
 
@@ -255,7 +263,7 @@ def test_compose_fleet_is_the_default_scenario():
     """As many agents as the scenario has nodes, running its CLUE mode from agent.toml."""
     from agent.config import LearnerConfig
     from agent.settings import load_settings
-    from edge_sim.experiment import MODES
+    from edge_sim.modes import MODES
     from edge_sim.scenario import load_scenario
 
     text = (COMPOSE / "docker-compose.yml").read_text()
@@ -415,7 +423,9 @@ def test_service_says_ready_and_pings_the_watchdog(fresh_mosquitto, notify_socke
 def _default_text(value: object) -> str:
     """A default as the guide writes it: JSON, a nested plugin config by its type."""
     if isinstance(value, BaseModel):
-        return json.dumps({"type": value.type})
+        # A strategy known by name is written as the bare name (agent.kt.strategy).
+        dumped = value.model_dump(mode="json")
+        return json.dumps(dumped if isinstance(dumped, str) else {"type": value.type})
     if isinstance(value, Path):
         value = str(value)
     return json.dumps(value)
@@ -455,11 +465,16 @@ def test_guide_lists_every_knob_with_its_default():
 
 def test_guide_names_every_plugin_type():
     from agent.config import LearnerConfig
+    from agent.kt.strategy import NamedStrategyConfig
 
     guide = GUIDE.read_text()
     for name, field in LearnerConfig.model_fields.items():
         for variant in _models(field.annotation):
-            assert f'`{{"type": "{variant.model_fields["type"].default}"}}`' in guide, (name, variant.__name__)
+            if issubclass(variant, NamedStrategyConfig):
+                for choice in typing.get_args(variant.model_fields["type"].annotation):
+                    assert f"`{choice}`" in guide or f'"{choice}"' in guide, (name, choice)
+            else:
+                assert f'`{{"type": "{variant.model_fields["type"].default}"}}`' in guide, (name, variant.__name__)
 
 
 def _guide_lines(start: str) -> list[str]:

@@ -4,7 +4,7 @@ import pytest
 
 from agent.config import LearnerConfig
 from agent.errors import ConfigError
-from agent.settings import DaemonKnobs, credential_path, load_settings, nest_dotted, split_patch
+from agent.settings import DaemonKnobs, load_settings, nest_dotted, split_patch
 
 
 def test_precedence_toml_env_flags(tmp_path, monkeypatch):
@@ -47,18 +47,16 @@ def test_missing_config_file():
         load_settings("/nonexistent/agent.toml", node_id="a")
 
 
-def test_credentials_come_from_the_credentials_directory(tmp_path, monkeypatch):
+def test_the_agent_takes_the_shared_broker_settings(tmp_path, monkeypatch):
     creds = tmp_path / "creds"
     creds.mkdir()
     (creds / "tls-key").write_text("secret")
+    with pytest.raises(ConfigError, match="tls_key: .*does not exist"):
+        load_settings(node_id="a", tls_key="tls-key")
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
-    assert credential_path("tls-key") == creds / "tls-key"
-    absolute = tmp_path / "key.pem"
-    absolute.write_text("x")
-    assert credential_path(str(absolute)) == absolute
-    assert credential_path(None) is None
-    with pytest.raises(ConfigError, match="does not exist"):
-        credential_path("no-such-credential")
+    settings = load_settings(node_id="a", tls_key="tls-key", broker="/run/mosquitto.sock")
+    assert settings.client_kwargs()["tls_key"] == creds / "tls-key"
+    assert settings.broker == "unix:///run/mosquitto.sock"
 
 
 def test_dotted_keys_nest():
