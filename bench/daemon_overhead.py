@@ -58,7 +58,7 @@ from broker.client import Inbound, MqttClient
 from broker.launcher import PrivateMosquitto
 from broker.wire import ArrayPayload, RequestBatch, encode
 from edge_sim.collector import Collector, Feeder
-from edge_sim.experiment import load_data, pretrain_base
+from edge_sim.inputs import load_dataset, pretrain_base
 from edge_sim.processes import spawn_agent
 from edge_sim.workloads import BatchStream, ClassMix, split_pool
 
@@ -314,7 +314,7 @@ def measure(persistence: bool, malloc_retain_mb: int | None, plan: dict[str, int
 def run(quick: bool) -> dict[str, Any]:
     setup(1)
     plan = PLANS[quick]
-    data = load_data("mlp4")
+    data = load_dataset("fashion_mnist")
     results = [measure(persistence, retain, plan, data) for persistence, retain in VARIANTS]
     rows = []
     for r in results:

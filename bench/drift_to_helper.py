@@ -31,7 +31,7 @@ from broker.client import MqttClient, Responder
 from broker.launcher import PrivateMosquitto
 from broker.wire import KtBlob, KtRequest
 from edge_sim.collector import Collector, Feeder
-from edge_sim.experiment import load_data, pretrain_base
+from edge_sim.inputs import load_dataset, pretrain_base
 from edge_sim.processes import spawn_agent, spawn_mds
 from edge_sim.workloads import BatchStream, introduction_workload, split_pool
 
@@ -54,7 +54,7 @@ TARGET_LEARNER = {
 def run(quick: bool) -> dict[str, Any]:
     setup(1)
     plan = PLANS[quick]
-    x, y, num_classes = load_data("mlp4")
+    x, y, num_classes = load_dataset("fashion_mnist")
     workload = introduction_workload(num_classes=num_classes, initial=8, drift_at=PRE_DRIFT, new_share=0.25)
     pre_idx, rest = split_pool(y, holdout_classes=workload.target_classes, holdout=2000, seed=0)
     base = pretrain_base("mlp4", x[pre_idx], y[pre_idx], num_classes=num_classes, epochs=plan["epochs"], seed=0)

@@ -1,6 +1,6 @@
 """KT payload: wire bytes per transferred significant parameter, indices included.
 
-A shared base is pre-trained on Fashion-MNIST classes 0–7 (``edge_sim.experiment.pretrain_base``);
+A shared base is pre-trained on Fashion-MNIST classes 0–7 (``edge_sim.inputs.pretrain_base``);
 a helper starts from it and takes a few Adam steps on batches of all ten classes; its on-demand
 picker then selects the top Z of each tensor for classes 8–9 over its last batch (the reservoir,
 B = 1, as many of its rows as the default ``picker_samples`` says). Each selection is encoded with
@@ -29,7 +29,7 @@ from agent.kt.selection import select, significant_params
 from agent.kt.sensitivity import sensitivity
 from agent.models import arch_id, build_model, lineage
 from bench.common import parse_args, setup, summary_row, table, write_json
-from edge_sim.experiment import load_data, pretrain_base
+from edge_sim.inputs import load_dataset, pretrain_base
 from edge_sim.workloads import split_pool
 
 RAW_BYTES_PER_PARAM = 8.0  # int32 index + float32 value
@@ -116,7 +116,7 @@ def measure_arch(arch: str, data: tuple[np.ndarray, np.ndarray, int], sizes: dic
 
 def run(quick: bool) -> dict[str, Any]:
     setup(1)
-    data = load_data("mlp4")
+    data = load_dataset("fashion_mnist")
     sizes = SIZES[quick]
     rows = [r for arch in sizes for r in measure_arch(arch, data, sizes[arch], seed=0)]
     print(table(

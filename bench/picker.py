@@ -37,7 +37,7 @@ from agent.kt.sensitivity_map import SensitivityMap
 from agent.learner import Learner
 from agent.models import build_model
 from bench.common import paired_ratio, parse_args, setup, stats, summary_row, table, write_json
-from edge_sim.experiment import load_data, pretrain_base
+from edge_sim.inputs import load_dataset, pretrain_base
 from edge_sim.workloads import BatchStream, ClassMix, split_pool
 
 NEW_CLASSES = (8, 9)
@@ -163,7 +163,7 @@ def selection_overlap(helper: Learner, smap: SensitivityMap) -> dict[str, Any]:
 
 def run(quick: bool) -> dict[str, Any]:
     setup(1)
-    data = load_data("mlp4")
+    data = load_dataset("fashion_mnist")
     results = [measure(arch, data, reps=reps, warmup=warm, epochs=ep) for arch, reps, warm, ep in PLANS[quick]]
     rows = []
     for r in results:

@@ -1,7 +1,8 @@
-"""``clue-sim``: run fleet scenarios over MQTT and write their reports.
+"""``clue-sim``: run fleet scenarios, over MQTT or in process, and write their reports.
 
     clue-sim run default                 # README command 1: the default scenario
     clue-sim run my.toml --broker mqtt://host:1883 --out runs/mine
+    clue-sim run fig2_overlapping --transport inprocess --seeds 0 1 2 3 4   # the learners in this process
     clue-sim list                        # the shipped scenarios
     clue-sim all --out runs/all [--resume]   # every shipped scenario into one report (long)
     clue-sim base --scenario default --out base.npz          # a fleet's shared base model
@@ -28,9 +29,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from agent.errors import ConfigError
 from agent.models import save_weights
+from edge_sim.inputs import load_dataset, prepare_seed
 from edge_sim.report import headline_table, write_report
+from edge_sim.runner import run_scenario
 from edge_sim.scenario import Scenario, load_scenario, shipped_scenarios
-from edge_sim.sim import feed_external, load_dataset, prepare_base, run_scenario
+from edge_sim.transports.mqtt import feed_external
 from service.exit_codes import EXIT_CONFIG
 
 
@@ -76,6 +79,13 @@ def _with_nodes(scn: Scenario, count: int) -> Scenario:
         raise ConfigError(f"--nodes: {exc}") from exc
 
 
+def _overridden(scn: Scenario, overrides: dict) -> Scenario:
+    try:
+        return Scenario.model_validate({**scn.model_dump(), **overrides})
+    except ValueError as exc:
+        raise ConfigError(f"{scn.name}: {exc}") from exc
+
+
 def _feed_tls(args: argparse.Namespace) -> tuple[dict[str, str] | None, dict[str, str] | None]:
     """``MqttClient`` TLS settings of the feeding client and of the reading one (None: none)."""
     for option in ("tls_ca", "tls_cert", "tls_key", "collector_tls_cert", "collector_tls_key"):
@@ -94,10 +104,11 @@ def _feed_tls(args: argparse.Namespace) -> tuple[dict[str, str] | None, dict[str
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="clue-sim", description="CLUE Edge fleet simulator (real daemons over MQTT).")
+    parser = argparse.ArgumentParser(prog="clue-sim", description="CLUE Edge fleet simulator (real daemons over MQTT, or the learners in process).")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run one scenario (a TOML file or a shipped name)")
     run.add_argument("scenario")
+    run.add_argument("--transport", choices=["mqtt", "inprocess"], help="override the scenario's transport")
     run.add_argument("--broker", help="use this broker (mqtt://host:port); default: a private mosquitto")
     run.add_argument("--out", type=Path, help="report folder (default runs/<scenario>)")
     run.add_argument("--workdir", type=Path, help="keep logs, state and the MdS database here")
@@ -133,9 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "base":
             scn = load_scenario(args.scenario)
-            state, _ = prepare_base(scn, scn.seeds[0], load_dataset(scn.dataset))
+            inputs = prepare_seed(scn, scn.seeds[0], load_dataset(scn.dataset))
             args.out.parent.mkdir(parents=True, exist_ok=True)
-            save_weights(args.out, state)
+            save_weights(args.out, inputs.base)
             console.print(f"wrote {args.out} (scenario {scn.name}, seed {scn.seeds[0]})")
             return 0
         if args.command == "feed":
@@ -155,8 +166,10 @@ def main(argv: list[str] | None = None) -> int:
                 overrides["modes"] = [m.strip() for m in args.modes.split(",") if m.strip()]
             if args.pacing:
                 overrides["pacing"] = args.pacing
+            if args.transport:
+                overrides["transport"] = args.transport
             if overrides:
-                scn = Scenario.model_validate({**scn.model_dump(), **overrides})
+                scn = _overridden(scn, overrides)
             _run(scn, args.out or Path("runs") / scn.name, args.broker, args.workdir, console)
             return 0
         index = ["# CLUE Edge — every shipped scenario", ""]

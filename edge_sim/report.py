@@ -1,9 +1,11 @@
-"""The simulator's report: ``results.json``, ``report.md`` and PNG plots from the recorded runs.
+"""The simulator's report, for runs of either transport: ``results.json``, ``report.md`` and PNG
+plots from the recorded runs.
 
 Adaptability follows the paper: batches from the drift onset until the target's served rolling
 error reaches FedAvg's mean error (same seed). Where a scenario runs no FedAvg, and always beside
-it, the pre-drift definition of the in-process experiment is given too. Bytes are the agents'
-own counts of real MQTT payloads.
+it, the pre-drift definition is given too: batches until the rolling error is back within the
+scenario's ``recovery_tolerance`` of the 10 batches before the drift. Over MQTT, bytes are the
+agents' own counts of real MQTT payloads; in process, the KT blobs' and FedAvg messages' sizes.
 """
 
 from __future__ import annotations
@@ -16,12 +18,39 @@ from typing import Any
 
 import numpy as np
 
-from edge_sim.experiment import adaptability
+from edge_sim.inputs import scenario_workload
+from edge_sim.records import ModeRun, NodeRecord, run_dict
 from edge_sim.scenario import Scenario
-from edge_sim.sim import ModeRun, run_dict
 
 #: Byte classes per operation, as the paper's Table 1 splits them.
 OPERATIONS = {"metadata": "meta", "mds_query": "query", "kt": "kt", "fl": "fl"}
+
+#: What ran the fleet, in the report's words.
+TRANSPORTS = {
+    "mqtt": "real clue-agent/clue-mds processes over Mosquitto",
+    "inprocess": "the same learners in one process, no MQTT",
+}
+BYTES_COUNTED = {"mqtt": "as counted by its MQTT client", "inprocess": "the sizes of the KT blobs and FedAvg messages"}
+
+
+def adaptability(errors: Sequence[float], drift_at: int, *, window: int, tolerance: float, pre_drift: float) -> tuple[int, bool]:
+    """Batches from the drift onset until the rolling error is back within ``tolerance`` of ``pre_drift``.
+
+    Returns (batches, recovered); a run that never recovers counts every post-drift batch.
+    """
+    for t in range(drift_at, len(errors)):
+        lo = max(drift_at, t - window + 1)
+        if t - lo + 1 < window:
+            continue
+        if float(np.mean(errors[lo : t + 1])) <= pre_drift + tolerance:
+            return t - drift_at + 1, True
+    return len(errors) - drift_at, False
+
+
+def _class_error(rec: NodeRecord, start: int, stop: int, classes: Sequence[int]) -> float:
+    """Mean served error on ``classes`` over batches [start, stop)."""
+    errs = [e[c] for e in rec.class_errors[start:stop] for c in classes if c in e]
+    return float(np.mean(errs)) if errs else math.nan
 
 
 def _window(scn: Scenario) -> int:
@@ -32,7 +61,7 @@ def _rolling_mean(values: Sequence[float], w: int) -> list[float]:
     return [float(np.nanmean(values[max(0, i - w + 1) : i + 1])) for i in range(len(values))]
 
 
-def _ms(values: Sequence[float]) -> tuple[float, float]:
+def _ms(values: Sequence[float | None]) -> tuple[float, float]:
     v = [x for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))]
     return (float(np.mean(v)), float(np.std(v))) if v else (math.nan, math.nan)
 
@@ -54,6 +83,9 @@ def summarise(scn: Scenario, runs: Sequence[ModeRun]) -> dict[str, Any]:
     """Per mode: adaptability (both definitions), errors, bytes, overheads — mean ± std over seeds."""
     window = _window(scn)
     d = scn.drift_at
+    workload = scenario_workload(scn)
+    # Classes of the target's that the helpers never saw (non-overlapping helpers): what a helper can break.
+    unseen = [c for c in workload.target_classes if c not in workload.helper_classes]
     fedavg_mean = {}
     for r in runs:
         if r.mode == "fedavg":
@@ -83,6 +115,8 @@ def summarise(scn: Scenario, runs: Sequence[ModeRun]) -> dict[str, Any]:
                 "complete": r.complete,
                 "pre_drift_error": pre,
                 "post_drift_error": float(np.nanmean(errs[d:stop])),
+                "new_class_error": _class_error(r.target, d, stop, workload.new_classes),
+                "unseen_class_error": _class_error(r.target, d, stop, unseen) if unseen else None,
                 "adaptability_pre_drift": adapt_pre,
                 "adaptability_fedavg": adapt_fl,
                 "target_bytes": node0,
@@ -113,6 +147,9 @@ def summarise(scn: Scenario, runs: Sequence[ModeRun]) -> dict[str, Any]:
             "adaptability_pre_drift": _ms([r["adaptability_pre_drift"] for r in rows]),
             "ratio_isolated_over_mode": _ms([ratio("adaptability_fedavg", iso, r) for r in rows]) if fed else _ms([ratio("adaptability_pre_drift", iso, r) for r in rows]),
             "post_drift_error": _ms([r["post_drift_error"] for r in rows]),
+            "pre_drift_error": _ms([r["pre_drift_error"] for r in rows]),
+            "new_class_error": _ms([r["new_class_error"] for r in rows]),
+            "unseen_class_error": _ms([r["unseen_class_error"] for r in rows]),
             "transfer_ratio_fedavg_over_mode_target": _ms([ratio("collab_bytes_target", fed, r) for r in rows]),
             "transfer_ratio_fedavg_over_mode_system": _ms([ratio("collab_bytes_system", fed, r) for r in rows]),
             "kt_bytes_in_target": _ms([r["target_bytes"]["kt_in"] for r in rows]),
@@ -148,6 +185,19 @@ def bytes_table(summary: dict[str, Any]) -> str:
     for mode, s in summary["modes"].items():
         vals = [np.mean([r["target_bytes"][k] for r in s["runs"]]) for k in ops]
         lines.append(f"| {mode} | " + " | ".join(f"{v:,.0f}" for v in vals) + " |")
+    return "\n".join(lines)
+
+
+def class_error_table(summary: dict[str, Any]) -> str:
+    lines = [
+        "| mode | pre-drift error | post-drift error | error on the new classes | error on classes the helpers never saw |",
+        "|---|---|---|---|---|",
+    ]
+    for mode, s in summary["modes"].items():
+        lines.append(
+            f"| {mode} | {_fmt(s['pre_drift_error'], 3)} | {_fmt(s['post_drift_error'], 3)} "
+            f"| {_fmt(s['new_class_error'], 3)} | {_fmt(s['unseen_class_error'], 3)} |"
+        )
     return "\n".join(lines)
 
 
@@ -204,14 +254,19 @@ def write_report(scn: Scenario, runs: Sequence[ModeRun], out: Path) -> dict[str,
         "",
         f"Scenario `{scn.name}`: {scn.dataset} ({'synthetic NSL-KDD schema' if scn.dataset == 'nslkdd_synthetic' else 'real images'}), "
         f"{scn.arch}, {scn.nodes} nodes, batches of {scn.batch_size}, {scn.workload} of classes at batch {scn.drift_at} of {scn.batches}, "
-        f"helpers {scn.helpers}, seeds {scn.seeds}, {scn.pacing} pacing; real clue-agent/clue-mds processes over Mosquitto.",
+        f"helpers {scn.helpers}, seeds {scn.seeds}, {scn.pacing} pacing; {TRANSPORTS[scn.transport]}.",
         "",
         "**Partial results: the run was interrupted.**" if partial else "",
         headline_table(summary, has_fedavg),
         "",
         f"![error vs batch]({plot.name})",
         "",
-        "Bytes per operation at the target node (mean over seeds; out / in as counted by its MQTT client):",
+        f"The target's served error over the 10 batches before the drift and the {scn.post_drift_batches} after it, "
+        "and after it on the new classes and on those the helpers never saw (mean over seeds):",
+        "",
+        class_error_table(summary),
+        "",
+        f"Bytes per operation at the target node (mean over seeds; out / in {BYTES_COUNTED[scn.transport]}):",
         "",
         bytes_table(summary),
         "",

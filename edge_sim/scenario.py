@@ -1,8 +1,9 @@
 """Scenario files: one TOML file per experiment of the fleet simulator (``edge_sim/scenarios/``).
 
-A scenario names the data, the model, the fleet, the workload, the modes to compare and the knobs
-of ARCHITECTURE §6; ``[paper]`` holds the paper's figure for the same experiment, so the report can
-put ours beside it.
+A scenario names the data, the model, the fleet, the workload, the modes to compare, the knobs
+of ARCHITECTURE §6 and the transport that runs it (real daemons over MQTT, or learners in one
+process); ``[paper]`` holds the paper's figure for the same experiment, so the report can put ours
+beside it.
 """
 
 from __future__ import annotations
@@ -15,19 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from agent.config import LearnerConfig
 from agent.errors import ConfigError
-from edge_sim.experiment import MODES
+from edge_sim.modes import SIM_MODES, TRANSPORT_MODES
 
 SCENARIO_DIR = Path(__file__).parent / "scenarios"
-#: Modes only the fleet simulator stages: they need the MdS's candidate lists.
-FLEET_MODES: dict[str, dict[str, Any]] = {
-    # Fig. 8: one helper at a time (no pooling) against a pool of helpers that each know part of
-    # the new classes.
-    "clue_single": {"kt_apply": "boost", "operator": {"type": "class_aware"}, "split_helpers": 1, "pool_max": 1},
-    "clue_pool": {"kt_apply": "boost", "operator": {"type": "class_aware"}, "split_helpers": 4},
-    # Fig. 10 (a): the first request goes to the least similar node; later ones to the most similar.
-    "clue_wrong_first": {"kt_apply": "boost", "operator": {"type": "class_aware"}, "helper_selection": "least_similar_first"},
-}
-SIM_MODES = (*MODES, *FLEET_MODES, "fedavg")
 
 
 class FedAvgSettings(BaseModel):
@@ -62,6 +53,9 @@ class Scenario(BaseModel):
     pretrain_epochs: int = Field(5, ge=0)
     seeds: list[int] = Field(default_factory=lambda: [0])
     modes: list[str] = Field(default_factory=lambda: ["isolated", "fedavg", "clue_class_aware", "clue_mean", "random_mask"])
+    transport: Literal["mqtt", "inprocess"] = Field(
+        "mqtt", description="real clue-agent, clue-mds and aggregator processes over Mosquitto, or the same learners in this process"
+    )
     pacing: Literal["lockstep", "free"] = "lockstep"
     rate: float = Field(20.0, gt=0.0, description="batches per second per node with free-running pacing")
     recovery_tolerance: float = Field(0.02, ge=0.0, le=1.0)
@@ -76,6 +70,14 @@ class Scenario(BaseModel):
         unknown = [m for m in self.modes if m not in SIM_MODES]
         if unknown:
             raise ValueError(f"unknown modes {unknown}; known: {list(SIM_MODES)}")
+        refused = [m for m in self.modes if m not in TRANSPORT_MODES[self.transport]]
+        if refused:
+            raise ValueError(
+                f"modes {refused} cannot run on the {self.transport} transport (they need the MdS's candidate lists); "
+                f"it runs: {list(TRANSPORT_MODES[self.transport])}"
+            )
+        if self.transport == "inprocess" and (self.pacing != "lockstep" or self.daemon):
+            raise ValueError("the inprocess transport runs in lock step and starts no daemon: pacing and [daemon] are for the mqtt transport")
         if "isolated" not in self.modes:
             raise ValueError("modes must include 'isolated': every ratio is against it")
         if self.drift_at >= self.batches:

@@ -1,49 +1,63 @@
-"""The introduction workload on real Fashion-MNIST with the MLP: CLUE must beat its controls.
+"""The introduction workload on real Fashion-MNIST with the MLP, on the in-process transport: CLUE
+must beat its controls.
 
-Small and seeded (3 nodes, 60 batches, one seed) so it runs in well under a minute; the full
-experiment is ``clue-experiment``.
+Small and seeded (3 nodes, 70 batches, one seed) so it runs in well under a minute; the full
+in-process experiment is ``clue-sim run fig2_overlapping --transport inprocess`` (and
+``fig2_non_overlapping``) with more seeds and modes.
 """
-
-import math
 
 import numpy as np
 import pytest
 
-from edge_sim.cli import main as experiment_main
-from edge_sim.experiment import ExperimentSettings, adaptability, load_data, run_mode
+from edge_sim.cli_sim import main as sim_main
+from edge_sim.inputs import load_dataset, prepare_seed
+from edge_sim.report import adaptability, summarise
+from edge_sim.runner import open_transport
+from edge_sim.scenario import Scenario
 from edge_sim.workloads import BatchStream, ClassMix, introduction_workload
 
 
 @pytest.fixture(scope="module")
 def data():
-    return load_data("mlp4")
+    return load_dataset("fashion_mnist")
 
 
-def _settings(helpers):
-    return ExperimentSettings(nodes=3, batches=70, drift_at=40, helpers=helpers, post_drift_batches=30)
+def _run(data, helpers, modes):
+    """Per mode, the summary row of its one run, and the target's record."""
+    scn = Scenario(
+        name=f"small_{helpers}", transport="inprocess", nodes=3, batches=70, drift_at=40, helpers=helpers,
+        post_drift_batches=30, modes=list(modes),
+    )
+    with open_transport(scn) as transport:
+        inputs = prepare_seed(scn, 0, data)
+        runs = [transport.run_mode(scn, mode, inputs) for mode in scn.modes]
+    summary = summarise(scn, runs)["modes"]
+    return {r.mode: (summary[r.mode]["runs"][0], r.target) for r in runs}
+
+
+def _installs(target):
+    return [e for e in target.events if e["kind"] == "helper_installed"]
 
 
 @pytest.mark.slow
 def test_clue_adapts_faster_than_isolated_and_random_mask(data):
-    cache = {}
-    runs = {m: run_mode(_settings("overlapping"), m, 0, data, cache) for m in ("isolated", "clue_mean", "random_mask")}
-    clue, isolated, random = runs["clue_mean"], runs["isolated"], runs["random_mask"]
-    assert clue.kt_events and random.kt_events and not isolated.kt_events
-    assert clue.kt_events[0]["classes"] == [8, 9]
-    assert clue.adaptability < isolated.adaptability
-    assert clue.adaptability < random.adaptability
-    assert clue.post_drift_error < isolated.post_drift_error - 0.05
-    assert random.post_drift_error > clue.post_drift_error
+    runs = _run(data, "overlapping", ("isolated", "clue_mean", "random_mask"))
+    (clue, clue_target), (isolated, isolated_target), (random, random_target) = runs["clue_mean"], runs["isolated"], runs["random_mask"]
+    assert _installs(clue_target) and _installs(random_target) and not _installs(isolated_target)
+    assert _installs(clue_target)[0]["classes"] == [8, 9]
+    assert clue["adaptability_pre_drift"] < isolated["adaptability_pre_drift"]
+    assert clue["adaptability_pre_drift"] < random["adaptability_pre_drift"]
+    assert clue["post_drift_error"] < isolated["post_drift_error"] - 0.05
+    assert random["post_drift_error"] > clue["post_drift_error"]
 
 
 @pytest.mark.slow
 def test_class_aware_protects_classes_the_helper_never_saw(data):
-    cache = {}
-    runs = {m: run_mode(_settings("non_overlapping"), m, 0, data, cache) for m in ("isolated", "clue_mean", "clue_class_aware")}
-    iso, mean, aware = runs["isolated"].unseen_class_error, runs["clue_mean"].unseen_class_error, runs["clue_class_aware"].unseen_class_error
-    assert aware <= iso + 0.06
-    assert mean > iso + 0.2
-    assert runs["clue_class_aware"].new_class_error < runs["isolated"].new_class_error
+    runs = _run(data, "non_overlapping", ("isolated", "clue_mean", "clue_class_aware"))
+    iso, mean, aware = (runs[m][0] for m in ("isolated", "clue_mean", "clue_class_aware"))
+    assert aware["unseen_class_error"] <= iso["unseen_class_error"] + 0.06
+    assert mean["unseen_class_error"] > iso["unseen_class_error"] + 0.2
+    assert aware["new_class_error"] < iso["new_class_error"]
 
 
 def test_adaptability_definition():
@@ -74,15 +88,11 @@ def test_batch_stream_draws_the_mix():
 
 
 @pytest.mark.slow
-def test_cli_writes_report(tmp_path, capsys):
-    out = tmp_path / "exp"
-    code = experiment_main(
-        ["--seeds", "1", "--modes", "isolated,clue_class_aware", "--helpers", "overlapping", "--nodes", "2",
-         "--batches", "45", "--drift-at", "40", "--out", str(out)]
-    )
-    assert code == 0
+def test_cli_runs_a_scenario_in_process_and_writes_report(tmp_path, capsys):
+    scn = tmp_path / "small.toml"
+    scn.write_text('name = "small"\nnodes = 2\nbatches = 45\ndrift_at = 40\npost_drift_batches = 5\nmodes = ["isolated", "clue_class_aware"]\n[fedavg]\nper_round = 2\n')
+    out = tmp_path / "report"
+    assert sim_main(["run", str(scn), "--transport", "inprocess", "--out", str(out)]) == 0
     text = (out / "report.md").read_text()
-    assert "| clue_class_aware |" in text and "bytes per transferred parameter" in text
-    printed = capsys.readouterr().out
-    assert "isolated ÷ mode" in printed
-    assert not math.isnan(float(printed.split("| int8 | ")[1].split(" ")[0]))
+    assert "| clue_class_aware |" in text and "in one process" in text
+    assert "isolated ÷ mode" in capsys.readouterr().out

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from edge_sim.cli_sim import main as sim_main
 from edge_sim.scenario import Scenario, load_scenario, shipped_scenarios
-from edge_sim.sim import Fleet
+from edge_sim.transports.mqtt import Fleet
 from support import requires_openssl, session_left, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

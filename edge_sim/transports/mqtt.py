@@ -1,16 +1,16 @@
-"""The fleet simulator: real ``clue-agent`` and ``clue-mds`` processes over a real Mosquitto.
+"""The MQTT transport: real ``clue-agent`` and ``clue-mds`` processes over a real Mosquitto.
 
 For each seed and mode it starts N agents from one shared base model, feeds every node its
 request batches (lock-step by default: batch t goes to the peers, then to the target, and batch
 t+1 goes out once every node answered batch t and finished the KT or FedAvg round it started, so a
 seed gives the same numbers every run), records predictions, events and the byte counts the
-agents' MQTT clients measured, and stops them.
+agents' MQTT clients measured, and stops them. ``feed_external`` plays a scenario to agents
+someone else runs.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import os
 import shutil
@@ -20,7 +20,6 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,65 +30,22 @@ from agent.models import save_weights
 from broker.client import MqttClient
 from broker.launcher import PrivateMosquitto
 from edge_sim.collector import Collector, Feeder
-from edge_sim.experiment import MODES, pretrain_base
+from edge_sim.inputs import LabelledData, RequestFeed, SeedInputs, load_dataset, prepare_seed
+from edge_sim.modes import FEDAVG, learner_values
 from edge_sim.processes import Child, spawn, spawn_agent, spawn_mds
-from edge_sim.scenario import FLEET_MODES, Scenario
-from edge_sim.workloads import BatchStream, introduction_workload, split_pool
-
-Progress = Callable[[str, int, int], None]
-
-
-@dataclass
-class NodeRecord:
-    served_error: list[float] = field(default_factory=list)
-    target_error: list[float] = field(default_factory=list)
-    class_errors: list[dict[int, float]] = field(default_factory=list)
-    helpers: list[int] = field(default_factory=list)
-    events: list[dict[str, Any]] = field(default_factory=list)
-    stats: dict[str, float] = field(default_factory=dict)
+from edge_sim.records import ModeRun, NodeRecord, node_ids
+from edge_sim.scenario import Scenario
+from edge_sim.transports.base import Progress
 
 
-@dataclass
-class ModeRun:
-    """One mode, one seed: every node's record (node 0 is the target)."""
-
-    mode: str
-    seed: int
-    nodes: dict[str, NodeRecord]
-    seconds: float
-    complete: bool
-
-    @property
-    def target(self) -> NodeRecord:
-        return next(iter(self.nodes.values()))
-
-
-def load_dataset(name: str) -> tuple[np.ndarray, np.ndarray]:
-    if name == "fashion_mnist":
-        from edge_sim.datasets.images import load_fashion_mnist
-
-        x, y = load_fashion_mnist(split="train")
-        return x.astype(np.float32), y.astype(np.int64)
-    from edge_sim.datasets.synthetic import make_synthetic_nslkdd
-
-    x, y = make_synthetic_nslkdd(60_000, seed=0)
-    return x.astype(np.float32), y.astype(np.int64)
-
-
-def mode_settings(scn: Scenario, mode: str, members: list[str], seed: int) -> dict[str, Any]:
+def agent_settings(scn: Scenario, mode: str, members: list[str], seed: int) -> dict[str, Any]:
     """Agent settings for one mode: the scenario's knobs, then the mode's own."""
-    learner = copy.deepcopy(scn.learner)
-    if mode != "fedavg":
-        mode_knobs = MODES.get(mode) or FLEET_MODES[mode]
-        learner.update(copy.deepcopy(mode_knobs))
-        if mode_knobs.get("operator", {}).get("type") == "class_aware" and "operator" in scn.learner:
-            learner["operator"] = scn.learner["operator"]
-    else:
-        learner["kt_apply"] = "off"
     daemon = {"meta_interval": 0.0, "checkpoint_every": 1_000_000, "kt_timeout": 20.0}
     daemon.update(scn.daemon)
-    settings: dict[str, Any] = {"learner": learner, "daemon": daemon, "arch": scn.arch, "num_classes": scn.num_classes}
-    if mode == "fedavg":
+    settings: dict[str, Any] = {
+        "learner": learner_values(scn.learner, mode), "daemon": daemon, "arch": scn.arch, "num_classes": scn.num_classes,
+    }
+    if mode == FEDAVG:
         settings["fl"] = {
             "job": f"fl-s{seed}", "every": scn.fedavg.every, "members": members,
             "per_round": scn.fedavg.per_round, "seed": seed,
@@ -162,29 +118,51 @@ def sim_client(broker_url: str, name: str, tls: Mapping[str, str] | None = None)
     return MqttClient.from_url(broker_url, client_id=client_id, name=name, clean_start=True, session_expiry=1, **(tls or {}))
 
 
+class MqttTransport:
+    """Scenarios over MQTT: a private Mosquitto (or ``broker_url``) and an MdS, kept across modes.
+
+    ``workdir`` holds the logs, the agents' state, the MdS database and each seed's base model.
+    """
+
+    name = "mqtt"
+
+    def __init__(self, workdir: Path, broker_url: str | None = None) -> None:
+        self.fleet = Fleet(workdir, broker_url)
+        self._base_paths: dict[int, Path] = {}
+
+    def run_mode(self, scn: Scenario, mode: str, inputs: SeedInputs, progress: Progress | None = None) -> ModeRun:
+        base_path = self._base_paths.get(inputs.seed)
+        if base_path is None:
+            base_path = self.fleet.workdir / f"base-s{inputs.seed}.npz"
+            save_weights(base_path, inputs.base)
+            self._base_paths[inputs.seed] = base_path
+        return _play(self.fleet, scn, mode, inputs.seed, inputs.data, base_path, inputs.rest, progress)
+
+    def close(self) -> None:
+        self.fleet.close()
+
+
 def _per_class(y: np.ndarray, y_hat: np.ndarray) -> dict[int, float]:
     return {int(c): float((y_hat[y == c] != c).mean()) for c in np.unique(y)}
 
 
-def run_mode(
-    fleet: Fleet, scn: Scenario, mode: str, seed: int, data: tuple[np.ndarray, np.ndarray], base_path: Path | None,
+def _play(
+    fleet: Fleet, scn: Scenario, mode: str, seed: int, data: LabelledData, base_path: Path | None,
     rest: np.ndarray, progress: Progress | None = None, *, external: list[str] | None = None,
 ) -> ModeRun:
-    x, y = data
-    workload = _workload(scn)
     if external is not None:
         ids, settings, agents = list(external), {}, []
         if len(ids) != scn.nodes:
             raise ValueError(f"the scenario has {scn.nodes} nodes, {len(ids)} were named")
     else:
-        ids = [f"s{seed}-{mode.replace('_', '-')}-n{i}" for i in range(scn.nodes)]
-        settings = mode_settings(scn, mode, ids, seed)
+        ids = node_ids(seed, mode, scn.nodes)
+        settings = agent_settings(scn, mode, ids, seed)
         settings["base_weights"] = str(base_path)
         state = fleet.workdir / "state" / f"s{seed}-{mode}"
         shutil.rmtree(state, ignore_errors=True)
         agents = [spawn_agent(n, fleet.broker_url, state, fleet.workdir / "logs", settings=settings) for n in ids]
     aggregator = None
-    if mode == "fedavg":
+    if mode == FEDAVG:
         fl = settings["fl"]
         aggregator = spawn(
             f"aggregator-s{seed}", [sys.executable, "-m", "edge_sim.aggregator", "--broker", fleet.broker_url,
@@ -205,16 +183,12 @@ def run_mode(
         elif not collector.wait_for(lambda: all(collector.events_of(n, "started") for n in ids), 120):
             dead = [a.name for a in agents if not a.alive()]
             raise RuntimeError(f"agents did not start (dead: {dead}); see {fleet.workdir / 'logs'}")
-        streams = [BatchStream(x, y, indices=rest, seed=seed * 1000 + i) for i in range(scn.nodes)]
-        label_draw = np.random.default_rng(seed + 7919)
+        feed = RequestFeed(scn, seed, data, rest)
         for t in range(scn.batches):
             sent = []
-            for i, (node, stream) in enumerate(zip(ids, streams)):
-                bx, by = stream.batch(workload.mix(i, t), scn.batch_size)
-                labels[(node, t)] = by
-                # A weak helper sees as many requests but learns from only some of them.
-                labelled = i == 0 or label_draw.random() < scn.helper_label_fraction
-                sent.append((node, bx, by if labelled else None))
+            for node, request in zip(ids, feed.batch(t)):
+                labels[(node, t)] = request.y
+                sent.append((node, request.x, request.y if request.labelled else None))
             if scn.pacing == "lockstep":
                 # The peers first, then the target: when the target asks the MdS, every peer's
                 # histogram of this batch is already there, so the helper it gets does not depend
@@ -297,65 +271,33 @@ def _workdir(path: Path | None) -> Iterator[Path]:
         yield Path(tmp)
 
 
-def run_scenario(
-    scn: Scenario, *, broker_url: str | None = None, workdir: Path | None = None, progress: Progress | None = None,
-) -> list[ModeRun]:
-    """Every seed and mode of ``scn``; returns what finished (also after Ctrl-C: partial results)."""
-    data = load_dataset(scn.dataset)
-    runs: list[ModeRun] = []
+@contextlib.contextmanager
+def mqtt_transport(workdir: Path | None, broker_url: str | None) -> Iterator[MqttTransport]:
+    """An ``MqttTransport`` in ``workdir`` (None: a temporary folder, removed after)."""
     with _workdir(workdir) as wd:
-        fleet = Fleet(wd, broker_url)
+        transport = MqttTransport(wd, broker_url)
         try:
-            for seed in scn.seeds:
-                base, rest = prepare_base(scn, seed, data)
-                base_path = wd / f"base-s{seed}.npz"
-                save_weights(base_path, base)
-                for mode in scn.modes:
-                    runs.append(run_mode(fleet, scn, mode, seed, data, base_path, rest, progress))
-        except KeyboardInterrupt:
-            pass  # Ctrl-C: every process stops below and what finished is kept
+            yield transport
         finally:
-            fleet.close()
-    return runs
-
-
-def prepare_base(scn: Scenario, seed: int, data: tuple[np.ndarray, np.ndarray]) -> tuple[dict, np.ndarray]:
-    """The seed's shared base model (pre-trained on the target's initial classes) and the stream pool."""
-    workload = _workload(scn)
-    pre, rest = split_pool(data[1], holdout_classes=workload.target_classes, holdout=scn.pretrain_samples, seed=seed)
-    base = pretrain_base(scn.arch, data[0][pre], data[1][pre], num_classes=scn.num_classes, epochs=scn.pretrain_epochs, seed=seed)
-    return base, rest
-
-
-def _workload(scn: Scenario):
-    return introduction_workload(
-        helpers=scn.helpers, kind=scn.workload, num_classes=scn.num_classes, initial=scn.initial_classes,
-        drift_at=scn.drift_at, new_share=scn.new_share, non_overlap_from=scn.non_overlap_from,
-        wrong_helper=scn.nodes - 1 if scn.wrong_helper else None,
-    )
+            transport.close()
 
 
 def feed_external(
-    scn: Scenario, broker_url: str, node_ids: list[str], *, progress: Progress | None = None, workdir: Path | None = None,
+    scn: Scenario, broker_url: str, ids: list[str], *, progress: Progress | None = None, workdir: Path | None = None,
     tls: Mapping[str, str] | None = None, collector_tls: Mapping[str, str] | None = None,
 ) -> ModeRun:
     """Play the scenario's workload (first seed) to agents someone else runs, e.g. a compose fleet.
 
-    Node i of ``node_ids`` is workload node i (node 0 the target). Their base model must be the one
+    Node i of ``ids`` is workload node i (node 0 the target). Their base model must be the one
     ``clue-sim base`` wrote for the same scenario, so the data split matches. ``tls`` and
     ``collector_tls``: as for ``Fleet``.
     """
     data = load_dataset(scn.dataset)
     seed = scn.seeds[0]
-    _, rest = prepare_base(scn, seed, data)
+    rest = prepare_seed(scn, seed, data).rest
     with _workdir(workdir) as wd:
         fleet = Fleet(wd, broker_url, start_mds=False, tls=tls, collector_tls=collector_tls)
         try:
-            return run_mode(fleet, scn, "external", seed, data, None, rest, progress, external=node_ids)
+            return _play(fleet, scn, "external", seed, data, None, rest, progress, external=ids)
         finally:
             fleet.close()
-
-
-def run_dict(run: ModeRun) -> dict[str, Any]:
-    return {"mode": run.mode, "seed": run.seed, "seconds": run.seconds, "complete": run.complete,
-            "nodes": {n: asdict(r) for n, r in run.nodes.items()}}
