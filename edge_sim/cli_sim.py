@@ -3,6 +3,7 @@
     clue-sim run default                 # README command 1: the default scenario
     clue-sim run my.toml --broker mqtt://host:1883 --out runs/mine
     clue-sim run fig2_overlapping --transport inprocess --seeds 0 1 2 3 4   # the learners in this process
+    clue-sim run default --set value_codec=int4_delta --set drift.window=5     # other learner knobs
     clue-sim list                        # the shipped scenarios
     clue-sim all --out runs/all [--resume]   # every shipped scenario into one report (long)
     clue-sim base --scenario default --out base.npz          # a fleet's shared base model
@@ -27,8 +28,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from agent.config import LearnerConfig
 from agent.errors import ConfigError
 from agent.models import save_weights
+from agent.settings import nest_dotted
+from broker.ctl import UsageError, parse_assignment
 from edge_sim.inputs import load_dataset, prepare_seed
 from edge_sim.report import headline_table, write_report
 from edge_sim.runner import run_scenario
@@ -86,6 +90,25 @@ def _overridden(scn: Scenario, overrides: dict) -> Scenario:
         raise ConfigError(f"{scn.name}: {exc}") from exc
 
 
+def _learner_with(learner: dict, assignments: list[str]) -> dict:
+    """The scenario's ``[learner]`` table with ``KEY=VALUE`` assignments laid over it (a table merges)."""
+    try:
+        values = nest_dotted(dict(parse_assignment(a) for a in assignments))
+    except UsageError as exc:
+        raise ConfigError(f"--set: {exc}") from exc
+    current = LearnerConfig.model_validate(learner).model_dump()
+    merged = dict(learner)
+    for key, value in values.items():
+        if isinstance(value, dict) and isinstance(current.get(key), dict):
+            # A table's settings belong to its type: a new type starts from its own defaults.
+            table = merged.get(key) if isinstance(merged.get(key), dict) else {"type": current[key]["type"]}
+            if value.get("type", table.get("type")) != table.get("type"):
+                table = {}
+            value = {**table, **value}
+        merged[key] = value
+    return merged
+
+
 def _feed_tls(args: argparse.Namespace) -> tuple[dict[str, str] | None, dict[str, str] | None]:
     """``MqttClient`` TLS settings of the feeding client and of the reading one (None: none)."""
     for option in ("tls_ca", "tls_cert", "tls_key", "collector_tls_cert", "collector_tls_key"):
@@ -115,6 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--seeds", type=int, nargs="+", help="override the scenario's seeds")
     run.add_argument("--modes", help="override the scenario's modes (comma-separated)")
     run.add_argument("--pacing", choices=["lockstep", "free"], help="override the scenario's pacing")
+    run.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="a learner knob for every mode, laid over the scenario's [learner] table (a mode's own knobs still win); "
+        "repeatable: --set value_codec=int4_delta --set drift.window=5",
+    )
     sub.add_parser("list", help="list the shipped scenarios")
     every = sub.add_parser("all", help="run every shipped scenario into one report (takes long)")
     every.add_argument("--out", type=Path, default=Path("runs/all"))
@@ -168,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
                 overrides["pacing"] = args.pacing
             if args.transport:
                 overrides["transport"] = args.transport
+            if args.set:
+                overrides["learner"] = _learner_with(scn.learner, args.set)
             if overrides:
                 scn = _overridden(scn, overrides)
             _run(scn, args.out or Path("runs") / scn.name, args.broker, args.workdir, console)

@@ -101,3 +101,18 @@ def test_the_inprocess_transport_refuses_what_needs_the_mds_or_a_daemon(tmp_path
     assert sim_main(["run", str(scn), "--transport", "inprocess"]) == 78
     scn.write_text('name = "plain"\n')
     assert sim_main(["run", str(scn), "--transport", "inprocess", "--broker", "mqtt://127.0.0.1:1"]) == 78
+
+
+def test_learner_knobs_set_on_the_command_line_reach_every_mode(tmp_path):
+    scn = tmp_path / "small.toml"
+    scn.write_text(
+        'name = "small"\ntransport = "inprocess"\nnodes = 3\nbatch_size = 100\nbatches = 24\ndrift_at = 12\n'
+        'pretrain_samples = 500\npretrain_epochs = 1\npost_drift_batches = 12\nmodes = ["isolated", "clue_class_aware"]\n'
+        '[learner]\nz = 0.3\n'
+    )
+    out = tmp_path / "out"
+    assert sim_main(["run", str(scn), "--out", str(out), "--set", "value_codec=int4_delta", "--set", "drift.window=4"]) == 0
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["scenario"]["learner"] == {"z": 0.3, "value_codec": "int4_delta", "drift": {"type": "rolling_error", "window": 4}}
+    assert sim_main(["run", str(scn), "--set", "z=7"]) == 78
+    assert sim_main(["run", str(scn), "--set", "z"]) == 78
