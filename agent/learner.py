@@ -37,6 +37,7 @@ from agent.kt.significant import SignificantParams
 from agent.models import arch_id as compute_arch_id
 from agent.models import lineage as compute_lineage
 from agent.models import param_shapes
+from agent.optim import Adam
 
 # Batches before the drift window whose mean target error is the level a helper must restore.
 _BASELINE_BATCHES = 10
@@ -116,7 +117,7 @@ class Learner:
 
     def _build_components(self) -> None:
         cfg = self.config
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
+        self.optimizer = Adam(self.model.parameters(), lr=cfg.lr)
         self.detector: DriftDetector = cfg.drift.build(num_classes=self.num_classes)
         self.operator: EnsembleOperator = cfg.operator.build()
         self.pool = HelperPool(cfg.discard.build(), max_size=cfg.pool_max, window=cfg.discard.window)
@@ -458,11 +459,11 @@ def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:
     return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+def _optimizer_tensors(optimizer: Adam) -> list[torch.Tensor]:
     return [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
 
 
-def _snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+def _snapshot(model: nn.Module, optimizer: Adam) -> tuple[dict[str, torch.Tensor], dict]:
     tensors = {name: t.detach().clone() for name, t in model.state_dict(keep_vars=True).items()}
     state = {
         id(p): {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in st.items()}
@@ -471,7 +472,7 @@ def _snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[
     return tensors, state
 
 
-def _restore(model: nn.Module, optimizer: torch.optim.Optimizer, snapshot: tuple[dict[str, torch.Tensor], dict]) -> None:
+def _restore(model: nn.Module, optimizer: Adam, snapshot: tuple[dict[str, torch.Tensor], dict]) -> None:
     tensors, state = snapshot
     live = model.state_dict(keep_vars=True)
     with torch.no_grad():

@@ -20,13 +20,15 @@ counts):
 
 Baselines in the same run, one of each just before every agent start: a bare ``python -c "import
 torch; torch.ones(1)"`` (it then waits on stdin so that its memory can be read; its start time ends
-when it says so on stdout); the same plus one ``torch.optim.Adam`` (the learner's optimizer: any
-``torch.optim`` optimizer's ``__init__`` is wrapped in ``torch._disable_dynamo``, which imports
-``torch._dynamo``, sympy included, on first call); and a process that only imports ``agent.daemon``
-(what the package's imports cost over torch). The agent's figures are reported absolute and as paired
-ratios to the bare torch process (median over starts), and its running RSS is split into those
-layers. Targets (MLP on this box): running RSS ≤ 300 MB, start to ready
-≤ 2 s. MB here is MiB (``VmRSS`` kB ÷ 1024, as ``ps``/``top`` count); where a target's verdict
+when it says so on stdout); the same plus one ``torch.optim.Adam`` (what torch's own optimizer
+costs: every ``torch.optim`` optimizer's ``__init__``, ``step`` and ``zero_grad`` are wrapped for
+``torch.compile`` and import ``torch._dynamo``, sympy included, on first call; the learner's
+``agent.optim.Adam`` is there to avoid it); a process that only imports ``agent.daemon`` (what the
+package's imports cost over torch); and one that also builds the agent's default ``Learner`` and
+learns one batch (the model, its optimizer state, the kernels of a training step), which reports
+whether ``torch._dynamo`` got loaded. The agent's figures are reported absolute and as paired ratios
+to the bare torch process (median over starts), and its running RSS is split into those layers.
+Targets (MLP on this box): running RSS ≤ 300 MB, start to ready ≤ 2 s. MB here is MiB (``VmRSS`` kB ÷ 1024, as ``ps``/``top`` count); where a target's verdict
 would differ with MB = 10⁶ bytes, the report says so.
 """
 
@@ -59,11 +61,16 @@ IDLE_S = 1.0
 TARGET_RSS_MB = 300.0
 TARGET_READY_S = 2.0
 PLANS = {True: {"starts": 1, "batches": 40}, False: {"starts": 3, "batches": 200}}
-#: The baselines: each prints "ready" once its work is done, then waits for stdin to close.
-BARE_TORCH = "import sys, torch; torch.ones(1); print('ready', flush=True); sys.stdin.readline()"
-TORCH_OPTIM = ("import sys, torch; torch.optim.Adam([torch.nn.Parameter(torch.ones(1))]); "
-               "print('ready', flush=True); sys.stdin.readline()")
-IMPORT_ONLY = "import sys, agent.daemon; print('ready', flush=True); sys.stdin.readline()"
+#: The baselines: each prints "ready" once its work is done (then, space-separated, the watched
+#: modules it has loaded), then waits for stdin to close.
+WATCHED = ("torch._dynamo",)
+_READY = f"print('ready', *(m for m in {WATCHED!r} if m in sys.modules), flush=True); sys.stdin.readline()"
+BARE_TORCH = f"import sys, torch; torch.ones(1); {_READY}"
+TORCH_OPTIM = f"import sys, torch; torch.optim.Adam([torch.nn.Parameter(torch.ones(1))]); {_READY}"
+IMPORT_ONLY = f"import sys, agent.daemon; {_READY}"
+LEARNER = ("import sys, torch, agent.daemon; from agent.learner import Learner; from agent.models import build_model; "
+           f"torch.set_num_threads(1); learner = Learner(build_model('mlp4', {CLASSES}, seed=0), num_classes={CLASSES}); "
+           f"learner.process_batch(torch.rand({BATCH}, {FEATURES}), torch.randint(0, {CLASSES}, ({BATCH},))); {_READY}")
 #: The largest file mappings of the running agent listed in the results.
 TOP_FILES = 8
 
@@ -102,23 +109,23 @@ def loadavg() -> str:
 
 
 def bare_process(code: str) -> dict[str, Any]:
-    """Start ``python -c code``; seconds until it prints ready, and its memory then (one torch thread)."""
+    """Start ``python -c code``; seconds until it prints ready, the watched modules it loaded, its memory then."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     t0 = time.perf_counter()
     child = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert child.stdin is not None and child.stdout is not None and child.stderr is not None
     try:
-        line = child.stdout.readline()
+        words = child.stdout.readline().split()
         seconds = time.perf_counter() - t0
-        if line.strip() != "ready":
+        if words[:1] != ["ready"]:
             raise RuntimeError(f"{code!r} did not start: {child.stderr.read()[-2000:]}")
         memory = proc_memory(child.pid)
     finally:
         child.stdin.close()
         if child.wait(30) != 0:
             raise RuntimeError(f"{code!r} exited {child.returncode}")
-    return {"ready_s": seconds, **memory}
+    return {"ready_s": seconds, "loaded": words[1:], **memory}
 
 
 def synthetic_batches(n: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -177,7 +184,7 @@ def run(quick: bool) -> dict[str, Any]:
     # not the only one that reads them from disk.
     bare_process(BARE_TORCH)
     bare_process(IMPORT_ONLY)
-    torch_runs, optim_runs, import_runs, agent_runs = [], [], [], []
+    torch_runs, optim_runs, import_runs, learner_runs, agent_runs = [], [], [], [], []
     with tempfile.TemporaryDirectory(prefix="bench-footprint-") as tmp, PrivateMosquitto() as broker:
         work = Path(tmp)
         url = f"mqtt://{broker.host}:{broker.port}"
@@ -192,6 +199,7 @@ def run(quick: bool) -> dict[str, Any]:
                 torch_runs.append(bare_process(BARE_TORCH))
                 optim_runs.append(bare_process(TORCH_OPTIM))
                 import_runs.append(bare_process(IMPORT_ONLY))
+                learner_runs.append(bare_process(LEARNER))
                 agent_runs.append(measure_agent(rep, url, work, collector, feeder, batches))
         finally:
             collector.stop()
@@ -217,6 +225,7 @@ def run(quick: bool) -> dict[str, Any]:
         "bare_torch": torch_runs,
         "torch_with_adam": optim_runs,
         "import_agent_daemon": import_runs,
+        "learner_one_batch": learner_runs,
         "agent": agent_runs,
         "ready_s": ready,
         "ready_ratio_to_torch": paired_ratio(col(agent_runs, "ready_s"), torch_s),
@@ -231,6 +240,9 @@ def run(quick: bool) -> dict[str, Any]:
         "optim_ready_s": med(optim_runs, "ready_s"),
         "import_rss_mb": med(import_runs, "VmRSS"),
         "import_ready_s": med(import_runs, "ready_s"),
+        "learner_rss_mb": med(learner_runs, "VmRSS"),
+        "learner_ready_s": med(learner_runs, "ready_s"),
+        "learner_loads_dynamo": any("torch._dynamo" in r["loaded"] for r in learner_runs),
         "loadavg_before": load_before,
         "loadavg_after": load_after,
     }
@@ -241,7 +253,7 @@ def run(quick: bool) -> dict[str, Any]:
 
     rows = []
     for label, runs in (("bare torch", torch_runs), ("torch + torch.optim.Adam", optim_runs),
-                        ("import agent.daemon", import_runs)):
+                        ("import agent.daemon", import_runs), ("+ Learner, one batch learnt", learner_runs)):
         rows.append([label, round(med(runs, "ready_s"), 2), round(med(runs, "VmRSS"), 1), round(med(runs, "RssAnon"), 1),
                      round(med(runs, "RssFile"), 1), round(med(runs, "VmHWM"), 1), "—", "—"])
     rows.append(["agent idle (ready + 1 s)", round(ready_p50, 2), round(result["idle_rss_mb"], 1),
@@ -261,26 +273,30 @@ def run(quick: bool) -> dict[str, Any]:
     print("largest mappings of the running agent (MiB): "
           + ", ".join(f"{Path(n).name if n.startswith('/') or n.startswith('.venv') else n} {mb}" for n, mb in last["running_top_mappings"]))
     print(f"load average before: {load_before}; after: {load_after}")
-    torch_mb, optim_mb = result["torch_rss_mb"], result["optim_rss_mb"] - result["torch_rss_mb"]
-    own_mb = result["import_rss_mb"] - result["torch_rss_mb"]
+    torch_mb, dynamo_mb = result["torch_rss_mb"], result["optim_rss_mb"] - result["torch_rss_mb"]
+    own_mb = result["import_rss_mb"] - torch_mb
+    learner_mb = result["learner_rss_mb"] - result["import_rss_mb"]
+    dynamo = "loads torch._dynamo" if result["learner_loads_dynamo"] else "does not load torch._dynamo"
     print(f"\nrunning RSS {running:.1f} MiB against ≤ {TARGET_RSS_MB:.0f}: {'met' if rss_met else 'not met'}"
           + ("" if rss_met else f" (over by {running - TARGET_RSS_MB:.1f} MiB)")
           + ("" if rss_met == rss_met_decimal else f"; with MB = 10⁶ bytes (≤ {TARGET_RSS_MB * 1e6 / (1 << 20):.1f} MiB): "
              f"{'met' if rss_met_decimal else 'not met'}")
-          + f". Of it: bare torch {torch_mb:.1f} ({torch_mb / running:.0%}); one torch.optim optimizer (torch._dynamo) "
-          f"+{optim_mb:.1f}; agent.daemon's own imports +{own_mb:.1f}; the rest, {running - torch_mb - optim_mb - own_mb:.1f}, "
-          f"is serving (model, optimizer state, batches, the broker client, freed memory kept by malloc_retain_mb)")
+          + f". Of it: bare torch {torch_mb:.1f} ({torch_mb / running:.0%}); agent.daemon's own imports +{own_mb:.1f}; "
+          f"the learner and one training step +{learner_mb:.1f} (it {dynamo}, which one torch.optim.Adam costs: "
+          f"+{dynamo_mb:.1f}); the rest, {running - torch_mb - own_mb - learner_mb:.1f}, is serving (the broker client "
+          f"and its threads, {plan['batches']} batches, freed memory kept by malloc_retain_mb)")
     print(f"start→ready {ready_p50:.2f} s against ≤ {TARGET_READY_S:.0f}: {'met' if ready_met else 'not met'}"
           + ("" if ready_met else f" (over by {ready_p50 - TARGET_READY_S:.2f} s)")
-          + f". A bare torch process takes {result['torch_ready_s']:.2f} s, with one torch.optim.Adam "
-          f"{result['optim_ready_s']:.2f} s; importing agent.daemon {result['import_ready_s']:.2f} s")
+          + f". A bare torch process takes {result['torch_ready_s']:.2f} s (with one torch.optim.Adam "
+          f"{result['optim_ready_s']:.2f} s); importing agent.daemon {result['import_ready_s']:.2f} s, and learning one "
+          f"batch with its Learner {result['learner_ready_s']:.2f} s")
     summary = [
         summary_row(
             "agent running RSS (MLP, after lock-step batches)", "—", f"≤ {TARGET_RSS_MB:.0f} MB",
             f"{running:.0f} MiB (peak {result['running_hwm_mb']:.0f}) after {plan['batches']} batches, idle "
             f"{result['idle_rss_mb']:.0f}; {result['running_ratio_to_torch']:.2f}× a bare torch process "
-            f"({result['torch_rss_mb']:.0f} MiB), {result['optim_rss_mb'] - result['torch_rss_mb']:.0f} MiB of it torch._dynamo "
-            f"that torch.optim.Adam imports; import agent.daemon alone {result['import_rss_mb']:.0f}",
+            f"({torch_mb:.0f} MiB); import agent.daemon alone {result['import_rss_mb']:.0f}; the learner {dynamo} "
+            f"(torch.optim.Adam's costs {dynamo_mb:.0f} MiB)",
             rss_met,
         ),
         summary_row(
