@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from agent.drift import DriftConfig, RollingErrorConfig
-from agent.ensemble import ClassAwareOperatorConfig, OperatorConfig
+from agent.ensemble import OperatorConfig, TrustOperatorConfig
 from agent.errors import ConfigError
 from agent.kt.booster import KtApplyConfig
 from agent.kt.coordinator import HelpPolicy
@@ -51,10 +51,13 @@ class LearnerConfig(BaseModel):
         description="how a helper picks parameters; 'random' is the control (same Z, random positions)",
     )
     drift: DriftConfig = Field(default_factory=RollingErrorConfig, description="drift detector and its settings")
-    operator: OperatorConfig = Field(default_factory=ClassAwareOperatorConfig, description="ensemble operator")
+    operator: OperatorConfig = Field(
+        default_factory=TrustOperatorConfig,
+        description="ensemble operator: per-class trust weights learned from every labelled batch (trust), the class-aware prior alone (class_aware), or the paper's mean",
+    )
     kt_apply: KtApplyConfig = Field(
         default_factory=KtApplyConfig,
-        description="use of received parameters: boosted helper model (CLUE), zero-filled helper, write into the target, average into it, or no KT (isolated)",
+        description="use of received parameters: a boosted model that keeps learning and is promoted into the target once better (branch), a frozen boosted helper model (the paper's CLUE), zero-filled helper, write into the target, average into it, or no KT (isolated)",
     )
     discard: DiscardConfig = Field(default_factory=DynamicDiscardConfig, description="when helpers leave the pool")
     pool_max: int = Field(4, ge=1, le=64, description="most helpers pooled at once")

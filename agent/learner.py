@@ -15,7 +15,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -58,6 +58,8 @@ class BatchResult:
     #: The drift this batch showed and the classes behind it (for the help coordinator).
     drift_report: DriftReport | None = None
     discarded: tuple[str, ...] = ()
+    #: Live branches promoted into the target after this batch (the old target took their place in the pool).
+    promoted: tuple[str, ...] = ()
     #: Helpers dropped as no better than the target on their own classes (their ids are in ``discarded`` too).
     dropped: tuple[DroppedHelper, ...] = ()
     timings: dict[str, float] = field(default_factory=dict)
@@ -68,6 +70,16 @@ class BatchResult:
     def learnt(self) -> bool:
         """The batch was labelled and its training step taken: drift and helpers were checked."""
         return self.target_error is not None and self.train_refused is None
+
+
+class Member(NamedTuple):
+    """One model the operator combines beside the target: a pooled helper, or its live branch."""
+
+    member_id: str
+    model: nn.Module
+    classes: tuple[int, ...]
+    helper: PooledHelper
+    live: bool
 
 
 @dataclass(frozen=True)
@@ -128,6 +140,7 @@ class Learner:
         self._recent_hist: deque[np.ndarray] = deque(maxlen=cfg.history_window)
         self._recent_class_err: deque[tuple[np.ndarray, np.ndarray]] = deque(maxlen=cfg.history_window)
         self._target_errors: deque[float] = deque(maxlen=_ERROR_HISTORY)
+        self._served_errors: deque[float] = deque(maxlen=_ERROR_HISTORY)
 
     def apply_config(self, values: Mapping[str, Any]) -> LearnerConfig:
         """Validate ``values`` against the whole config and apply them atomically, between batches.
@@ -171,14 +184,24 @@ class Learner:
             return self.inference(self, x)
         self.model.eval()
         target = torch.softmax(self.model(x), dim=1)
-        helpers = [torch.softmax(h.model(x), dim=1) for h in self.pool]
+        helpers = [torch.softmax(m.model.eval()(x), dim=1) for m in self.members()]
         return target, helpers
+
+    def members(self) -> list[Member]:
+        """What the operator combines beside the target, in order: each pooled helper, then its live branch."""
+        out = []
+        for h in self.pool:
+            out.append(Member(h.helper_id, h.model, h.classes, h, False))
+            if h.branch is not None:
+                out.append(Member(f"{h.helper_id}+", h.branch, h.classes, h, True))
+        return out
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Served class probabilities (N, C): the operator over the target and every pooled helper."""
         x = x.to(self.device)
         target, helpers = self._probabilities(x)
-        return self.operator.combine(target, helpers, [h.classes for h in self.pool])
+        members = self.members()
+        return self.operator.combine(target, helpers, [m.classes for m in members], [m.member_id for m in members])
 
     def process_batch(self, x: torch.Tensor, y: torch.Tensor | None = None) -> BatchResult:
         """Serve one request batch and, when it is labelled, learn from it.
@@ -199,10 +222,11 @@ class Learner:
         target_p, helper_ps = self._probabilities(x)
         index = self.batch_index
         self.batch_index += 1
-        helpers = list(self.pool)
-        served = self.operator.combine(target_p, helper_ps, [h.classes for h in helpers])
+        members = self.members()
+        classes, ids = [m.classes for m in members], [m.member_id for m in members]
+        served = self.operator.combine(target_p, helper_ps, classes, ids)
         y_hat = served.argmax(dim=1)
-        result = BatchResult(batch_index=index, y_hat=y_hat.cpu(), helpers=tuple(h.helper_id for h in helpers))
+        result = BatchResult(batch_index=index, y_hat=y_hat.cpu(), helpers=tuple(h.helper_id for h in self.pool))
         t1 = time.perf_counter()
         result.timings["predict"] = t1 - t0
 
@@ -219,7 +243,12 @@ class Learner:
         counts = np.bincount(labels, minlength=self.num_classes)
         err_counts = np.bincount(labels, weights=wrong.cpu().numpy(), minlength=self.num_classes)
         result.class_errors = {int(c): float(err_counts[c] / counts[c]) for c in np.flatnonzero(counts)}
-        for h, p in zip(helpers, helper_ps):
+        for m, p in zip(members, helper_ps):
+            h = m.helper
+            if m.live or h.branch is None:
+                h.batch_errors.append(float((p.argmax(dim=1) != y).float().mean()))
+            if m.live:
+                continue
             mask = torch.isin(y, torch.as_tensor(h.classes, device=self.device))
             if bool(mask.any()):
                 self.pool.record_error(
@@ -228,7 +257,13 @@ class Learner:
                     float(target_wrong[mask].mean()),
                 )
 
+        if self.operator.learns and members:
+            self.operator.learn(target_p, helper_ps, classes, ids, y)
         refused = self._train_step(x, y)
+        if refused is None:
+            for m in members:
+                if m.live:
+                    _train_step(m.model, m.helper.optimizer, x, y)
         t2 = time.perf_counter()
         result.timings["train"] = t2 - t1
         if refused is not None:
@@ -244,6 +279,7 @@ class Learner:
         self._recent_hist.append(counts)
         self._recent_class_err.append((counts, err_counts))
         self._target_errors.append(result.target_error)
+        self._served_errors.append(result.served_error)
         self.detector.update(result.target_error, labels)
         result.drift = self.detector.drift_detected
         if result.drift and self.knowledge_use.enabled:
@@ -256,8 +292,61 @@ class Learner:
             result.dropped = tuple(
                 DroppedHelper(h.helper_id, h.classes, h.source, h.installed_at, h.baseline_error) for h in dropped
             )
+        if self.knowledge_use.branches:
+            result.promoted = self._promote()
+            discarded.extend(self._drop_redundant())
+        if self.operator.learns:
+            self.operator.forget([m.member_id for m in self.members()])
         result.discarded = tuple(discarded)
         return result
+
+    def _promote(self) -> tuple[str, ...]:
+        """Swap the target with a live branch that was better than it over the last L batches.
+
+        The branch's model and optimiser become the target's; the old target stays pooled in the
+        branch's place (under its id, judged), as a guard for whatever the branch does worse.
+        """
+        window = self.pool.window
+        own = list(self._target_errors)[-window:]
+        if len(own) < window:
+            return ()
+        best = None
+        for h in self.pool:
+            if h.branch is not None and len(h.batch_errors) >= window:
+                mean = float(np.mean(list(h.batch_errors)[-window:]))
+                if mean < float(np.mean(own)) and (best is None or mean < best[0]):
+                    best = (mean, h)
+        if best is None:
+            return ()
+        h = best[1]
+        assert h.branch is not None
+        target_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        target_optim = _cloned_state(self.optimizer)
+        self.model.load_state_dict(h.branch.state_dict())
+        self.optimizer.load_state_dict(_cloned_state(h.optimizer))
+        h.branch.load_state_dict(target_state)
+        h.optimizer.load_state_dict(target_optim)
+        branch_errors = list(h.batch_errors)
+        kept = len(self._target_errors) - len(branch_errors)
+        h.batch_errors = deque(list(self._target_errors)[-len(branch_errors):], maxlen=h.batch_errors.maxlen)
+        self._target_errors = deque([*list(self._target_errors)[: max(0, kept)], *branch_errors], maxlen=_ERROR_HISTORY)
+        h.judged = True
+        self.operator.swap(f"{h.helper_id}+")
+        return (h.helper_id,)
+
+    def _drop_redundant(self) -> list[str]:
+        """Drop a pooled model once the target alone was as good as the served ensemble over L batches."""
+        window = self.pool.window
+        own = list(self._target_errors)[-window:]
+        served = list(self._served_errors)[-window:]
+        ready = [h for h in self.pool if len(h.batch_errors) >= window]
+        if len(own) < window or len(served) < window or not ready:
+            return []
+        if float(np.mean(own)) > float(np.mean(served)):
+            return []
+        worst = max(ready, key=lambda h: (float(np.mean(list(h.batch_errors)[-window:])), -h.installed_at))
+        self.pool.remove(worst.helper_id)
+        return [worst.helper_id]
 
     def pool_state(self) -> PoolState:
         """What the helper pool holds now (for the help coordinator)."""
@@ -285,24 +374,7 @@ class Learner:
         loss, gradient, weight, buffer (batch-norm statistics move in the forward pass) or
         optimiser moment would poison every later batch and checkpoint.
         """
-        before = _snapshot(self.model, self.optimizer)
-        self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(self.model(x), y)
-        if not bool(torch.isfinite(loss)):
-            reason = f"the loss is {float(loss.detach())}"
-        else:
-            loss.backward()
-            if not _all_finite([p.grad for p in self.model.parameters() if p.grad is not None]):
-                reason = "a gradient is not finite"
-            else:
-                self.optimizer.step()
-                if _all_finite([*self.model.parameters(), *self.model.buffers(), *_optimizer_tensors(self.optimizer)]):
-                    return None
-                reason = "the step made a weight, a buffer or an optimiser moment non-finite"
-        _restore(self.model, self.optimizer, before)
-        self.optimizer.zero_grad(set_to_none=True)
-        return reason
+        return _train_step(self.model, self.optimizer, x, y)
 
     def _window(self) -> int:
         """The error window W: the detector's when it has one, else the paper's default of 3."""
@@ -424,6 +496,12 @@ class Learner:
         helper_model = self.knowledge_use.use(self.model, sig, boosted)
         if helper_model is not None:
             helper_id = f"h{next(self._helper_ids)}"
+            branch = optimizer = None
+            if self.knowledge_use.branches:
+                # The branch learns as the target would have after the write: the same optimiser state.
+                branch = booster.live_branch(helper_model)
+                optimizer = Adam(branch.parameters(), lr=self.config.lr)
+                optimizer.load_state_dict(_cloned_state(self.optimizer))
             evicted = self.pool.add(
                 PooledHelper(
                     helper_id=helper_id,
@@ -432,8 +510,11 @@ class Learner:
                     installed_at=self.batch_index,
                     baseline_error=baseline if baseline is not None else self._pre_drift_error(),
                     source=source,
+                    branch=branch,
+                    optimizer=optimizer,
                 )
             )
+            self._learn_trust_on_last_batch()
         return Installed(
             helper_id=helper_id,
             classes=sig.classes,
@@ -441,6 +522,16 @@ class Learner:
             evicted=tuple(evicted),
             seconds=time.perf_counter() - t0,
         )
+
+    @torch.no_grad()
+    def _learn_trust_on_last_batch(self) -> None:
+        """Give a learning operator the last labelled batch's evidence before a new helper serves."""
+        if not self.operator.learns or self._last_batch is None or self._last_batch[1] is None:
+            return
+        x, y = self._last_batch
+        target_p, helper_ps = self._probabilities(x)
+        members = self.members()
+        self.operator.learn(target_p, helper_ps, [m.classes for m in members], [m.member_id for m in members], y)
 
     # -- metadata --------------------------------------------------------------------------------
 
@@ -450,6 +541,37 @@ class Learner:
 
     def rolling_error(self) -> float | None:
         return self._target_rolling_error()
+
+
+def _train_step(model: nn.Module, optimizer: Adam, x: torch.Tensor, y: torch.Tensor) -> str | None:
+    """One optimiser step of ``model``; None, or why it was rolled back (see ``Learner._train_step``)."""
+    before = _snapshot(model, optimizer)
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(model(x), y)
+    if not bool(torch.isfinite(loss)):
+        reason = f"the loss is {float(loss.detach())}"
+    else:
+        loss.backward()
+        if not _all_finite([p.grad for p in model.parameters() if p.grad is not None]):
+            reason = "a gradient is not finite"
+        else:
+            optimizer.step()
+            if _all_finite([*model.parameters(), *model.buffers(), *_optimizer_tensors(optimizer)]):
+                return None
+            reason = "the step made a weight, a buffer or an optimiser moment non-finite"
+    _restore(model, optimizer, before)
+    optimizer.zero_grad(set_to_none=True)
+    return reason
+
+
+def _cloned_state(optimizer: Adam) -> dict[str, Any]:
+    """The optimiser's state dict with every tensor copied (``state_dict`` holds the live ones)."""
+    state = optimizer.state_dict()
+    return {
+        "state": {i: {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in st.items()} for i, st in state["state"].items()},
+        "param_groups": state["param_groups"],
+    }
 
 
 def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:

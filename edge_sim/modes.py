@@ -17,6 +17,9 @@ MODES: dict[str, dict[str, Any]] = {
     "isolated": {"kt_apply": "off"},
     "clue_mean": {"kt_apply": "boost", "operator": {"type": "mean"}},
     "clue_class_aware": {"kt_apply": "boost", "operator": {"type": "class_aware"}},
+    # The agent exactly as shipped: its defaults, no knob of its own.
+    "clue": {},
+    "clue_trust": {"kt_apply": "boost", "operator": {"type": "trust"}},
     # The control measures what random positions give once installed, so the install-time probe
     # (which refuses most of them as worse than chance) is off for it.
     "random_mask": {"kt_apply": "boost", "operator": {"type": "class_aware"}, "selection": "random", "helper_probe": False},
@@ -49,7 +52,7 @@ def learner_values(learner: dict[str, Any], mode: str) -> dict[str, Any]:
     if mode == FEDAVG:
         values["kt_apply"] = "off"
         return values
-    knobs = MODES.get(mode) or FLEET_MODES[mode]
+    knobs = MODES[mode] if mode in MODES else FLEET_MODES[mode]
     values.update(copy.deepcopy(knobs))
     if knobs.get("operator", {}).get("type") == "class_aware" and "operator" in learner:
         values["operator"] = learner["operator"]

@@ -1,8 +1,14 @@
 """Turning received significant parameters into knowledge (paper §5.2.2, Fig. 2 and 3).
 
 ``boosted_helper`` is CLUE's choice: a frozen copy of the *target's* model with the helper's
-significant weights written over it (Equation 2). The others are the paper's alternatives, kept
-for comparison: a zero-filled helper, and ``replace``/``average`` that change the target itself.
+significant weights written over it (Equation 2). ``branch`` (ours, the default) pools the same
+frozen boosted model *and* a live copy of it that keeps training beside the target on the same
+labelled batches (the target with the knowledge written in, as ``replace`` would leave it, but
+on the side): the learner promotes the live copy into the target once it has proved better, and
+the old target stays pooled in its place, still learning, as a guard for the classes the helper
+never saw. The others are the paper's
+alternatives, kept for comparison: a zero-filled helper, and ``replace``/``average`` that change
+the target itself.
 Each is a `KnowledgeUse`, built from the node's ``kt_apply`` config (`KtApplyConfig`).
 """
 
@@ -186,6 +192,8 @@ class KnowledgeUse(ABC):
     name: ClassVar[str]
     #: False only for ``off``: this node takes no knowledge, so it asks for none.
     enabled: ClassVar[bool] = True
+    #: The pooled model keeps learning beside the target and may be promoted into it.
+    branches: ClassVar[bool] = False
 
     @abstractmethod
     def use(self, target: nn.Module, sig: SignificantParams, boosted: nn.Module | None = None) -> nn.Module | None:
@@ -200,6 +208,26 @@ class BoostedHelperUse(KnowledgeUse):
 
     def use(self, target, sig, boosted=None):
         return boosted if boosted is not None else boosted_helper(target, sig)
+
+
+class BranchUse(KnowledgeUse):
+    """The boosted helper, pooled frozen (what the helper knew) beside a live copy of it that the
+    learner trains on every labelled batch and may promote into the target (``live_branch``)."""
+
+    name = "branch"
+    branches = True
+
+    def use(self, target, sig, boosted=None):
+        return boosted if boosted is not None else boosted_helper(target, sig)
+
+
+@torch.no_grad()
+def live_branch(model: nn.Module) -> nn.Module:
+    """An independent, trainable copy of ``model`` (a boosted helper that keeps learning)."""
+    branch = frozen_copy(model)
+    for p in branch.parameters():
+        p.requires_grad_(True)
+    return branch
 
 
 class ZeroFilledHelperUse(KnowledgeUse):
@@ -234,15 +262,16 @@ class NoKnowledgeUse(KnowledgeUse):
 
 
 KNOWLEDGE_USES: dict[str, type[KnowledgeUse]] = {
-    cls.name: cls for cls in (BoostedHelperUse, ZeroFilledHelperUse, ReplaceUse, AverageUse, NoKnowledgeUse)
+    cls.name: cls for cls in (BranchUse, BoostedHelperUse, ZeroFilledHelperUse, ReplaceUse, AverageUse, NoKnowledgeUse)
 }
 
 
 class KtApplyConfig(NamedStrategyConfig):
-    """How received knowledge is used: a boosted helper model (CLUE), a zero-filled helper, written
-    into the target, averaged into it, or not at all (isolated learning)."""
+    """How received knowledge is used: a boosted model that keeps learning and may be promoted into
+    the target (ours), a frozen boosted helper model (the paper's CLUE), a zero-filled helper,
+    written into the target, averaged into it, or not at all (isolated learning)."""
 
-    type: Literal["boost", "zero_filled", "replace", "average", "off"] = "boost"
+    type: Literal["branch", "boost", "zero_filled", "replace", "average", "off"] = "branch"
 
     def build(self) -> KnowledgeUse:
         return KNOWLEDGE_USES[self.type]()

@@ -14,7 +14,7 @@ from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, ClassVar, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
@@ -34,6 +34,12 @@ class PooledHelper:
     #: (helper error, target error) on the helper's classes over its first L batches that held them.
     probation: list[tuple[float, float]] = field(default_factory=list)
     judged: bool = False
+    #: A live copy of the helper that learns from every labelled batch beside the target (``kt_apply = "branch"``).
+    branch: nn.Module | None = None
+    #: The live branch's optimiser.
+    optimizer: Any = None
+    #: Error on whole labelled batches since it arrived (the live branch's, if any), most recent last.
+    batch_errors: deque[float] = field(default_factory=lambda: deque(maxlen=64))
 
     def recent_error(self) -> float:
         """Mean error on its own classes over the last L batches that held them (inf if none yet)."""
