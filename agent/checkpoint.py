@@ -12,8 +12,10 @@ unpickle, which would run code). Members:
 - ``meta``: UTF-8 JSON with the format name and version, ``arch_id``, ``lineage``, number of
   classes, batch counter, the applied ``LearnerConfig``, the optimiser's class and param groups.
 
-Saved: what took the node many batches to learn. Not saved: pooled helpers (ephemeral by design:
-built for one drift and discarded after it), the drift detector's window, the reservoir and the
+Saved: what took the node many batches to learn (after a promotion, the target *is* the promoted
+branch, so what a helper taught it is saved). Not saved: pooled helpers (ephemeral by design:
+built for one drift and discarded after it), with their live branches, the guard a promotion left
+in the pool and the trust operator's per-class weights, which all belong to the pool; the drift detector's window, the reservoir and the
 recent per-batch histories, which refill within a few batches after a restart.
 
 Writes go to a temporary file beside the target, are fsynced, renamed over it, and the directory

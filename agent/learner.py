@@ -294,7 +294,9 @@ class Learner:
             )
         if self.knowledge_use.branches:
             result.promoted = self._promote()
-            discarded.extend(self._drop_redundant())
+            if self.config.discard.type == "dynamic":
+                # Dynamic discard: a helper also goes once it no longer adds anything to the target.
+                discarded.extend(self._drop_redundant())
         if self.operator.learns:
             self.operator.forget([m.member_id for m in self.members()])
         result.discarded = tuple(discarded)

@@ -4,7 +4,8 @@
 ``OnnxModel`` exports a frozen copy of a torch model (softmax included) to ONNX in memory and runs
 it in onnxruntime. ``EnsembleRuntime`` is the learner's ``inference`` hook for ``runtime = "onnx"``:
 each pooled helper is exported once, when it appears, and served by onnxruntime from then on; the
-target is served by torch; the learner's operator combines them.
+target, and a helper's live branch (``kt_apply = "branch"``: it learns every batch like the
+target), are served by torch; the learner's operator combines them.
 
 Why the target stays in torch: the agent retrains it on every labelled batch, so an ONNX copy is
 stale by the next batch and no export can be amortised. An export takes ~10 ms for the MLPs and
@@ -194,20 +195,27 @@ class EnsembleRuntime:
     def __call__(self, learner: Learner, x: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Target and per-helper class probabilities (N, C) in pool order, on ``x``'s device (CPU for arrays)."""
         array = _as_array(x)
-        pool = list(learner.pool)
-        for gone in set(self._helpers) - {h.helper_id for h in pool}:
+        members = learner.members()
+        for gone in set(self._helpers) - {m.member_id for m in members if not m.live}:
             del self._helpers[gone]
         device = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
         inputs = x if isinstance(x, torch.Tensor) else torch.from_numpy(array)
         learner.model.eval()
         target = torch.softmax(learner.model(inputs.to(learner.device)), dim=1).to(device)
-        helpers = [self._helper_model(h.helper_id, h.model, array).predict_proba(array).to(device) for h in pool]
+        helpers = []
+        for m in members:
+            if m.live:
+                # A live branch learns every batch like the target, so torch serves it too.
+                helpers.append(torch.softmax(m.model.eval()(inputs.to(learner.device)), dim=1).to(device))
+            else:
+                helpers.append(self._helper_model(m.member_id, m.model, array).predict_proba(array).to(device))
         return target, helpers
 
     def predict(self, learner: Learner, x: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Served class probabilities (N, C): the learner's operator over the target and its pool."""
         target, helpers = self(learner, x)
-        return learner.operator.combine(target, helpers, [h.classes for h in learner.pool])
+        members = learner.members()
+        return learner.operator.combine(target, helpers, [m.classes for m in members], [m.member_id for m in members])
 
     def _export(self, model: nn.Module, x: np.ndarray) -> OnnxModel:
         self.exports += 1

@@ -293,13 +293,30 @@ def test_a_wrong_helper_is_dropped_and_another_node_asked_after_the_cooldown():
 
 
 def test_a_right_helper_survives_its_probation():
-    target, helper = _fleet(2)
+    # The paper's frozen helper: it stays pooled, judged useful.
+    target, helper = _fleet(2, kt_apply="boost")
     blobs = Blobs()
     _, first = _drift_until_help(target, helper, blobs)
     target.accept_kt_blob(helper.kt_blob(first.classes, 0.5), classes=first.classes, z=0.5, source="right")
     for _ in range(target.pool.window + 1):
         target.process_batch(*blobs.batch(list(range(8)) + [8, 9] * 2))
     assert [h.source for h in target.pool] == ["right"] and next(iter(target.pool)).judged
+
+
+def test_a_right_helper_is_promoted_into_the_target():
+    # The default (kt_apply = "branch"): the helper's live branch beats the target within L batches
+    # and becomes the target; it is never dropped as unhelpful, and the target keeps what it learnt.
+    target, helper = _fleet(2)
+    blobs = Blobs()
+    _, first = _drift_until_help(target, helper, blobs)
+    target.accept_kt_blob(helper.kt_blob(first.classes, 0.5), classes=first.classes, z=0.5, source="right")
+    results = [target.process_batch(*blobs.batch(list(range(8)) + [8, 9] * 2)) for _ in range(target.pool.window + 3)]
+    assert not any(r.dropped for r in results)
+    assert [r.batch_index for r in results if r.promoted], "the live branch was never promoted"
+    promoted_at = next(i for i, r in enumerate(results) if r.promoted)
+    after = [r.target_error for r in results[promoted_at + 1 :]]
+    before = [r.target_error for r in results[: target.pool.window]]
+    assert max(after) < min(before)
 
 
 def test_a_full_pool_asks_for_no_more_help():

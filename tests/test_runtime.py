@@ -60,8 +60,9 @@ def test_onnx_ensemble_matches_torch(arch):
     assert (served - target.predict(x).cpu()).abs().max().item() < 1e-5
     onnx_target, onnx_helpers = runtime(target, x.numpy())
     with torch.no_grad():
-        torch_helpers = [torch.softmax(h.model(x), dim=1) for h in target.pool]
-    assert len(onnx_helpers) == 2
+        torch_helpers = [torch.softmax(m.model.eval()(x), dim=1) for m in target.members()]
+    # The default kt_apply ("branch") pools each frozen helper beside its live branch (served by torch).
+    assert len(onnx_helpers) == 4 and [m.live for m in target.members()] == [False, True, False, True]
     for got, want in zip(onnx_helpers, torch_helpers):
         assert (got - want).abs().max().item() < 1e-5
     # The helpers differ from the target, so the comparison above is not trivially true.

@@ -61,6 +61,9 @@ class DiscardPolicy(ABC):
 class DynamicDiscard(DiscardPolicy):
     """Drop a helper once the target's own rolling error is back within ``tolerance`` of its pre-drift level.
 
+    (With live branches, ``kt_apply = "branch"``, the learner also drops a helper as soon as the
+    target alone was as good as the served ensemble over the last L batches.)
+
     The target's rolling error only counts once ``min_batches`` batches have passed since the
     helper arrived, so the window holds no pre-drift batches. One helper leaves per batch: the
     worst on its own classes first.
