@@ -343,6 +343,9 @@ class AgentDaemon(Daemon):
         if result.train_refused is not None:
             self._event("train_rolled_back", batch_id=msg.batch_id, batch=result.batch_index, reason=result.train_refused)
         self._account(result)
+        for helper_id in result.promoted:
+            # The helper's live branch is the target now; the old target stays pooled as a guard.
+            self._event("helper_promoted", helper=helper_id, batch=result.batch_index)
         for helper_id in result.discarded:
             self._event("helper_discarded", helper=helper_id, batch=result.batch_index)
         if result.drift:

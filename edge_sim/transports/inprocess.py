@@ -63,6 +63,8 @@ class NodeLog:
             rec.class_errors.append({int(c): float((y_hat[labels == c] != c).mean()) for c in np.unique(labels)})
         rec.helpers.append(len(result.helpers))
         self.time("batch", sum(result.timings.values()))
+        for helper_id in result.promoted:
+            self.event("helper_promoted", helper=helper_id, batch=result.batch_index)
         for helper_id in result.discarded:
             self.event("helper_discarded", helper=helper_id, batch=result.batch_index)
 
