@@ -260,7 +260,7 @@ def test_compose_validation_rejects_a_broken_file(tmp_path):
 
 
 def test_compose_fleet_is_the_default_scenario():
-    """As many agents as the scenario has nodes, running its CLUE mode from agent.toml."""
+    """As many agents as the scenario has nodes, running its `clue` mode (the agent as shipped) from agent.toml."""
     from agent.config import LearnerConfig
     from agent.settings import load_settings
     from edge_sim.modes import MODES
@@ -273,7 +273,7 @@ def test_compose_fleet_is_the_default_scenario():
     for node in COMPOSE_AGENTS:
         assert f'"--node-id", "{node}"' in text
     settings = load_settings(COMPOSE / "clue" / "agent.toml", node_id="node-0")
-    assert settings.learner == LearnerConfig.model_validate({**scenario.learner, **MODES["clue_class_aware"]})
+    assert settings.learner == LearnerConfig.model_validate({**scenario.learner, **MODES["clue"]})
     assert (settings.arch, settings.num_classes) == (scenario.arch, scenario.num_classes)
     assert settings.broker == "mqtt://mosquitto:1883" and str(settings.state_dir) == "/var/lib/clue-agent"
 

@@ -72,7 +72,7 @@ def test_both_transports_fill_the_same_records_and_report(runs, tmp_path):
     shape = _keys(results["inprocess"]["summary"])
     assert shape == _keys(results["mqtt"]["summary"])
     inprocess_md, mqtt_md = ((tmp_path / t / "report.md").read_text() for t in ("inprocess", "mqtt"))
-    for heading in ("| mode | adaptability (batches to FedAvg's mean error) |", "| mode | pre-drift error |", "| mode | metadata_out |"):
+    for heading in ("| mode | excess error after the drift ÷ isolated | adaptability (batches to FedAvg's mean error) |", "| mode | pre-drift error |", "| mode | metadata_out |"):
         assert heading in inprocess_md and heading in mqtt_md
     assert "in one process" in inprocess_md and "over Mosquitto" in mqtt_md
 
