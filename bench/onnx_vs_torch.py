@@ -90,10 +90,16 @@ def _labelled(arch: str, n: int, classes: range | tuple[int, ...], seed: int) ->
 
 
 def _node_with_helper(arch: str) -> Learner:
-    """A target with one boosted helper for the last class, which stays pooled for the whole run."""
+    """A target with one frozen boosted helper for the last class, which stays pooled for the whole run.
+
+    Frozen (``kt_apply = "boost"``, the class-aware operator): what onnxruntime serves. The default's
+    live copy of a helper trains every batch, so it stays on torch like the target.
+    """
     num_classes, _ = MODELS[arch]
     base = build_model(arch, num_classes, seed=0).state_dict()
-    config = LearnerConfig(discard=StaticDiscardConfig(n_batches=1_000_000), drop_unhelpful=False)
+    config = LearnerConfig(
+        discard=StaticDiscardConfig(n_batches=1_000_000), drop_unhelpful=False, kt_apply="boost", operator={"type": "class_aware"}
+    )
     target, helper = (
         Learner(build_model(arch, num_classes, seed=0), num_classes=num_classes, config=config, base_state=base, seed=i)
         for i in range(2)
