@@ -179,12 +179,17 @@ class Learner:
     # -- serving and learning --------------------------------------------------------------------
 
     @torch.no_grad()
-    def _probabilities(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def _probabilities(
+        self, x: torch.Tensor, known: Mapping[str, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The target's and every member's probabilities on ``x``; ``known``: members' already
+        computed on the same ``x`` by torch (by member id), used as they are."""
         if self.inference is not None:
             return self.inference(self, x)
+        known = known or {}
         self.model.eval()
         target = torch.softmax(self.model(x), dim=1)
-        helpers = [torch.softmax(m.model.eval()(x), dim=1) for m in self.members()]
+        helpers = [known[m.member_id] if m.member_id in known else torch.softmax(m.model.eval()(x), dim=1) for m in self.members()]
         return target, helpers
 
     def members(self) -> list[Member]:
@@ -470,13 +475,15 @@ class Learner:
         if not self.knowledge_use.enabled:
             raise KtRejected("knowledge transfer is off on this node (kt_apply = 'off')")
         probe = booster.boosted_helper(self.model, sig)
+        probe_p = None
         # A zero-filled helper is the paper's deliberately crippled baseline (Fig. 3): only the
         # boosted model, which every other mode writes or serves, is held to chance.
         if self._last_batch is not None:
             x, y = self._last_batch
             with torch.no_grad():
-                vetting.vet_helper_outputs(probe, x, y if self.config.helper_probe else None, sig.classes, self.num_classes)
-        return self.install(sig, source=source, started=t0, boosted=probe, baseline=baseline)
+                logits = vetting.vet_helper_outputs(probe, x, y if self.config.helper_probe else None, sig.classes, self.num_classes)
+                probe_p = torch.softmax(logits, dim=1)
+        return self.install(sig, source=source, started=t0, boosted=probe, boosted_p=probe_p, baseline=baseline)
 
     def install(
         self,
@@ -485,11 +492,13 @@ class Learner:
         source: str = "",
         started: float | None = None,
         boosted: nn.Module | None = None,
+        boosted_p: torch.Tensor | None = None,
         baseline: float | None = None,
     ) -> Installed:
         """Use already-validated significant parameters per ``kt_apply``: pool a helper, or change the target.
 
-        ``boosted``: the boosted helper already built from ``sig`` (to vet it), reused as is.
+        ``boosted``: the boosted helper already built from ``sig`` (to vet it), reused as is;
+        ``boosted_p``: its probabilities on the last batch (from vetting), reused likewise.
         ``baseline``: the error the helper must restore (its request's; None: the pre-drift error now).
         """
         t0 = started if started is not None else time.perf_counter()
@@ -516,7 +525,9 @@ class Learner:
                     optimizer=optimizer,
                 )
             )
-            self._learn_trust_on_last_batch()
+            # The pooled helper and its live copy (the same weights, so far) output what vetting computed.
+            known = {helper_id: boosted_p, f"{helper_id}+": boosted_p} if helper_model is boosted and boosted_p is not None else {}
+            self._learn_trust_on_last_batch(known)
         return Installed(
             helper_id=helper_id,
             classes=sig.classes,
@@ -526,12 +537,13 @@ class Learner:
         )
 
     @torch.no_grad()
-    def _learn_trust_on_last_batch(self) -> None:
-        """Give a learning operator the last labelled batch's evidence before a new helper serves."""
+    def _learn_trust_on_last_batch(self, known: Mapping[str, torch.Tensor]) -> None:
+        """Give a learning operator the last labelled batch's evidence before a new helper serves
+        (``known``: members' probabilities on that batch already computed, by member id)."""
         if not self.operator.learns or self._last_batch is None or self._last_batch[1] is None:
             return
         x, y = self._last_batch
-        target_p, helper_ps = self._probabilities(x)
+        target_p, helper_ps = self._probabilities(x, known)
         members = self.members()
         self.operator.learn(target_p, helper_ps, [m.classes for m in members], [m.member_id for m in members], y)
 

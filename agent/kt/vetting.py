@@ -84,8 +84,9 @@ def vet_helper_outputs(
     y: torch.Tensor | None,
     classes: Sequence[int],
     num_classes: int,
-) -> None:
-    """Refuse a helper whose outputs on ``x`` (a recent batch) overflow or are worse than chance.
+) -> torch.Tensor:
+    """Refuse a helper whose outputs on ``x`` (a recent batch) overflow or are worse than chance;
+    return those outputs (logits), so that the caller need not compute them again.
 
     Outputs must all be finite. Where ``y`` labels some samples of ``classes`` (the classes the
     helper brings), the helper must get at least a ``1 / num_classes`` share of those right, what
@@ -96,11 +97,11 @@ def vet_helper_outputs(
     if not bool(torch.isfinite(out).all()):
         raise KtRejected("helper's outputs on the last batch are not finite")
     if y is None:
-        return
+        return out
     mask = torch.isin(y, torch.as_tensor([int(c) for c in classes], device=y.device))
     n = int(mask.sum())
     if n == 0:
-        return
+        return out
     right = int((out.argmax(dim=1)[mask] == y[mask]).sum())
     # right / n < 1 / num_classes, in integers.
     if right * num_classes < n:
@@ -108,3 +109,4 @@ def vet_helper_outputs(
             f"helper gets {right} of {n} samples of classes {sorted(int(c) for c in classes)} right"
             f" on the last batch, below chance (1/{num_classes})"
         )
+    return out
