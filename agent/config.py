@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from agent.drift import DriftConfig, RollingErrorConfig
+from agent.drift import DriftConfig, NoveltyOrErrorConfig
 from agent.ensemble import OperatorConfig, TrustOperatorConfig
 from agent.errors import ConfigError
 from agent.kt.booster import KtApplyConfig
@@ -50,7 +50,7 @@ class LearnerConfig(BaseModel):
         default_factory=SelectionConfig,
         description="how a helper picks parameters; 'random' is the control (same Z, random positions)",
     )
-    drift: DriftConfig = Field(default_factory=RollingErrorConfig, description="drift detector and its settings")
+    drift: DriftConfig = Field(default_factory=NoveltyOrErrorConfig, description="drift detector and its settings")
     operator: OperatorConfig = Field(
         default_factory=TrustOperatorConfig,
         description="ensemble operator: per-class trust weights learned from every labelled batch (trust), the class-aware prior alone (class_aware), or the paper's mean",
@@ -77,7 +77,7 @@ class LearnerConfig(BaseModel):
         True,
         description="a new helper must be no worse than chance on its classes in the last labelled batch before it serves (its outputs must be finite either way); off only for the random-mask control",
     )
-    value_codec: Literal["float32", "float16", "int8", "int4_delta"] = Field("float16", description="how transferred weights are encoded")
+    value_codec: Literal["float32", "float16", "int8", "int4_delta"] = Field("int4_delta", description="how transferred weights are encoded")
     value_delta: bool = Field(False, description="send weights as deltas from the shared base weights (quantise better)")
     lr: float = Field(1e-3, ge=1e-6, le=0.05, description="online Adam learning rate, one step per labelled batch (above 0.05 Adam destroys a trained model within a few batches)")
     help_delay: int = Field(0, ge=0, le=100_000, description="batches between drift detection and the help request (the paper's 'delayed by X')")

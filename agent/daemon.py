@@ -165,6 +165,8 @@ class AgentDaemon(Daemon):
         self._pending: dict[str, tuple[int, str]] = {}
         self._last_meta = -1e9
         self._meta_dirty = True
+        #: Class shares and pool size of the last metadata published (None: nothing yet).
+        self._published_meta: tuple[np.ndarray, int] | None = None
         self._batches_since_ckpt = 0
         self._status = ""
         # Running sums, not lists: a daemon serving 100 batches/s for months must not grow.
@@ -533,19 +535,29 @@ class AgentDaemon(Daemon):
 
     # -- metadata --------------------------------------------------------------------------------
 
-    def _maybe_publish_meta(self, force: bool = False) -> None:
+    def _maybe_publish_meta(self) -> None:
         now = time.monotonic()
-        if not force and (not self._meta_dirty or now - self._last_meta < self.knobs.meta_interval):
+        if not self._meta_dirty or now - self._last_meta < self.knobs.meta_interval:
             return
-        rolling = self.learner.rolling_error()
+        hist = self.learner.histogram()
+        shares = hist / max(float(hist.sum()), 1.0)
+        helpers = len(self.learner.pool)
+        if self._published_meta is not None and now - self._last_meta < self.knobs.meta_heartbeat:
+            # The MdS ranks helpers by the class shares; a publication that barely moves them
+            # would cost every node's bytes and change no ranking.
+            last_shares, last_helpers = self._published_meta
+            moved = 0.5 * float(np.abs(shares - last_shares).sum())
+            if helpers == last_helpers and moved < self.knobs.meta_min_change:
+                return
         meta = NodeMeta(
             node_id=self.node_id, arch_id=self.learner.arch_id, lineage=self.learner.lineage,
-            hist=[float(v) for v in self.learner.histogram()], rolling_error=rolling,
-            batches=self.learner.batch_index, helpers=len(self.learner.pool),
+            hist=[float(v) for v in hist], rolling_error=self.learner.rolling_error(),
+            batches=self.learner.batch_index, helpers=helpers,
         )
         self.client.set_retained(topics.node_meta(self.node_id), meta)
         self._last_meta = now
         self._meta_dirty = False
+        self._published_meta = (shares, helpers)
 
     # -- configuration ---------------------------------------------------------------------------
 

@@ -2,8 +2,9 @@
 
 Every detector is fed the same two things per batch: the batch's error rate in [0, 1] and, when
 the batch is labelled, its integer labels. Error-based detectors (the paper's rolling mean,
-Page-Hinkley, ADWIN) look only at the error; the novelty trigger looks only at the labels. All of
-them report a *rise* in error or the arrival of new classes; a falling error (the online learner
+Page-Hinkley, ADWIN) look only at the error; the novelty trigger looks only at the labels; the
+default, novelty-or-error, fires on either (new classes the batch they arrive, any other rise in
+error as the paper's rolling mean does). All of them report a *rise* in error or the arrival of new classes; a falling error (the online learner
 improving) is never a drift here.
 
 A detector is picked by its config's ``type`` field; :func:`build_detector` turns a config into a
@@ -27,6 +28,8 @@ __all__ = [
     "DriftConfig",
     "DriftDetector",
     "NoveltyConfig",
+    "NoveltyOrErrorConfig",
+    "NoveltyOrErrorDrift",
     "NoveltyTrigger",
     "PageHinkleyConfig",
     "PageHinkleyDrift",
@@ -119,8 +122,21 @@ class NoveltyConfig(_DetectorConfig):
         return self
 
 
+class NoveltyOrErrorConfig(RollingErrorConfig, NoveltyConfig):
+    """The default: the novelty trigger or the paper's rolling error, whichever fires.
+
+    New classes are visible in the labels the batch they arrive, while the rolling error needs
+    ``window`` batches of misclassified requests to cross its limit; other drift (a known class
+    turning hard, inputs shifting within known classes) shows only in the error.
+    """
+
+    type: Literal["novelty_or_error"] = Field(  # type: ignore[assignment]
+        "novelty_or_error", description="Selects NoveltyOrErrorDrift."
+    )
+
+
 DriftConfig = Annotated[
-    Union[RollingErrorConfig, PageHinkleyConfig, AdwinConfig, NoveltyConfig],
+    Union[RollingErrorConfig, PageHinkleyConfig, AdwinConfig, NoveltyConfig, NoveltyOrErrorConfig],
     Field(discriminator="type"),
 ]
 _DRIFT_CONFIG = TypeAdapter(DriftConfig)
@@ -152,6 +168,11 @@ class DriftDetector(ABC):
     def drift_detected(self) -> bool:
         """Whether the last update showed drift."""
         return self._drift_detected
+
+    @property
+    def novel_classes(self) -> tuple[int, ...]:
+        """The never-seen classes that made the last update fire (empty for error-based detectors)."""
+        return ()
 
     def update(self, batch_error: float, labels: np.ndarray | None = None) -> None:
         """Feed one request batch: its error rate in [0, 1] and, if labelled, its int labels."""
@@ -414,8 +435,71 @@ class NoveltyTrigger(DriftDetector):
         self._novel = ()
 
 
+class NoveltyOrErrorDrift(DriftDetector):
+    """The default: a :class:`NoveltyTrigger` and a :class:`RollingErrorDrift` fed the same stream.
+
+    Fires when either does; :attr:`novel_classes` says when the labels were the reason.
+
+    >>> import numpy as np
+    >>> det = NoveltyOrErrorDrift(num_classes=10, warmup_samples=1000)
+    >>> for _ in range(13):
+    ...     det.update(0.1, np.repeat(np.arange(8), 25))
+    >>> det.update(0.3, np.concatenate([np.repeat(np.arange(8), 20), np.repeat([8, 9], 20)]))
+    >>> det.drift_detected, det.novel_classes
+    (True, (8, 9))
+    >>> det.update(0.5, np.repeat(np.arange(10), 20))
+    >>> det.update(0.5, np.repeat(np.arange(10), 20))
+    >>> det.drift_detected, det.novel_classes
+    (True, ())
+    """
+
+    name = "novelty_or_error"
+
+    def __init__(
+        self,
+        window: int = 3,
+        threshold: float | None = None,
+        margin: float = 0.1,
+        baseline_window: int = 10,
+        max_longrun_share: float = 0.005,
+        min_batch_share: float = 0.05,
+        min_count: int = 5,
+        warmup_samples: int = 1000,
+        *,
+        num_classes: int | None = None,
+    ) -> None:
+        if num_classes is None:
+            raise ValueError("NoveltyOrErrorDrift needs num_classes")
+        super().__init__(num_classes=num_classes)
+        self.error = RollingErrorDrift(
+            window=window, threshold=threshold, margin=margin, baseline_window=baseline_window
+        )
+        self.novelty = NoveltyTrigger(
+            num_classes,
+            max_longrun_share=max_longrun_share,
+            min_batch_share=min_batch_share,
+            min_count=min_count,
+            warmup_samples=warmup_samples,
+        )
+        self.window = self.error.window
+
+    @property
+    def novel_classes(self) -> tuple[int, ...]:
+        return self.novelty.novel_classes
+
+    def _update(self, batch_error: float, labels: np.ndarray | None) -> bool:
+        self.novelty.update(batch_error, labels)
+        self.error.update(batch_error, labels)
+        return self.novelty.drift_detected or self.error.drift_detected
+
+    def _reset(self) -> None:
+        self.novelty.reset()
+        self.error.reset()
+
+
 _DETECTORS: dict[str, type[DriftDetector]] = {
-    cls.name: cls for cls in (RollingErrorDrift, PageHinkleyDrift, AdwinDrift, NoveltyTrigger)
+    cls.name: cls
+    for cls in (RollingErrorDrift, PageHinkleyDrift, AdwinDrift, NoveltyTrigger, NoveltyOrErrorDrift)
 }
 
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from agent.config import LearnerConfig, patched
-from agent.drift import DriftDetector, NoveltyTrigger, classes_to_request
+from agent.drift import DriftDetector, classes_to_request
 from agent.ensemble import EnsembleOperator
 from agent.errors import KtRejected
 from agent.kt import booster, codec, vetting
@@ -401,7 +401,7 @@ class Learner:
         return float(np.mean(before))
 
     def _drift_report(self, index: int, longrun_before: np.ndarray) -> DriftReport:
-        if isinstance(self.detector, NoveltyTrigger) and self.detector.novel_classes:
+        if self.detector.novel_classes:
             classes = tuple(sorted(self.detector.novel_classes))
             reason = "novelty"
         else:

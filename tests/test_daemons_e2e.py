@@ -238,3 +238,37 @@ def test_retained_config_applies_at_start_and_sighup_reloads_the_file(fleet, tmp
     finally:
         assert child.terminate(20) == 0
     assert (fleet.state / f"{node}.ckpt.npz").exists()
+
+
+def _meta_publications(fleet, node, daemon, batches, drift_at):
+    """Feed ``node`` lock-step batches (classes 0–7, then 8–9 too from ``drift_at``); the batch
+    index after which each metadata publication arrived."""
+    fleet.agent(node, daemon=daemon)
+    feeder, collector = fleet.observer()
+    watcher = fleet.client()
+    watcher.subscribe(topics.node_meta(node), 1)
+    assert watcher.wait_subscribed(10)
+    wait_online(fleet, [node])
+    data = Clusters()
+    published = []
+    for t in range(batches):
+        classes = list(range(8)) + ([8, 9] * 2 if t >= drift_at else [])
+        assert feeder.step(t, [(node, *data.batch(classes))], timeout=60), f"batch {t} not answered"
+        # The metadata goes out before the prediction, so by now it is on its way to the watcher.
+        while (item := watcher.get(timeout=0.3)) is not None:
+            if getattr(item, "topic", None) == topics.node_meta(node) and item.message is not None:
+                published.append((t, item.message.batches))
+    return published
+
+
+@pytest.mark.timeout(180)
+def test_metadata_goes_out_when_the_class_shares_move_not_every_batch(fleet):
+    published = _meta_publications(fleet, "meta-node", {"meta_interval": 0.0}, batches=40, drift_at=25)
+    after = [t for t, _ in published]
+    # Steady class mix: once the shares settle, nothing new goes out; the arrival of classes 8-9
+    # moves them, and the MdS hears about it within a few batches.
+    assert len(after) < 20, after
+    assert not [t for t in after if 18 <= t < 25], after
+    assert [t for t in after if 25 <= t < 30], after
+    every = _meta_publications(fleet, "meta-every", {"meta_interval": 0.0, "meta_min_change": 0.0}, batches=10, drift_at=99)
+    assert len(every) >= 9, every

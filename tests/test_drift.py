@@ -15,6 +15,8 @@ from agent.drift import (
     AdwinDrift,
     DriftDetector,
     NoveltyConfig,
+    NoveltyOrErrorConfig,
+    NoveltyOrErrorDrift,
     NoveltyTrigger,
     PageHinkleyConfig,
     PageHinkleyDrift,
@@ -71,6 +73,7 @@ CASES = {
     # ADWIN's bound needs many values to confirm a cut; one value per batch makes it slow.
     "adwin": Case(lambda: AdwinDrift(num_classes=10), 100, 60),
     "novelty": Case(lambda: NoveltyTrigger(num_classes=10), 20, 0),
+    "novelty_or_error": Case(lambda: NoveltyOrErrorDrift(num_classes=10), 20, 0),
 }
 
 
@@ -238,6 +241,26 @@ def test_novelty_fires_no_later_than_rolling_error() -> None:
         assert a.index(True) == 20
 
 
+def test_novelty_or_error_fires_on_either() -> None:
+    for seed in range(3):
+        # New classes: the batch they arrive, before the error could rise over its window.
+        assert flags(NoveltyOrErrorDrift(num_classes=NUM_CLASSES), stream(60, 20, seed=seed)).index(True) == 20
+        # A rise in error over the known classes only: as the paper's rolling mean, no later.
+        rise = [(err, labels[labels < 8]) for err, labels in stream(60, 20, seed=seed)]
+        combined = flags(NoveltyOrErrorDrift(num_classes=NUM_CLASSES), iter(rise))
+        rolling = flags(RollingErrorDrift(window=3, margin=0.1), iter(rise))
+        assert combined == rolling and True in combined
+        det = NoveltyOrErrorDrift(num_classes=NUM_CLASSES)
+        flags(det, iter(rise[: rolling.index(True) + 1]))
+        assert det.drift_detected and det.novel_classes == ()
+
+
+def test_default_detector_is_novelty_or_error() -> None:
+    from agent.config import LearnerConfig
+
+    assert isinstance(LearnerConfig().drift, NoveltyOrErrorConfig)
+
+
 # --- config --------------------------------------------------------------------------------------
 
 
@@ -248,6 +271,7 @@ def test_novelty_fires_no_later_than_rolling_error() -> None:
         ({"type": "page_hinkley", "threshold": 2.0}, PageHinkleyDrift),
         ({"type": "adwin", "delta": 0.01}, AdwinDrift),
         ({"type": "novelty", "min_count": 3}, NoveltyTrigger),
+        ({"type": "novelty_or_error", "window": 5, "min_count": 3}, NoveltyOrErrorDrift),
     ],
 )
 def test_build_detector_from_dict(data: dict[str, object], cls: type[DriftDetector]) -> None:
@@ -273,6 +297,8 @@ def test_build_detector_from_model_keeps_values() -> None:
         {"type": "page_hinkley", "alpha": 1.5},
         {"type": "adwin", "clock": 0},
         {"type": "novelty", "max_longrun_share": 0.1, "min_batch_share": 0.05},  # cross-field
+        {"type": "novelty_or_error", "max_longrun_share": 0.1, "min_batch_share": 0.05},
+        {"type": "novelty_or_error", "window": 0},
     ],
 )
 def test_config_rejects(data: dict[str, object]) -> None:
@@ -296,6 +322,7 @@ def test_constructors_validate_like_configs() -> None:
         (PageHinkleyDrift, PageHinkleyConfig),
         (AdwinDrift, AdwinConfig),
         (NoveltyTrigger, NoveltyConfig),
+        (NoveltyOrErrorDrift, NoveltyOrErrorConfig),
     ],
 )
 def test_constructor_defaults_match_config(cls: type[DriftDetector], cfg: type) -> None:

@@ -113,6 +113,6 @@ def test_learner_knobs_set_on_the_command_line_reach_every_mode(tmp_path):
     out = tmp_path / "out"
     assert sim_main(["run", str(scn), "--out", str(out), "--set", "value_codec=int4_delta", "--set", "drift.window=4"]) == 0
     saved = json.loads((out / "results.json").read_text())
-    assert saved["scenario"]["learner"] == {"z": 0.3, "value_codec": "int4_delta", "drift": {"type": "rolling_error", "window": 4}}
+    assert saved["scenario"]["learner"] == {"z": 0.3, "value_codec": "int4_delta", "drift": {"type": "novelty_or_error", "window": 4}}
     assert sim_main(["run", str(scn), "--set", "z=7"]) == 78
     assert sim_main(["run", str(scn), "--set", "z"]) == 78

@@ -40,7 +40,7 @@ from edge_sim.transports.base import Progress
 
 def agent_settings(scn: Scenario, mode: str, members: list[str], seed: int) -> dict[str, Any]:
     """Agent settings for one mode: the scenario's knobs, then the mode's own."""
-    daemon = {"meta_interval": 0.0, "checkpoint_every": 1_000_000, "kt_timeout": 20.0}
+    daemon = {"meta_interval": 0.0, "meta_heartbeat": 86_400.0, "checkpoint_every": 1_000_000, "kt_timeout": 20.0}
     daemon.update(scn.daemon)
     settings: dict[str, Any] = {
         "learner": learner_values(scn.learner, mode), "daemon": daemon, "arch": scn.arch, "num_classes": scn.num_classes,
