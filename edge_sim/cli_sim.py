@@ -38,6 +38,7 @@ from edge_sim.report import headline_table, write_report
 from edge_sim.runner import run_scenario
 from edge_sim.scenario import Scenario, load_scenario, shipped_scenarios
 from edge_sim.transports.mqtt import feed_external
+from edge_sim.why import diagnose_scenario, diagnosis_table
 from service.exit_codes import EXIT_CONFIG
 
 
@@ -144,6 +145,11 @@ def main(argv: list[str] | None = None) -> int:
         "repeatable: --set value_codec=int4_delta --set drift.window=5",
     )
     sub.add_parser("list", help="list the shipped scenarios")
+    why = sub.add_parser("why", help="at the target's drift: what each helper knows of the new classes, and what its boosted helper scores")
+    why.add_argument("scenario")
+    why.add_argument("--seeds", type=int, nargs="+", help="override the scenario's seeds")
+    why.add_argument("--eval-batches", type=int, default=10, help="target request batches after the drift to score on (default 10)")
+    why.add_argument("--json", type=Path, help="also write the measurements here")
     every = sub.add_parser("all", help="run every shipped scenario into one report (takes long)")
     every.add_argument("--out", type=Path, default=Path("runs/all"))
     every.add_argument("--broker")
@@ -176,6 +182,15 @@ def main(argv: list[str] | None = None) -> int:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             save_weights(args.out, inputs.base)
             console.print(f"wrote {args.out} (scenario {scn.name}, seed {scn.seeds[0]})")
+            return 0
+        if args.command == "why":
+            scn = load_scenario(args.scenario)
+            if args.seeds:
+                scn = _overridden(scn, {"seeds": args.seeds})
+            diagnoses = diagnose_scenario(scn, eval_batches=args.eval_batches)
+            print(diagnosis_table(diagnoses))
+            if args.json:
+                args.json.write_text(json.dumps([d.as_dict() for d in diagnoses], indent=1))
             return 0
         if args.command == "feed":
             nodes = [n.strip() for n in args.nodes.split(",") if n.strip()]

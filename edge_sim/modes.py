@@ -30,11 +30,14 @@ MODES: dict[str, dict[str, Any]] = {
 
 FLEET_MODES: dict[str, dict[str, Any]] = {
     # Fig. 8: one helper at a time (no pooling) against a pool of helpers that each know part of
-    # the new classes.
-    "clue_single": {"kt_apply": "boost", "operator": {"type": "class_aware"}, "split_helpers": 1, "pool_max": 1},
-    "clue_pool": {"kt_apply": "boost", "operator": {"type": "class_aware"}, "split_helpers": 4},
+    # the new classes; on the agent's defaults, then with the paper's frozen class-aware helper.
+    "clue_single": {"split_helpers": 1, "pool_max": 1},
+    "clue_pool": {"split_helpers": 4},
+    "class_aware_single": {"kt_apply": "boost", "operator": {"type": "class_aware"}, "split_helpers": 1, "pool_max": 1},
+    "class_aware_pool": {"kt_apply": "boost", "operator": {"type": "class_aware"}, "split_helpers": 4},
     # Fig. 10 (a): the first request goes to the least similar node; later ones to the most similar.
-    "clue_wrong_first": {"kt_apply": "boost", "operator": {"type": "class_aware"}, "helper_selection": "least_similar_first"},
+    "clue_wrong_first": {"helper_selection": "least_similar_first"},
+    "class_aware_wrong_first": {"kt_apply": "boost", "operator": {"type": "class_aware"}, "helper_selection": "least_similar_first"},
 }
 
 SIM_MODES = (*MODES, *FLEET_MODES, FEDAVG)
