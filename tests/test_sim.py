@@ -68,6 +68,14 @@ def test_every_shipped_scenario_loads():
         assert scn.paper, f"{path.name} names no paper result"
 
 
+def test_generality_scenarios_load_and_vary_data_and_classes():
+    paths = sorted((shipped_scenarios()[0].parent / "generality").glob("*.toml"))
+    scenarios = [load_scenario(p) for p in paths]
+    assert {s.dataset for s in scenarios} >= {"fashion_mnist", "mnist_5k"}
+    arrivals = {s.new_classes_for(seed) for s in scenarios for seed in s.seeds}
+    assert len(arrivals) >= 3 and all("clue" in s.modes for s in scenarios)
+
+
 def test_bad_scenarios_are_refused(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('name = "bad"\nmodes = ["clue_mean"]\n')
