@@ -35,7 +35,7 @@ from agent.kt.coordinator import AskHelper, Command, HelpCoordinator, HelpPolicy
 from agent.kt.helper_selection import CandidateInfo
 from agent.learner import BatchResult, Learner
 from agent.malloc import retain_freed_memory
-from agent.models import build_model, load_weights
+from agent.models import ModelError, build_from_spec, load_weights
 from agent.runtime import EnsembleRuntime, resolve_device
 from agent.settings import (
     AgentSettings,
@@ -130,16 +130,20 @@ class AgentDaemon(Daemon):
         self.notifier = notifier or Notifier()
         torch.set_num_threads(settings.torch_threads)
         self.device = resolve_device(settings.device)
-        model = build_model(settings.arch, settings.num_classes, seed=settings.model_seed)
+        spec = settings.model_spec()
+        try:
+            model = build_from_spec(spec, settings.num_classes, seed=settings.model_seed)
+        except ModelError as exc:
+            raise ConfigError(str(exc)) from exc
         if settings.base_weights is not None:
             try:
                 load_weights(settings.base_weights, model)
             except ValueError as exc:
-                raise ConfigError(str(exc)) from exc
+                raise ConfigError(f"base_weights: {exc}") from exc
         base = copy.deepcopy(model.state_dict())
         self.learner = Learner(
             model, num_classes=settings.num_classes, config=settings.learner, base_state=base,
-            device=self.device, seed=settings.model_seed,
+            device=self.device, seed=settings.model_seed, input_shape=spec.input_shape,
         )
         # Run-time patches live in their own file, laid over the settings file at every start and
         # reload; the checkpoint's copy of the config is not what decides.
@@ -677,8 +681,8 @@ def _parser() -> ServiceArgumentParser:
     p.add_argument("--node-id", help="this node's id")
     p.add_argument("--broker", help="mqtt://host:port, mqtts://host:port or unix:///path")
     p.add_argument("--state-dir", type=Path, help="checkpoint folder")
-    p.add_argument("--base-weights", type=Path, help="shared base weights (.npz)")
-    p.add_argument("--arch", help="model architecture")
+    p.add_argument("--base-weights", type=Path, help="shared base weights (.safetensors or .npz)")
+    p.add_argument("--model", "--arch", dest="model", help="a built-in model or an import path package.module:factory")
     p.add_argument("--num-classes", type=int, help="classes the model outputs")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--runtime", choices=["torch", "onnx"])

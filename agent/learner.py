@@ -105,8 +105,11 @@ class Learner:
         base_state: Mapping[str, torch.Tensor] | None = None,
         device: str | torch.device = "cpu",
         seed: int = 0,
+        input_shape: tuple[int, ...] | None = None,
     ) -> None:
         self.device = torch.device(device)
+        #: One sample's shape (None: any the model takes).
+        self.input_shape = input_shape
         self.model = model.to(self.device)
         self.num_classes = num_classes
         self.config = config or LearnerConfig()
@@ -365,6 +368,8 @@ class Learner:
             raise ValueError(
                 f"inputs must be a float tensor with a sample axis and at least one feature axis, got {x.dtype} {tuple(x.shape)}"
             )
+        if self.input_shape is not None and tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(f"inputs have samples of shape {tuple(x.shape[1:])}, the model takes {self.input_shape}")
         if not bool(torch.isfinite(x).all()):
             raise ValueError("inputs contain NaN or infinite values")
         low, high = self.config.input_range

@@ -1,16 +1,25 @@
 """The model architectures every node of a fleet runs, and the ids that say two models can share weights.
 
-Outputs are logits over C classes. ``arch_id`` names an architecture (its class name and ordered
-parameter names and shapes); ``lineage`` names the base weights a node started from. Writing one
-network's weights into another only means something when both ids agree (ARCHITECTURE §1).
+A node's model is named by ``model``: a built-in (``mlp4``, ``intrusion_dnn``, ``mobilenet_s``) or
+the import path of the user's own factory, ``package.module:factory`` (`ModelSpec`,
+`build_from_spec`). Outputs are logits over C classes. ``arch_id`` names an architecture (its
+class name and ordered parameter names and shapes); ``lineage`` names the base weights a node
+started from. Writing one network's weights into another only means something when both ids agree
+(ARCHITECTURE §1).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from collections.abc import Callable
+import importlib
+import re
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Annotated, Any
 
 import torch
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictInt
 from torch import nn
 
 
@@ -98,16 +107,167 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     MobileNetS.arch_name: MobileNetS,
 }
 
+#: One sample's shape for each built-in (mobilenet_s also takes 1×28×28 images, but feeders send flat rows).
+BUILT_IN_INPUT_SHAPES: dict[str, tuple[int, ...]] = {
+    MLP4.arch_name: (784,),
+    IntrusionDNN.arch_name: (122,),
+    MobileNetS.arch_name: (784,),
+}
+
+#: ``package.module:factory`` (Flower's convention); the attribute may be dotted (``module:Class.create``).
+_IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
+
+#: What ``model_args`` may hold: values a TOML file, JSON and an environment variable all spell alike.
+PlainScalar = str | int | float | bool | None
+PlainValue = PlainScalar | list[PlainScalar]
+_PLAIN_SCALARS = (str, int, float, bool, type(None))
+
+
+def _plain_values(value: Any) -> Any:
+    # Before the union of types: one line naming the key, not an error per member of the union.
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not (isinstance(item, _PLAIN_SCALARS) or (isinstance(item, list) and all(isinstance(v, _PLAIN_SCALARS) for v in item))):
+                raise ValueError(f"{key!r} is a {type(item).__name__}: the factory's arguments are strings, numbers, booleans, null or lists of them")
+    return value
+
+
+def _sample_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    if not 1 <= len(shape) <= 8 or min(shape) < 1:
+        raise ValueError(f"one sample's shape is 1 to 8 positive sizes, got {list(shape)}")
+    return shape
+
+
+ModelArgs = Annotated[dict[str, PlainValue], BeforeValidator(_plain_values)]
+#: One sample's shape: 1 to 8 positive sizes; a batch of N samples is ``(N, *shape)``.
+InputShape = Annotated[tuple[StrictInt, ...], AfterValidator(_sample_shape)]
+
+
+class ModelError(ValueError):
+    """A model spec that cannot be built, or builds something that is not a classifier; the message names the field."""
+
+
+class ModelSpec(BaseModel):
+    """Which classifier a node runs, and what one of its samples looks like.
+
+    ``model`` is a built-in name or an import path ``package.module:factory``; the factory is called
+    as ``factory(num_classes=C, **model_args)`` and must return a ``torch.nn.Module`` that maps a
+    batch ``(N, *input_shape)`` of float32 to logits ``(N, C)``. ``check_spec`` checks what needs no
+    import, ``build_from_spec`` the rest.
+
+    >>> model = build_from_spec(ModelSpec(model="intrusion_dnn"), num_classes=5, seed=0)
+    >>> model(torch.zeros(3, 122)).shape
+    torch.Size([3, 5])
+    """
+
+    # ``model_args`` is a field, not pydantic's namespace.
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+    model: str = Field("mlp4", description="a built-in name or an import path package.module:factory")
+    model_args: ModelArgs = Field(default_factory=dict, description="keyword arguments of the factory besides num_classes")
+    input_shape: InputShape | None = Field(None, description="one sample's shape; absent: the built-in's")
+
+    def sample_shape(self) -> tuple[int, ...]:
+        """``input_shape``, else the built-in's; ModelError when neither is known."""
+        check_input_shape(self.model, self.input_shape)
+        return self.input_shape if self.input_shape is not None else BUILT_IN_INPUT_SHAPES[self.model]
+
+
+def check_model_name(name: str) -> None:
+    """ModelError unless ``name`` is a built-in or reads as an import path (nothing is imported)."""
+    if name not in ARCHITECTURES and not _IMPORT_PATH.fullmatch(name):
+        raise ModelError(
+            f"model {name!r} is unknown: the built-ins are {', '.join(sorted(ARCHITECTURES))}; "
+            "name your own with an import path, package.module:factory"
+        )
+
+
+def check_input_shape(name: str, input_shape: tuple[int, ...] | None) -> None:
+    """ModelError when ``name`` is an import path and ``input_shape`` is not given (nothing else says it)."""
+    if input_shape is None and name not in ARCHITECTURES:
+        raise ModelError(f"input_shape is required for the import-path model {name!r}: one sample's shape, such as [784] or [3, 32, 32]")
+
+
+def check_spec(spec: ModelSpec) -> None:
+    """The checks that import nothing and build nothing: what settings validation can afford."""
+    check_model_name(spec.model)
+    check_input_shape(spec.model, spec.input_shape)
+
+
+def build_from_spec(spec: ModelSpec, num_classes: int, *, seed: int | None = None) -> nn.Module:
+    """Build ``spec``'s classifier for ``num_classes`` classes and check it on two zero samples.
+
+    ``seed`` makes its initial weights reproducible and leaves the global RNG as it was. Raises
+    ModelError naming the field at fault: a name neither built in nor importable, a factory that
+    raises or returns no ``nn.Module``, a forward pass that raises or gives anything but float
+    logits of shape (2, num_classes).
+    """
+    check_spec(spec)
+    factory = _import_factory(spec.model)
+    with _seeded(seed):
+        try:
+            model = factory(num_classes=num_classes, **spec.model_args)
+        except Exception as exc:  # the user's code: whatever it raises, the operator needs its type and text
+            raise ModelError(
+                f"model {spec.model!r}: factory(num_classes={num_classes}, **model_args) raised {type(exc).__name__}: {exc}"
+            ) from exc
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"model {spec.model!r}: the factory returned a {type(model).__name__}, not a torch.nn.Module")
+    _check_forward(spec, model, num_classes)
+    return model
+
 
 def build_model(name: str, num_classes: int, *, seed: int | None = None) -> nn.Module:
-    """Build an architecture by name; ``seed`` makes its initial weights reproducible."""
-    if name not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {name!r}; known: {sorted(ARCHITECTURES)}")
+    """Build a built-in by name (an import path needs an input shape: `build_from_spec`); ``seed`` as there."""
+    return build_from_spec(ModelSpec(model=name), num_classes, seed=seed)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None) -> Iterator[None]:
     if seed is None:
-        return ARCHITECTURES[name](num_classes=num_classes)
+        yield
+        return
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return ARCHITECTURES[name](num_classes=num_classes)
+        yield
+
+
+def _import_factory(name: str) -> Callable[..., Any]:
+    if name in ARCHITECTURES:
+        return ARCHITECTURES[name]
+    module_name, _, attribute = name.partition(":")
+    try:
+        target: Any = importlib.import_module(module_name)
+    except Exception as exc:  # importing runs the user's module: a syntax error or its own import error is as likely
+        raise ModelError(f"model {name!r}: cannot import module {module_name!r}: {type(exc).__name__}: {exc}") from exc
+    for part in attribute.split("."):
+        if not hasattr(target, part):
+            raise ModelError(f"model {name!r}: module {module_name!r} has no attribute {attribute!r}")
+        target = getattr(target, part)
+    if not callable(target):
+        raise ModelError(f"model {name!r}: {attribute!r} is a {type(target).__name__}, not a callable factory")
+    return target
+
+
+def _check_forward(spec: ModelSpec, model: nn.Module, num_classes: int) -> None:
+    """Two zero samples through ``model`` in eval mode; each submodule's train/eval mode is put back after."""
+    shape = spec.sample_shape()
+    where = f"model {spec.model!r} with input_shape {list(shape)}"
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(2, *shape))
+    except Exception as exc:  # the user's forward: a shape mismatch is the usual cause, and its text says so
+        raise ModelError(f"{where}: a forward pass on 2 zero samples raised {type(exc).__name__}: {exc}") from exc
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+        got = f"a {out.dtype} tensor" if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
+        raise ModelError(f"{where}: the forward pass returned {got}, not float logits")
+    if tuple(out.shape) != (2, num_classes):
+        raise ModelError(f"{where}: the forward pass on 2 samples returned shape {tuple(out.shape)}, not logits (2, num_classes={num_classes})")
 
 
 def _digest(parts: list[bytes]) -> str:
@@ -147,34 +307,73 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def save_weights(path, state: dict[str, torch.Tensor]) -> None:
-    """Write a state dict as an uncompressed ``.npz`` (no pickle): how a fleet's base model ships."""
+def save_weights(path: str | Path, state: Mapping[str, torch.Tensor]) -> None:
+    """Write a state dict as ``.safetensors`` when ``path`` ends so, else as an uncompressed ``.npz``.
+
+    Neither format holds code (no pickle): this is how a fleet's base model ships.
+    """
+    if Path(path).suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        # A copy each: safetensors refuses tensors that share memory (tied weights).
+        save_file({name: t.detach().cpu().contiguous().clone() for name, t in state.items()}, str(path))
+        return
     import numpy as np
 
     with open(path, "wb") as fh:
         np.savez(fh, **{name: t.detach().cpu().numpy() for name, t in state.items()})
 
 
-def load_weights(path, model: nn.Module) -> None:
-    """Load ``.npz`` weights into ``model``, checking names, shapes and finiteness first."""
-    import numpy as np
+def load_weights(path: str | Path, model: nn.Module) -> None:
+    """Load ``.safetensors`` or ``.npz`` weights into ``model``, checking the whole file first.
 
+    A file that does not fit is refused with one ValueError naming the tensors it lacks, those the
+    model lacks and those of another shape; NaN or infinite values are refused too.
+    """
+    tensors = _read_tensors(Path(path))
     expected = model.state_dict()
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {name: npz[name] for name in npz.files}
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{path}: not a readable .npz weights file: {exc}") from exc
-    if set(arrays) != set(expected):
-        missing, extra = sorted(set(expected) - set(arrays)), sorted(set(arrays) - set(expected))
-        raise ValueError(f"{path}: weights do not fit {getattr(model, 'arch_name', type(model).__name__)} (missing {missing[:5]}, unexpected {extra[:5]})")
+    _check_fit(path, tensors, expected, getattr(model, "arch_name", type(model).__name__))
     state = {}
     for name, ref in expected.items():
-        arr = arrays[name]
-        if tuple(arr.shape) != tuple(ref.shape):
-            raise ValueError(f"{path}: {name} has shape {arr.shape}, the model needs {tuple(ref.shape)}")
-        t = torch.from_numpy(arr).to(ref.dtype)
+        t = tensors[name].to(ref.dtype)
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise ValueError(f"{path}: {name} holds NaN or infinite values")
         state[name] = t
     model.load_state_dict(state)
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except (OSError, SafetensorError) as exc:
+            raise ValueError(f"{path}: not a readable .safetensors weights file: {exc}") from exc
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {name: torch.from_numpy(npz[name]) for name in npz.files}
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: not a readable .npz weights file: {exc}") from exc
+
+
+def _check_fit(path: str | Path, tensors: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], model_name: str) -> None:
+    missing = [name for name in expected if name not in tensors]
+    unexpected = [name for name in tensors if name not in expected]
+    misshaped = [
+        f"{name}: file {tuple(tensors[name].shape)} vs model {tuple(ref.shape)}"
+        for name, ref in expected.items()
+        if name in tensors and tuple(tensors[name].shape) != tuple(ref.shape)
+    ]
+    problems = [f"{label} ({_listed(names)})" for label, names in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if names]
+    if problems:
+        raise ValueError(f"{path}: weights do not fit {model_name}: " + "; ".join(problems))
+
+
+def _listed(items: list[str], limit: int = 10) -> str:
+    """``n: a, b, …`` with at most ``limit`` items named: a foreign file can differ in thousands of tensors."""
+    shown = ", ".join(items[:limit])
+    return f"{len(items)}: {shown}" + (f", … and {len(items) - limit} more" if len(items) > limit else "")

@@ -12,13 +12,13 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from agent.config import LearnerConfig, patched
 from agent.errors import ConfigError
 from agent.fl import FlConfig
-from agent.models import ARCHITECTURES
+from agent.models import ARCHITECTURES, InputShape, ModelArgs, ModelSpec, check_input_shape, check_model_name
 from broker import topics
 from service.settings import BrokerSettings, LayeredSettings, problems
 
@@ -46,13 +46,24 @@ class DaemonKnobs(BaseModel):
 class AgentSettings(LayeredSettings, BrokerSettings):
     """``clue-agent`` settings. Nested fields use ``__`` in environment names: ``CLUE_LEARNER__Z=0.3``."""
 
-    model_config = SettingsConfigDict(env_prefix="CLUE_", env_nested_delimiter="__", extra="forbid", frozen=True)
+    # env_prefix_target="all": the aliases of `model` are read as CLUE_MODEL and CLUE_ARCH, never as a bare MODEL or ARCH.
+    model_config = SettingsConfigDict(env_prefix="CLUE_", env_prefix_target="all", env_nested_delimiter="__", extra="forbid", frozen=True)
 
     node_id: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="this node's id (topics, client id, TLS identity)")
     state_dir: Path = Field(Path("state"), description="where checkpoints live (systemd: StateDirectory=)")
-    arch: str = Field("mlp4", description=f"model architecture: one of {sorted(ARCHITECTURES)}")
+    model: str = Field(
+        "mlp4", validation_alias=AliasChoices("model", "arch"),
+        description=f"the classifier: a built-in ({', '.join(sorted(ARCHITECTURES))}) or an import path package.module:factory (the old key arch is read too)",
+    )
+    model_args: ModelArgs = Field(
+        default_factory=dict, description="keyword arguments of the model's factory besides num_classes (strings, numbers, booleans, lists of them)",
+    )
+    input_shape: InputShape | None = Field(
+        None, validate_default=True,
+        description="one sample's shape, such as [784] or [3, 32, 32]; batches of another are refused (required for an import-path model; absent for a built-in: its own, unchecked)",
+    )
     num_classes: int = Field(10, ge=2, le=4096, description="classes the model outputs")
-    base_weights: Path | None = Field(None, description="the fleet's shared base weights (.npz); absent: built from model_seed")
+    base_weights: Path | None = Field(None, description="the fleet's shared base weights (.safetensors or .npz); absent: built from model_seed")
     model_seed: int = Field(0, ge=0, description="seed of the base weights when no file is given (same seed, same lineage)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the model runs")
     runtime: Literal["torch", "onnx"] = Field("torch", description="engine serving the frozen helpers (the target, retrained every batch, stays on torch: an export per batch costs more than it saves)")
@@ -80,12 +91,22 @@ class AgentSettings(LayeredSettings, BrokerSettings):
             raise ValueError(f"node id {value!r} cannot name MQTT topics: use 1-64 of A-Z a-z 0-9 _ . - other than '.' and '..'")
         return value
 
-    @field_validator("arch")
+    # Only what needs no import: the daemon builds the model at start and exits 78 if it fails.
+    @field_validator("model")
     @classmethod
-    def _known_arch(cls, value: str) -> str:
-        if value not in ARCHITECTURES:
-            raise ValueError(f"unknown architecture {value!r}; known: {sorted(ARCHITECTURES)}")
+    def _built_in_or_import_path(cls, value: str) -> str:
+        check_model_name(value)
         return value
+
+    @field_validator("input_shape")
+    @classmethod
+    def _shape_known(cls, value: tuple[int, ...] | None, info: ValidationInfo) -> tuple[int, ...] | None:
+        if "model" in info.data:  # else the model is refused already
+            check_input_shape(info.data["model"], value)
+        return value
+
+    def model_spec(self) -> ModelSpec:
+        return ModelSpec(model=self.model, model_args=self.model_args, input_shape=self.input_shape)
 
     def checkpoint_path(self) -> Path:
         return self.state_dir / f"{self.node_id}.ckpt.npz"

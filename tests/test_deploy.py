@@ -274,7 +274,7 @@ def test_compose_fleet_is_the_default_scenario():
         assert f'"--node-id", "{node}"' in text
     settings = load_settings(COMPOSE / "clue" / "agent.toml", node_id="node-0")
     assert settings.learner == LearnerConfig.model_validate({**scenario.learner, **MODES["clue"]})
-    assert (settings.arch, settings.num_classes) == (scenario.arch, scenario.num_classes)
+    assert (settings.model, settings.num_classes) == (scenario.arch, scenario.num_classes)
     assert settings.broker == "mqtt://mosquitto:1883" and str(settings.state_dir) == "/var/lib/clue-agent"
 
 

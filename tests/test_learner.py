@@ -76,6 +76,18 @@ def test_bad_labels_rejected(labels):
     assert _same(before, _weights(node))
 
 
+def test_a_batch_of_another_sample_shape_is_refused_when_the_shape_is_declared():
+    x, y = Blobs().batch(range(8))
+    images = x.reshape(100, 1, 28, 28)  # mlp4 flattens these, so only a declared shape tells them apart
+    Learner(build_model("mlp4", 10, seed=0), num_classes=10).process_batch(images, y)
+    node = Learner(build_model("mlp4", 10, seed=0), num_classes=10, input_shape=(784,))
+    before = _weights(node)
+    with pytest.raises(ValueError, match=r"samples of shape \(1, 28, 28\), the model takes \(784,\)"):
+        node.process_batch(images, y)
+    assert _same(before, _weights(node)) and node.batch_index == 0
+    assert node.process_batch(x, y).batch_index == 0
+
+
 class Asking:
     """A target's learner with its help coordinator; each help request is recorded and the MdS
     stand-in finds nobody, so the next request starts at once."""

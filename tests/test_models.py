@@ -49,7 +49,7 @@ def test_seeded_build_is_reproducible_and_leaves_global_rng_alone():
 
 
 def test_unknown_architecture():
-    with pytest.raises(ValueError, match="unknown architecture"):
+    with pytest.raises(ValueError, match="model .resnet9000. is unknown: the built-ins are"):
         build_model("resnet9000", 10)
 
 

@@ -4,6 +4,7 @@ import pytest
 
 from agent.config import LearnerConfig
 from agent.errors import ConfigError
+from agent.models import ModelSpec
 from agent.settings import DaemonKnobs, load_settings, nest_dotted, split_patch
 
 
@@ -30,7 +31,11 @@ def test_precedence_toml_env_flags(tmp_path, monkeypatch):
         ('node_id = "a"\nz = 0.3\n', {}, "z"),
         ('node_id = "a b"\n', {}, "node_id"),
         ('node_id = "a"\n[learner]\nz = 3\n', {}, "learner.z"),
-        ('node_id = "a"\narch = "resnet"\n', {}, "arch"),
+        ('node_id = "a"\narch = "resnet"\n', {}, "model: .*'resnet' is unknown"),
+        ('node_id = "a"\nmodel = "resnet"\n', {}, "model: .*the built-ins are intrusion_dnn, mlp4, mobilenet_s"),
+        ('node_id = "a"\nmodel = "pkg.mod:factory"\n', {}, "input_shape: .*required for the import-path model 'pkg.mod:factory'"),
+        ('node_id = "a"\ninput_shape = [28, 0]\n', {}, "input_shape: .*1 to 8 positive sizes"),
+        ('node_id = "a"\nmodel_args = { layers = { a = 1 } }\n', {}, "model_args: .*'layers' is a dict"),
         ("node_id = [unclosed\n", {}, "settings"),
         ('broker = "mqtt://x"\n', {}, "node_id"),
     ],
@@ -40,6 +45,23 @@ def test_bad_settings_name_the_problem(tmp_path, content, flags, match):
     toml.write_text(content)
     with pytest.raises(ConfigError, match=match):
         load_settings(toml, **flags)
+
+
+def test_the_model_is_a_built_in_or_an_import_path_and_the_old_key_arch_still_works(tmp_path, monkeypatch):
+    toml = tmp_path / "agent.toml"
+    toml.write_text('node_id = "a"\narch = "intrusion_dnn"\n')
+    assert load_settings(toml).model_spec() == ModelSpec(model="intrusion_dnn")
+    toml.write_text('node_id = "a"\nmodel = "fixtures.user_models:tiny_mlp"\ninput_shape = [12]\n[model_args]\nhidden = 8\nnames = ["x", "y"]\n')
+    spec = load_settings(toml).model_spec()
+    assert spec == ModelSpec(model="fixtures.user_models:tiny_mlp", model_args={"hidden": 8, "names": ["x", "y"]}, input_shape=(12,))
+    monkeypatch.setenv("ARCH", "mobilenet_s")
+    monkeypatch.setenv("MODEL", "mobilenet_s")
+    assert load_settings(node_id="a").model == "mlp4", "only CLUE_* variables are settings"
+    monkeypatch.setenv("CLUE_ARCH", "intrusion_dnn")
+    assert load_settings(node_id="a").model == "intrusion_dnn"
+    monkeypatch.setenv("CLUE_MODEL", "mobilenet_s")
+    assert load_settings(node_id="a").model == "mobilenet_s"
+    assert load_settings(node_id="a", model="mlp4").model == "mlp4"
 
 
 def test_missing_config_file():

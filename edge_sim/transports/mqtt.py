@@ -43,7 +43,7 @@ def agent_settings(scn: Scenario, mode: str, members: list[str], seed: int) -> d
     daemon = {"meta_interval": 0.0, "meta_heartbeat": 86_400.0, "checkpoint_every": 1_000_000, "kt_timeout": 20.0}
     daemon.update(scn.daemon)
     settings: dict[str, Any] = {
-        "learner": learner_values(scn.learner, mode), "daemon": daemon, "arch": scn.arch, "num_classes": scn.num_classes,
+        "learner": learner_values(scn.learner, mode), "daemon": daemon, "model": scn.arch, "num_classes": scn.num_classes,
     }
     if mode == FEDAVG:
         settings["fl"] = {
