@@ -165,7 +165,7 @@ def measure(persistence: bool, malloc_retain_mb: int | None, plan: dict[str, int
     ``malloc_retain_mb`` is the agent's setting of that name (None: its default)."""
     x, y, num_classes = data
     pre_idx, rest = split_pool(y, holdout_classes=range(num_classes), holdout=2000, seed=0)
-    base = pretrain_base("mlp4", x[pre_idx], y[pre_idx], num_classes=num_classes, epochs=2, seed=0)
+    base = pretrain_base(build_model("mlp4", num_classes, seed=0), x[pre_idx], y[pre_idx], epochs=2, seed=0)
     stream = BatchStream(x, y, indices=rest, seed=0)
     everything = ClassMix(tuple(range(num_classes)))
     total = plan["warmup"] + plan["blocks"] * BLOCK + plan["pipe_blocks"] * PIPE_BLOCK

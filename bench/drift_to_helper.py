@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.models import save_weights
+from agent.models import build_model, save_weights
 from bench.common import parse_args, setup, stats, summary_row, table, write_json
 from broker import topics
 from broker.client import MqttClient, Responder
@@ -57,7 +57,7 @@ def run(quick: bool) -> dict[str, Any]:
     x, y, num_classes = load_dataset("fashion_mnist")
     workload = introduction_workload(num_classes=num_classes, initial=8, drift_at=PRE_DRIFT, new_share=0.25)
     pre_idx, rest = split_pool(y, holdout_classes=workload.target_classes, holdout=2000, seed=0)
-    base = pretrain_base("mlp4", x[pre_idx], y[pre_idx], num_classes=num_classes, epochs=plan["epochs"], seed=0)
+    base = pretrain_base(build_model("mlp4", num_classes, seed=0), x[pre_idx], y[pre_idx], epochs=plan["epochs"], seed=0)
     targets = [f"bench-target-{r}" for r in range(plan["targets"])]
     installed: list[dict[str, Any]] = []
     echo_ms: list[float] = []

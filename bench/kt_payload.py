@@ -78,7 +78,7 @@ def train_helper(arch: str, base: dict[str, torch.Tensor], x: np.ndarray, y: np.
 def measure_arch(arch: str, data: tuple[np.ndarray, np.ndarray, int], sizes: dict[str, int], seed: int) -> list[dict[str, Any]]:
     x, y, num_classes = data
     pre_idx, rest = split_pool(y, holdout_classes=range(8), holdout=sizes["pretrain"], seed=seed)
-    base = pretrain_base(arch, x[pre_idx], y[pre_idx], num_classes=num_classes, epochs=sizes["epochs"], seed=seed)
+    base = pretrain_base(build_model(arch, num_classes, seed=seed), x[pre_idx], y[pre_idx], epochs=sizes["epochs"], seed=seed)
     helper, reservoir = train_helper(arch, base, x[rest], y[rest], steps=sizes["steps"], batch=sizes["batch"], seed=seed)
     base_params = {name: base[name] for name, _ in helper.named_parameters()}
     shapes = {name: tuple(p.shape) for name, p in helper.named_parameters()}

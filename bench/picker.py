@@ -64,7 +64,7 @@ PLANS = {
 def measure(arch: str, data: tuple[np.ndarray, np.ndarray, int], *, reps: int, warmup: int, epochs: int, seed: int = 0) -> dict[str, Any]:
     x, y, num_classes = data
     pre_idx, rest = split_pool(y, holdout_classes=range(8), holdout=2000, seed=seed)
-    base = pretrain_base(arch, x[pre_idx], y[pre_idx], num_classes=num_classes, epochs=epochs, seed=seed)
+    base = pretrain_base(build_model(arch, num_classes, seed=seed), x[pre_idx], y[pre_idx], epochs=epochs, seed=seed)
 
     def learner(**knobs: Any) -> Learner:
         model = build_model(arch, num_classes)

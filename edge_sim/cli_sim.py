@@ -6,7 +6,7 @@
     clue-sim run default --set value_codec=int4_delta --set drift.window=5     # other learner knobs
     clue-sim list                        # the shipped scenarios
     clue-sim all --out runs/all [--resume]   # every shipped scenario into one report (long)
-    clue-sim base --scenario default --out base.npz          # a fleet's shared base model
+    clue-sim base --scenario default --out base.safetensors  # a fleet's shared base model (or .npz)
     clue-sim feed --broker URL --scenario default --nodes a,b,c,d,e --out DIR   # agents run elsewhere
     clue-sim feed --broker mqtts://broker.lan:8883 --tls-ca ca.crt --tls-cert feeder.crt --tls-key feeder.key \
         --collector-tls-cert collector.crt --collector-tls-key collector.key --nodes a,b,c --out DIR
@@ -33,7 +33,7 @@ from agent.errors import ConfigError
 from agent.models import save_weights
 from agent.settings import nest_dotted
 from broker.ctl import UsageError, parse_assignment
-from edge_sim.inputs import load_dataset, prepare_seed
+from edge_sim.inputs import prepare_seed, scenario_data
 from edge_sim.report import headline_table, write_report
 from edge_sim.runner import run_scenario
 from edge_sim.scenario import Scenario, load_scenario, shipped_scenarios
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     every.add_argument("--out", type=Path, default=Path("runs/all"))
     every.add_argument("--broker")
     every.add_argument("--resume", action="store_true", help="keep the scenarios whose complete results are already in --out")
-    base = sub.add_parser("base", help="pre-train a scenario's shared base model (first seed) and save it as .npz")
+    base = sub.add_parser("base", help="pre-train a scenario's shared base model (first seed) and save it as .safetensors or .npz (by --out's suffix)")
     base.add_argument("--scenario", default="default")
     base.add_argument("--out", type=Path, required=True)
     feed = sub.add_parser("feed", help="play a scenario's workload to agents run elsewhere (e.g. docker compose)")
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "base":
             scn = load_scenario(args.scenario)
-            inputs = prepare_seed(scn, scn.seeds[0], load_dataset(scn.dataset))
+            inputs = prepare_seed(scn, scn.seeds[0], scenario_data(scn))
             args.out.parent.mkdir(parents=True, exist_ok=True)
             save_weights(args.out, inputs.base)
             console.print(f"wrote {args.out} (scenario {scn.name}, seed {scn.seeds[0]})")

@@ -1,6 +1,9 @@
 """What every run starts from, whatever its transport: the data set, the scenario's workload, the
 seed's shared base model and the request batches each node is sent, batch by batch.
 
+Every model of a run is built here (`scenario_model`), from the scenario's spec, built-in or not:
+nothing downstream knows a built-in from the user's own model.
+
 Both transports draw the same batches for the same scenario and seed: node i's stream is seeded
 ``seed * 1000 + i`` over the pool left after pre-training, and which helper batches carry labels
 is one seeded draw per batch and helper.
@@ -8,56 +11,80 @@ is one seeded draw per batch and helper.
 
 from __future__ import annotations
 
+import math
+import sys
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from agent.models import build_model
+from agent.config import LearnerConfig
+from agent.errors import ConfigError
+from agent.models import ModelError, build_from_spec
+from edge_sim.datasets.sources import LabelledData, describe, load_dataset
 from edge_sim.scenario import Scenario
 from edge_sim.workloads import BatchStream, Workload, introduction_workload, split_pool
 
 
-class LabelledData(NamedTuple):
-    x: np.ndarray
-    y: np.ndarray
-    num_classes: int
+def scenario_data(scn: Scenario) -> LabelledData:
+    """The scenario's data set, its samples reshaped to the model's ``input_shape``.
+
+    Raises ConfigError naming the file when it is missing or cannot be used (see
+    ``load_dataset``), when its classes do not fit ``new_classes`` or ``initial_classes``, its
+    samples hold more or fewer values than the model takes, or its values lie outside the
+    learner's ``input_range`` (every batch would be refused).
+    """
+    where = describe(scn.dataset)
+    try:
+        data = load_dataset(scn.dataset)
+    except (OSError, ValueError) as exc:  # their messages name the file
+        raise ConfigError(f"{scn.name}: dataset: {exc}") from exc
+    try:
+        scn.check_classes(data.num_classes)
+    except ValueError as exc:
+        raise ConfigError(f"{scn.name}: dataset {where}: {exc}") from exc
+    shape = scn.model_spec().sample_shape()
+    if math.prod(shape) != math.prod(data.x.shape[1:]):
+        raise ConfigError(
+            f"{scn.name}: dataset {where} has samples of shape {list(data.x.shape[1:])} ({math.prod(data.x.shape[1:])} values), "
+            f"but the model {scn.model!r} takes input_shape {list(shape)} ({math.prod(shape)} values)"
+        )
+    low, high = LearnerConfig.model_validate(scn.learner).input_range
+    lowest, highest = float(data.x.min()), float(data.x.max())
+    if lowest < low or highest > high:
+        raise ConfigError(
+            f"{scn.name}: dataset {where} spans [{lowest:.4g}, {highest:.4g}], outside the learner's input_range [{low:g}, {high:g}] "
+            "(every batch would be refused): scale the data (the table's scale) or set [learner] input_range"
+        )
+    return LabelledData(data.x.reshape(len(data.x), *shape), data.y, data.num_classes)
 
 
-def load_dataset(name: str) -> LabelledData:
-    """A scenario's ``dataset``: float32 inputs, int64 labels."""
-    if name == "fashion_mnist":
-        from edge_sim.datasets.images import load_fashion_mnist
-
-        x, y = load_fashion_mnist(split="train")
-        return LabelledData(x.astype(np.float32), y.astype(np.int64), 10)
-    if name == "mnist_5k":
-        from edge_sim.datasets.images import load_mnist_5k
-
-        x, y = load_mnist_5k()
-        return LabelledData(x.astype(np.float32), y.astype(np.int64), 10)
-    from edge_sim.datasets.synthetic import make_synthetic_nslkdd
-
-    x, y = make_synthetic_nslkdd(60_000, seed=0)
-    return LabelledData(x.astype(np.float32), y.astype(np.int64), 5)
+def scenario_model(scn: Scenario, num_classes: int, *, seed: int | None = None) -> nn.Module:
+    """A fresh model of the scenario's spec (``seed``: as ``build_from_spec``); ConfigError when it cannot be built."""
+    for folder in reversed(scn.python_path):
+        if str(folder) not in sys.path:
+            sys.path.insert(0, str(folder))
+    try:
+        return build_from_spec(scn.model_spec(), num_classes, seed=seed)
+    except ModelError as exc:
+        raise ConfigError(f"{scn.name}: {exc}") from exc
 
 
-def scenario_workload(scn: Scenario, seed: int = 0) -> Workload:
-    """The scenario's workload in ``seed``'s run (the seed matters only for ``new_classes = "seeded"``)."""
+def scenario_workload(scn: Scenario, num_classes: int, seed: int = 0) -> Workload:
+    """The scenario's workload over ``num_classes`` classes in ``seed``'s run (the seed matters only for ``new_classes = "seeded"``)."""
     return introduction_workload(
-        helpers=scn.helpers, kind=scn.workload, num_classes=scn.num_classes, initial=scn.initial_classes,
+        helpers=scn.helpers, kind=scn.workload, num_classes=num_classes, initial=scn.initial_classes,
         drift_at=scn.drift_at, new_share=scn.new_share, non_overlap_from=scn.non_overlap_from,
-        wrong_helper=scn.nodes - 1 if scn.wrong_helper else None, new_classes=scn.new_classes_for(seed),
+        wrong_helper=scn.nodes - 1 if scn.wrong_helper else None, new_classes=scn.new_classes_for(seed, num_classes),
     )
 
 
-def pretrain_base(
-    arch: str, x: np.ndarray, y: np.ndarray, *, num_classes: int, epochs: int, seed: int
-) -> dict[str, torch.Tensor]:
-    """The one base model every node starts from (the paper fine-tunes one model and deploys it)."""
-    model = build_model(arch, num_classes, seed=seed)
+def pretrain_base(model: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int, seed: int) -> dict[str, torch.Tensor]:
+    """Train ``model``, freshly built, into the one base model every node starts from (the paper
+    fine-tunes one model and deploys it); returns its state."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
@@ -84,9 +111,10 @@ class SeedInputs:
 
 def prepare_seed(scn: Scenario, seed: int, data: LabelledData) -> SeedInputs:
     """The seed's base model, pre-trained on the target's initial classes, and the stream pool."""
-    workload = scenario_workload(scn, seed)
+    workload = scenario_workload(scn, data.num_classes, seed)
     pre, rest = split_pool(data.y, holdout_classes=workload.target_classes, holdout=scn.pretrain_samples, seed=seed)
-    base = pretrain_base(scn.arch, data.x[pre], data.y[pre], num_classes=scn.num_classes, epochs=scn.pretrain_epochs, seed=seed)
+    model = scenario_model(scn, data.num_classes, seed=seed)
+    base = pretrain_base(model, data.x[pre], data.y[pre], epochs=scn.pretrain_epochs, seed=seed)
     return SeedInputs(seed, data, base, rest)
 
 
@@ -102,7 +130,7 @@ class RequestFeed:
     """Every node's request batches of one run (node 0 the target), batch by batch."""
 
     def __init__(self, scn: Scenario, seed: int, data: LabelledData, rest: np.ndarray) -> None:
-        self.workload = scenario_workload(scn, seed)
+        self.workload = scenario_workload(scn, data.num_classes, seed)
         self._streams = [BatchStream(data.x, data.y, indices=rest, seed=seed * 1000 + i) for i in range(scn.nodes)]
         self._label_draw = np.random.default_rng(seed + 7919)
         self._batch_size = scn.batch_size

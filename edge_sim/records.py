@@ -23,13 +23,14 @@ class NodeRecord:
 
 @dataclass
 class ModeRun:
-    """One mode, one seed: every node's record (node 0 is the target)."""
+    """One mode, one seed: every node's record (node 0 is the target), over the data set's ``num_classes`` classes."""
 
     mode: str
     seed: int
     nodes: dict[str, NodeRecord]
     seconds: float
     complete: bool
+    num_classes: int
 
     @property
     def target(self) -> NodeRecord:
@@ -42,5 +43,5 @@ def node_ids(seed: int, mode: str, count: int) -> list[str]:
 
 
 def run_dict(run: ModeRun) -> dict[str, Any]:
-    return {"mode": run.mode, "seed": run.seed, "seconds": run.seconds, "complete": run.complete,
+    return {"mode": run.mode, "seed": run.seed, "seconds": run.seconds, "complete": run.complete, "num_classes": run.num_classes,
             "nodes": {n: asdict(r) for n, r in run.nodes.items()}}

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from edge_sim.datasets.sources import describe
 from edge_sim.inputs import scenario_workload
 from edge_sim.records import ModeRun, NodeRecord, run_dict
 from edge_sim.scenario import Scenario
@@ -101,7 +102,7 @@ def summarise(scn: Scenario, runs: Sequence[ModeRun]) -> dict[str, Any]:
         rs = [r for r in runs if r.mode == mode]
         rows = []
         for r in rs:
-            workload = scenario_workload(scn, r.seed)
+            workload = scenario_workload(scn, r.num_classes, r.seed)
             # Classes of the target's that the helpers never saw (non-overlapping helpers): what a helper can break.
             unseen = [c for c in workload.target_classes if c not in workload.helper_classes]
             errs = r.target.served_error
@@ -270,8 +271,8 @@ def write_report(scn: Scenario, runs: Sequence[ModeRun], out: Path) -> dict[str,
     md = [
         f"# {scn.title or scn.name}",
         "",
-        f"Scenario `{scn.name}`: {scn.dataset} ({'synthetic NSL-KDD schema' if scn.dataset == 'nslkdd_synthetic' else 'real images'}), "
-        f"{scn.arch}, {scn.nodes} nodes, batches of {scn.batch_size}, {scn.workload} of classes at batch {scn.drift_at} of {scn.batches}, "
+        f"Scenario `{scn.name}`: {_dataset_words(scn)}, "
+        f"{scn.model}, {scn.nodes} nodes, batches of {scn.batch_size}, {scn.workload} of classes at batch {scn.drift_at} of {scn.batches}, "
         f"helpers {scn.helpers}, seeds {scn.seeds}, {scn.pacing} pacing; {TRANSPORTS[scn.transport]}.",
         "",
         "**Partial results: the run was interrupted.**" if partial else "",
@@ -304,9 +305,17 @@ def write_report(scn: Scenario, runs: Sequence[ModeRun], out: Path) -> dict[str,
         md += [f"- {k}: {v}" for k, v in scn.paper.items()]
         md.append("")
     (out / "report.md").write_text("\n".join(md))
-    payload = {"scenario": scn.model_dump(), "summary": summary, "runs": [run_dict(r) for r in runs], "partial": partial}
+    payload = {"scenario": scn.model_dump(mode="json"), "summary": summary, "runs": [run_dict(r) for r in runs], "partial": partial}
     (out / "results.json").write_text(json.dumps(payload, indent=1, default=_json_default))
     return summary
+
+
+def _dataset_words(scn: Scenario) -> str:
+    if scn.dataset == "nslkdd_synthetic":
+        return "nslkdd_synthetic (synthetic NSL-KDD schema)"
+    if scn.dataset in ("fashion_mnist", "mnist_5k"):
+        return f"{scn.dataset} (real images)"
+    return f"`{describe(scn.dataset)}`"
 
 
 def _new_classes(summary: dict[str, Any]) -> str:

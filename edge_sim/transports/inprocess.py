@@ -31,9 +31,8 @@ from agent.fl import FlConfig, apply_global, fedavg, global_from_tensors, is_rou
 from agent.kt.coordinator import AskHelper, HelpCoordinator, Install, QueryHelpers, Report
 from agent.kt.helper_selection import CandidateInfo
 from agent.learner import BatchResult, Learner
-from agent.models import build_model
 from broker.wire import encode
-from edge_sim.inputs import Request, RequestFeed, SeedInputs
+from edge_sim.inputs import Request, RequestFeed, SeedInputs, scenario_model
 from edge_sim.modes import FEDAVG, learner_values
 from edge_sim.records import ModeRun, NodeRecord, node_ids
 from edge_sim.scenario import Scenario
@@ -235,13 +234,16 @@ class InProcessTransport:
         for log in logs:
             log.record.stats = log.stats()
         nodes = {node: log.record for node, log in zip(ids, logs)}
-        return ModeRun(mode=mode, seed=seed, nodes=nodes, seconds=time.perf_counter() - started, complete=True)
+        return ModeRun(mode=mode, seed=seed, nodes=nodes, seconds=time.perf_counter() - started, complete=True, num_classes=inputs.data.num_classes)
 
     @staticmethod
     def _learner(scn: Scenario, config: LearnerConfig, inputs: SeedInputs, seed: int) -> Learner:
-        model = build_model(scn.arch, scn.num_classes)
+        num_classes = inputs.data.num_classes
+        model = scenario_model(scn, num_classes)
         model.load_state_dict(copy.deepcopy(inputs.base))
-        return Learner(model, num_classes=scn.num_classes, config=config, base_state=inputs.base, seed=seed)
+        return Learner(
+            model, num_classes=num_classes, config=config, base_state=inputs.base, seed=seed, input_shape=scn.model_spec().sample_shape()
+        )
 
 
 def _tensors(request: Request) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -30,7 +30,7 @@ from agent.models import save_weights
 from broker.client import MqttClient
 from broker.launcher import PrivateMosquitto
 from edge_sim.collector import Collector, Feeder
-from edge_sim.inputs import LabelledData, RequestFeed, SeedInputs, load_dataset, prepare_seed
+from edge_sim.inputs import LabelledData, RequestFeed, SeedInputs, prepare_seed, scenario_data
 from edge_sim.modes import FEDAVG, learner_values
 from edge_sim.processes import Child, spawn, spawn_agent, spawn_mds
 from edge_sim.records import ModeRun, NodeRecord, node_ids
@@ -38,12 +38,17 @@ from edge_sim.scenario import Scenario
 from edge_sim.transports.base import Progress
 
 
-def agent_settings(scn: Scenario, mode: str, members: list[str], seed: int) -> dict[str, Any]:
-    """Agent settings for one mode: the scenario's knobs, then the mode's own."""
+def agent_settings(scn: Scenario, mode: str, members: list[str], seed: int, num_classes: int) -> dict[str, Any]:
+    """Agent settings for one mode over ``num_classes`` classes: the scenario's model and knobs, then the mode's own.
+
+    The input shape is always given, a built-in's too, so every agent checks the batches it is sent.
+    """
     daemon = {"meta_interval": 0.0, "meta_heartbeat": 86_400.0, "checkpoint_every": 1_000_000, "kt_timeout": 20.0}
     daemon.update(scn.daemon)
+    spec = scn.model_spec()
     settings: dict[str, Any] = {
-        "learner": learner_values(scn.learner, mode), "daemon": daemon, "model": scn.arch, "num_classes": scn.num_classes,
+        "learner": learner_values(scn.learner, mode), "daemon": daemon, "model": spec.model, "model_args": spec.model_args,
+        "input_shape": list(spec.sample_shape()), "num_classes": num_classes,
     }
     if mode == FEDAVG:
         settings["fl"] = {
@@ -142,6 +147,16 @@ class MqttTransport:
         self.fleet.close()
 
 
+def _python_path_env(scn: Scenario) -> dict[str, str]:
+    """The agents' PYTHONPATH: the scenario's ``python_path`` before what this process was given."""
+    if not scn.python_path:
+        return {}
+    paths = [str(p) for p in scn.python_path]
+    if os.environ.get("PYTHONPATH"):
+        paths.append(os.environ["PYTHONPATH"])
+    return {"PYTHONPATH": os.pathsep.join(paths)}
+
+
 def _per_class(y: np.ndarray, y_hat: np.ndarray) -> dict[int, float]:
     return {int(c): float((y_hat[y == c] != c).mean()) for c in np.unique(y)}
 
@@ -156,11 +171,12 @@ def _play(
             raise ValueError(f"the scenario has {scn.nodes} nodes, {len(ids)} were named")
     else:
         ids = node_ids(seed, mode, scn.nodes)
-        settings = agent_settings(scn, mode, ids, seed)
+        settings = agent_settings(scn, mode, ids, seed, data.num_classes)
         settings["base_weights"] = str(base_path)
         state = fleet.workdir / "state" / f"s{seed}-{mode}"
         shutil.rmtree(state, ignore_errors=True)
-        agents = [spawn_agent(n, fleet.broker_url, state, fleet.workdir / "logs", settings=settings) for n in ids]
+        env = _python_path_env(scn)
+        agents = [spawn_agent(n, fleet.broker_url, state, fleet.workdir / "logs", settings=settings, env=env) for n in ids]
     aggregator = None
     if mode == FEDAVG:
         fl = settings["fl"]
@@ -218,7 +234,7 @@ def _play(
         if aggregator is not None:
             aggregator.terminate(10)
     _collect(collector, nodes, ids, scn.batches, labels)
-    return ModeRun(mode=mode, seed=seed, nodes=nodes, seconds=time.perf_counter() - started, complete=complete)
+    return ModeRun(mode=mode, seed=seed, nodes=nodes, seconds=time.perf_counter() - started, complete=complete, num_classes=data.num_classes)
 
 
 def _fl_round(settings: dict[str, Any], t: int) -> int | None:
@@ -292,7 +308,7 @@ def feed_external(
     ``clue-sim base`` wrote for the same scenario, so the data split matches. ``tls`` and
     ``collector_tls``: as for ``Fleet``.
     """
-    data = load_dataset(scn.dataset)
+    data = scenario_data(scn)
     seed = scn.seeds[0]
     rest = prepare_seed(scn, seed, data).rest
     with _workdir(workdir) as wd:
