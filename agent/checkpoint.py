@@ -5,9 +5,11 @@ holding named numeric arrays and one JSON metadata array; it is read back with
 ``allow_pickle=False``, so a hostile file can at worst be refused (``torch.save``/``torch.load``
 unpickle, which would run code). Members:
 
-- ``model/<name>``: every ``state_dict`` entry (parameters and buffers such as batch-norm stats);
+- ``model/<name>``: what the node learns (`agent.models.learnt_state`): its trainable
+  parameters, each once (a tied one under its first name), and every buffer (batch-norm
+  statistics and counters) outside frozen modules;
 - ``optim/<i>/<key>``: the optimiser's per-parameter tensors (Adam: ``step``, ``exp_avg``,
-  ``exp_avg_sq``) for the i-th parameter;
+  ``exp_avg_sq``) for the i-th trainable parameter;
 - ``hist``: the long-run class histogram;
 - ``meta``: UTF-8 JSON with the format name and version, ``arch_id``, ``lineage``, number of
   classes, batch counter, the applied ``LearnerConfig``, the optimiser's class and param groups.
@@ -16,7 +18,10 @@ Saved: what took the node many batches to learn (after a promotion, the target *
 branch, so what a helper taught it is saved). Not saved: pooled helpers (ephemeral by design:
 built for one drift and discarded after it), with their live branches, the guard a promotion left
 in the pool and the trust operator's per-class weights, which all belong to the pool; the drift detector's window, the reservoir and the
-recent per-batch histories, which refill within a few batches after a restart.
+recent per-batch histories, which refill within a few batches after a restart. Not saved either:
+frozen parameters and the buffers of frozen modules (``ModelSpec.trainable``). Nothing ever
+changes them, so they are the base weights the node is rebuilt from at start, which ``lineage``
+vouches for; a frozen backbone is not written again every ``checkpoint_every`` batches.
 
 Writes go to a temporary file beside the target, are fsynced, renamed over it, and the directory
 is fsynced: a crash at any point leaves either the old or the new checkpoint, never a mix. The
@@ -46,6 +51,7 @@ from pydantic import ValidationError
 from agent.config import LearnerConfig
 from agent.errors import CheckpointError
 from agent.learner import Learner
+from agent.models import learnt_state
 from service.settings import problems
 
 FORMAT = "clue-edge-checkpoint"
@@ -70,7 +76,8 @@ def save_checkpoint(path: str | os.PathLike[str], learner: Learner) -> Path:
     """
     path = Path(path)
     arrays: dict[str, np.ndarray] = {}
-    for name, tensor in learner.model.state_dict().items():
+    learnt = learnt_state(learner.model)
+    for name, tensor in learnt.items():
         arrays[f"model/{name}"] = _to_numpy(tensor, f"model/{name}")
     optim = learner.optimizer.state_dict()
     scalars: dict[str, dict[str, Any]] = {}
@@ -90,7 +97,7 @@ def save_checkpoint(path: str | os.PathLike[str], learner: Learner) -> Path:
         "num_classes": learner.num_classes,
         "batch_index": learner.batch_index,
         "config": learner.config.model_dump(mode="json"),
-        "model": list(learner.model.state_dict()),
+        "model": list(learnt),
         "optimizer": {
             "type": type(learner.optimizer).__name__,
             "param_groups": optim["param_groups"],
@@ -173,7 +180,8 @@ def load_checkpoint(path: str | os.PathLike[str], learner: Learner, *, restore_c
     # Validated: from here on nothing is expected to fail.
     if restore_config:
         learner.apply_config(config.model_dump())
-    learner.model.load_state_dict(model_state)
+    # Not strict: the frozen tensors and a tied tensor's other names are the model's own already.
+    learner.model.load_state_dict(model_state, strict=False)
     learner.optimizer.load_state_dict(optim_state)
     # The config is authoritative for the learning rate, whichever config is now in force.
     for group in learner.optimizer.param_groups:
@@ -271,9 +279,9 @@ def _checked(array: np.ndarray | None, name: str, like: torch.Tensor, where: str
 def _model_state(
     arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any], learner: Learner, where: str
 ) -> dict[str, torch.Tensor]:
-    live = learner.model.state_dict()
+    live = learnt_state(learner.model)
     if meta.get("model") != list(live):
-        raise CheckpointError(f"{where} holds other model entries than this model's state_dict")
+        raise CheckpointError(f"{where} holds other model entries than what this model learns")
     return {name: _checked(arrays.get(f"model/{name}"), f"model/{name}", t, where) for name, t in live.items()}
 
 

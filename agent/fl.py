@@ -4,8 +4,14 @@ daemon and `edge_sim.aggregator` wire them to `fl/{job}/update/{id}` and `fl/{jo
 
 A round `r` falls on the node's batch `(r + 1) * every - 1`. Its participants are `per_round` of
 the job's `members`, drawn by a seeded hash, so every node and the aggregator compute the same set
-without talking. A model travels as every `state_dict` entry (parameters and buffers), so a node
-that adopts the global model adopts the batch-norm statistics too.
+without talking. A model travels as what the node learns (`agent.models.learnt_state`): its
+trainable parameters, each once (a tied one under its first name), and its buffers outside frozen
+modules, so a node that adopts the global model adopts the batch-norm statistics too. Frozen
+parameters (and the buffers of frozen modules) are the shared base's on every node by
+construction: they are never sent, and a global model that names one is refused. Buffers are
+averaged as the parameters are when they are floats (running means and variances, weighted by
+samples), and take the largest value when they are integers (a batch-norm `num_batches_tracked`,
+a count of steps).
 
 >>> cfg = FlConfig(job="j1", every=5, members=["a", "b", "c"], per_round=2)
 >>> [is_round_batch(cfg, i) for i in (3, 4, 9)]
@@ -28,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 from torch import nn
 
 from agent.errors import ClueError
+from agent.models import learnt_state, trainable_params
 from broker.wire import ArrayPayload, GlobalModel, ModelUpdate, NamedArray
 
 _Id = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
@@ -82,7 +89,7 @@ def is_round_batch(cfg: FlConfig, batch_index: int) -> int | None:
 
 
 def model_to_update(model: nn.Module, *, job: str, round: int, node_id: str, samples: int) -> ModelUpdate:
-    """A node's `ModelUpdate`: every `state_dict` entry; `samples` weighs it in the average."""
+    """A node's `ModelUpdate`: what it learns (`learnt_state`); `samples` weighs it in the average."""
     _check_param_dtypes(model)
     return ModelUpdate(job=job, round=round, node_id=node_id, tensors=_named(_state_arrays(model)), samples=samples)
 
@@ -95,13 +102,18 @@ def global_from_tensors(tensors: Mapping[str, np.ndarray], *, job: str, round: i
 def apply_global(model: nn.Module, msg: GlobalModel) -> None:
     """Load a global model into `model`, all or nothing.
 
-    The message must hold exactly the model's `state_dict` names, each with the local shape and
-    dtype (parameters float32, buffers their own dtype) and finite values; otherwise `FlRejected`
-    is raised and the model is unchanged.
+    The message must hold exactly the names `model_to_update` sends (no frozen tensor among them),
+    each with the local shape and dtype (parameters float32, buffers their own dtype) and finite
+    values; otherwise `FlRejected` is raised and the model is unchanged.
     """
     _check_param_dtypes(model)
-    local = model.state_dict()
+    live = learnt_state(model, keep_vars=True)
+    local = {name: t.detach() for name, t in live.items()}
     arrays = {t.name: t.array.to_numpy() for t in msg.tensors}
+    frozen = _frozen_names(model, live)
+    named = sorted(frozen & arrays.keys())
+    if named:
+        raise FlRejected(f"global model: names frozen tensors {named[:5]}, which never leave a node")
     _check_names(arrays.keys(), local.keys(), "global model")
     state: dict[str, torch.Tensor] = {}
     for name, ref in local.items():
@@ -115,7 +127,8 @@ def apply_global(model: nn.Module, msg: GlobalModel) -> None:
         if arr.dtype.kind == "f" and not np.isfinite(arr).all():
             raise FlRejected(f"global model: {name} holds NaN or infinite values")
         state[name] = torch.from_numpy(np.array(arr, dtype=arr.dtype.newbyteorder("="), copy=True))
-    model.load_state_dict(state, strict=True)
+    # Not strict: the frozen tensors and a tied tensor's other names are the model's own already.
+    model.load_state_dict(state, strict=False)
 
 
 # --- the average -----------------------------------------------------------------------------
@@ -172,7 +185,7 @@ def layout(msg: ModelUpdate | GlobalModel) -> dict[str, tuple[str, tuple[int, ..
 
 def _state_arrays(model: nn.Module) -> dict[str, np.ndarray]:
     out = {}
-    for name, t in model.state_dict().items():
+    for name, t in learnt_state(model).items():
         arr = t.detach().to("cpu").contiguous().numpy()
         if arr.dtype.kind == "f" and not np.isfinite(arr).all():
             raise FlRejected(f"model: {name} holds NaN or infinite values")
@@ -192,8 +205,14 @@ def _payload(arr: np.ndarray) -> ArrayPayload:
     return ArrayPayload(dtype=arr.dtype.name, shape=list(arr.shape), data=little.tobytes())
 
 
+def _frozen_names(model: nn.Module, live: Mapping[str, torch.Tensor]) -> set[str]:
+    """The `state_dict` names of tensors that never travel (a second name of a tied one does not count)."""
+    sent = {id(t) for t in live.values()}
+    return {name for name, t in model.state_dict(keep_vars=True).items() if id(t) not in sent}
+
+
 def _check_param_dtypes(model: nn.Module) -> None:
-    for name, p in model.named_parameters():
+    for name, p in trainable_params(model):
         if p.dtype != torch.float32:
             raise FlRejected(f"model: parameter {name} is {p.dtype}; FedAvg sends float32 parameters")
 

@@ -6,6 +6,11 @@ helpers' requests from, the drift detector and the helper pool. It never touches
 never decides whom to ask: it reports a drift (the classes behind it, the error before it) and the
 helpers it dropped as useless, and `agent.kt.coordinator.HelpCoordinator` runs the transfer; a KT
 blob is handed back in as bytes.
+
+The model's frozen parameters (``requires_grad`` False: `agent.models.freeze_untrainable`) are the
+shared base's and stay so: the optimiser, the sensitivity picker, the blobs this node sends and
+accepts, and a live branch all take the trainable ones only (`agent.models.trainable_params`), and
+frozen modules run in eval mode while training (`agent.models.train_mode`).
 """
 
 from __future__ import annotations
@@ -35,8 +40,8 @@ from agent.kt.selection import significant_params
 from agent.kt.sensitivity import Reservoir
 from agent.kt.significant import SignificantParams
 from agent.models import arch_id as compute_arch_id
+from agent.models import learnt_state, param_shapes, train_mode, trainable_params
 from agent.models import lineage as compute_lineage
-from agent.models import param_shapes
 from agent.optim import Adam
 
 # Batches before the drift window whose mean target error is the level a helper must restore.
@@ -94,7 +99,12 @@ class Installed:
 
 
 class Learner:
-    """Online learner of one node, with CLUE's knowledge transfer as helper and as target."""
+    """Online learner of one node, with CLUE's knowledge transfer as helper and as target.
+
+    ``model`` holds the base weights (``base_state``, when given, is what it was loaded from and
+    names the lineage); its frozen parameters must equal the base's, and at least one parameter
+    must be trainable. Raises ValueError otherwise.
+    """
 
     def __init__(
         self,
@@ -116,7 +126,8 @@ class Learner:
         self.arch_id = compute_arch_id(model)
         base = {k: v.detach().to("cpu").clone() for k, v in (base_state or model.state_dict()).items()}
         self.lineage = compute_lineage(base)
-        self._base_params = {name: base[name] for name, _ in model.named_parameters()}
+        _check_frozen(model, base)
+        self._base_params = {name: base[name] for name, _ in trainable_params(model)}
         self._shapes = param_shapes(model)
         self._rng = torch.Generator().manual_seed(seed)
         self._helper_ids = itertools.count()
@@ -132,7 +143,7 @@ class Learner:
 
     def _build_components(self) -> None:
         cfg = self.config
-        self.optimizer = Adam(self.model.parameters(), lr=cfg.lr)
+        self.optimizer = Adam([p for _, p in trainable_params(self.model)], lr=cfg.lr)
         self.detector: DriftDetector = cfg.drift.build(num_classes=self.num_classes)
         self.operator: EnsembleOperator = cfg.operator.build()
         self.pool = HelperPool(cfg.discard.build(), max_size=cfg.pool_max, window=cfg.discard.window)
@@ -476,7 +487,7 @@ class Learner:
         """
         t0 = time.perf_counter()
         sig = self.decode_blob(blob)
-        vetting.vet_significant(sig, classes=classes, z=z, reference=dict(self.model.named_parameters()))
+        vetting.vet_significant(sig, classes=classes, z=z, reference=dict(trainable_params(self.model)))
         if not self.knowledge_use.enabled:
             raise KtRejected("knowledge transfer is off on this node (kt_apply = 'off')")
         probe = booster.boosted_helper(self.model, sig)
@@ -515,8 +526,8 @@ class Learner:
             branch = optimizer = None
             if self.knowledge_use.branches:
                 # The branch learns as the target would have after the write: the same optimiser state.
-                branch = booster.live_branch(helper_model)
-                optimizer = Adam(branch.parameters(), lr=self.config.lr)
+                branch = booster.live_branch(helper_model, self._shapes.keys())
+                optimizer = Adam([p for _, p in trainable_params(branch)], lr=self.config.lr)
                 optimizer.load_state_dict(_cloned_state(self.optimizer))
             evicted = self.pool.add(
                 PooledHelper(
@@ -564,8 +575,10 @@ class Learner:
 
 def _train_step(model: nn.Module, optimizer: Adam, x: torch.Tensor, y: torch.Tensor) -> str | None:
     """One optimiser step of ``model``; None, or why it was rolled back (see ``Learner._train_step``)."""
-    before = _snapshot(model, optimizer)
-    model.train()
+    # Only what a step can change: the trainable parameters and the buffers outside frozen modules.
+    live = learnt_state(model, keep_vars=True)
+    before = _snapshot(live, optimizer)
+    train_mode(model)
     optimizer.zero_grad(set_to_none=True)
     loss = F.cross_entropy(model(x), y)
     if not bool(torch.isfinite(loss)):
@@ -576,12 +589,25 @@ def _train_step(model: nn.Module, optimizer: Adam, x: torch.Tensor, y: torch.Ten
             reason = "a gradient is not finite"
         else:
             optimizer.step()
-            if _all_finite([*model.parameters(), *model.buffers(), *_optimizer_tensors(optimizer)]):
+            if _all_finite([*live.values(), *_optimizer_tensors(optimizer)]):
                 return None
             reason = "the step made a weight, a buffer or an optimiser moment non-finite"
-    _restore(model, optimizer, before)
+    _restore(live, optimizer, before)
     optimizer.zero_grad(set_to_none=True)
     return reason
+
+
+def _check_frozen(model: nn.Module, base: Mapping[str, torch.Tensor]) -> None:
+    """ValueError unless something trains and every frozen parameter holds the base's values.
+
+    Frozen parameters never travel: they must be the same on every node, and the base weights
+    are what every node of one lineage shares.
+    """
+    if not trainable_params(model):
+        raise ValueError("the model has no trainable parameter")
+    for name, p in model.named_parameters():
+        if not p.requires_grad and (name not in base or not torch.equal(p.detach().cpu(), base[name])):
+            raise ValueError(f"frozen parameter {name} is not the base weights': a frozen parameter must be the same on every node")
 
 
 def _cloned_state(optimizer: Adam) -> dict[str, Any]:
@@ -604,8 +630,8 @@ def _optimizer_tensors(optimizer: Adam) -> list[torch.Tensor]:
     return [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
 
 
-def _snapshot(model: nn.Module, optimizer: Adam) -> tuple[dict[str, torch.Tensor], dict]:
-    tensors = {name: t.detach().clone() for name, t in model.state_dict(keep_vars=True).items()}
+def _snapshot(live: Mapping[str, torch.Tensor], optimizer: Adam) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {name: t.detach().clone() for name, t in live.items()}
     state = {
         id(p): {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in st.items()}
         for p, st in optimizer.state.items()
@@ -613,9 +639,8 @@ def _snapshot(model: nn.Module, optimizer: Adam) -> tuple[dict[str, torch.Tensor
     return tensors, state
 
 
-def _restore(model: nn.Module, optimizer: Adam, snapshot: tuple[dict[str, torch.Tensor], dict]) -> None:
+def _restore(live: Mapping[str, torch.Tensor], optimizer: Adam, snapshot: tuple[dict[str, torch.Tensor], dict]) -> None:
     tensors, state = snapshot
-    live = model.state_dict(keep_vars=True)
     with torch.no_grad():
         for name, saved in tensors.items():
             live[name].copy_(saved)

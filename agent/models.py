@@ -3,9 +3,20 @@
 A node's model is named by ``model``: a built-in (``mlp4``, ``intrusion_dnn``, ``mobilenet_s``) or
 the import path of the user's own factory, ``package.module:factory`` (`ModelSpec`,
 `build_from_spec`). Outputs are logits over C classes. ``arch_id`` names an architecture (its
-class name and ordered parameter names and shapes); ``lineage`` names the base weights a node
-started from. Writing one network's weights into another only means something when both ids agree
-(ARCHITECTURE §1).
+class name and ordered parameter names and shapes, and which of them are trainable); ``lineage``
+names the base weights a node started from. Writing one network's weights into another only means
+something when both ids agree (ARCHITECTURE §1).
+
+**Trainable and frozen.** ``ModelSpec.trainable`` lists parameter-name prefixes (``["head."]``);
+`freeze_untrainable` sets ``requires_grad = False`` on every other parameter, and from then on
+``requires_grad`` is what every mechanism reads (`trainable_params`): only trainable parameters are
+retrained, picked and sent in a KT blob, averaged by FedAvg and checkpointed. A module holding
+parameters none of which is trainable is *frozen* (`frozen_modules`): it runs in eval mode while
+the target trains (`train_mode`), so its buffers (batch-norm statistics) stay the base's too. What a
+node learns is then `learnt_state`; everything else equals the shared base weights on every node,
+by construction, and never travels. Tied parameters (one ``nn.Parameter`` under two names:
+``state_dict`` lists both, ``named_parameters`` the first) are trainable when any of their names
+matches, and travel and are stored once, under the first name.
 """
 
 from __future__ import annotations
@@ -14,12 +25,12 @@ import contextlib
 import hashlib
 import importlib
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
 import torch
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictInt
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, StringConstraints
 from torch import nn
 
 
@@ -138,9 +149,22 @@ def _sample_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
     return shape
 
 
+def _distinct(prefixes: list[str]) -> list[str]:
+    repeated = sorted({p for p in prefixes if prefixes.count(p) > 1})
+    if repeated:
+        raise ValueError(f"trainable prefixes repeat: {repeated}")
+    return prefixes
+
+
 ModelArgs = Annotated[dict[str, PlainValue], BeforeValidator(_plain_values)]
 #: One sample's shape: 1 to 8 positive sizes; a batch of N samples is ``(N, *shape)``.
 InputShape = Annotated[tuple[StrictInt, ...], AfterValidator(_sample_shape)]
+#: Parameter-name prefixes of the parameters a node trains (``["head."]``); each must match one.
+TrainablePrefixes = Annotated[
+    list[Annotated[str, StringConstraints(min_length=1, max_length=256)]],
+    Field(min_length=1, max_length=256),
+    AfterValidator(_distinct),
+]
 
 
 class ModelError(ValueError):
@@ -153,7 +177,8 @@ class ModelSpec(BaseModel):
     ``model`` is a built-in name or an import path ``package.module:factory``; the factory is called
     as ``factory(num_classes=C, **model_args)`` and must return a ``torch.nn.Module`` that maps a
     batch ``(N, *input_shape)`` of float32 to logits ``(N, C)``. ``check_spec`` checks what needs no
-    import, ``build_from_spec`` the rest.
+    import, ``build_from_spec`` the rest. ``trainable`` must be the same on every node of a fleet
+    (it is part of ``arch_id``): `build_from_spec` freezes every parameter it does not match.
 
     >>> model = build_from_spec(ModelSpec(model="intrusion_dnn"), num_classes=5, seed=0)
     >>> model(torch.zeros(3, 122)).shape
@@ -166,6 +191,9 @@ class ModelSpec(BaseModel):
     model: str = Field("mlp4", description="a built-in name or an import path package.module:factory")
     model_args: ModelArgs = Field(default_factory=dict, description="keyword arguments of the factory besides num_classes")
     input_shape: InputShape | None = Field(None, description="one sample's shape; absent: the built-in's")
+    trainable: TrainablePrefixes | None = Field(
+        None, description="prefixes of the parameter names a node trains, such as ['head.']; the rest stay the base's; absent: every parameter"
+    )
 
     def sample_shape(self) -> tuple[int, ...]:
         """``input_shape``, else the built-in's; ModelError when neither is known."""
@@ -200,7 +228,8 @@ def build_from_spec(spec: ModelSpec, num_classes: int, *, seed: int | None = Non
     ``seed`` makes its initial weights reproducible and leaves the global RNG as it was. Raises
     ModelError naming the field at fault: a name neither built in nor importable, a factory that
     raises or returns no ``nn.Module``, a forward pass that raises or gives anything but float
-    logits of shape (2, num_classes).
+    logits of shape (2, num_classes), a ``trainable`` prefix that matches no parameter. Parameters
+    that ``trainable`` does not match come back frozen (`freeze_untrainable`).
     """
     check_spec(spec)
     factory = _import_factory(spec.model)
@@ -214,6 +243,7 @@ def build_from_spec(spec: ModelSpec, num_classes: int, *, seed: int | None = Non
     if not isinstance(model, nn.Module):
         raise ModelError(f"model {spec.model!r}: the factory returned a {type(model).__name__}, not a torch.nn.Module")
     _check_forward(spec, model, num_classes)
+    freeze_untrainable(model, spec.trainable)
     return model
 
 
@@ -270,6 +300,87 @@ def _check_forward(spec: ModelSpec, model: nn.Module, num_classes: int) -> None:
         raise ModelError(f"{where}: the forward pass on 2 samples returned shape {tuple(out.shape)}, not logits (2, num_classes={num_classes})")
 
 
+def freeze_untrainable(model: nn.Module, prefixes: Sequence[str] | None) -> None:
+    """Make trainable exactly the parameters of ``model`` with a name starting with one of ``prefixes``.
+
+    A tied parameter counts as matched when any of its names is. ``None`` changes nothing: every
+    parameter the factory left trainable stays so. Raises ModelError, changing nothing, when a
+    prefix matches no parameter (naming it and a few of the model's parameter names).
+
+    >>> net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    >>> freeze_untrainable(net, ["1."])
+    >>> [name for name, _ in trainable_params(net)]
+    ['1.weight', '1.bias']
+    """
+    if prefixes is None:
+        return
+    named = list(model.named_parameters(remove_duplicate=False))
+    unmatched = [prefix for prefix in prefixes if not any(name.startswith(prefix) for name, _ in named)]
+    if unmatched:
+        names = [name for name, _ in model.named_parameters()]
+        which = f"prefix {unmatched[0]!r} matches" if len(unmatched) == 1 else f"prefixes {', '.join(map(repr, unmatched))} match"
+        raise ModelError(f"trainable {which} no parameter of the model; its parameters are {_listed(names, 6)}")
+    matched = {id(p) for name, p in named if name.startswith(tuple(prefixes))}
+    for _, p in named:
+        p.requires_grad_(id(p) in matched)
+
+
+def trainable_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The parameters a node trains and exchanges, as ``named_parameters`` orders and names them."""
+    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+
+
+def frozen_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The outermost submodules holding parameters none of which is trainable ("" for ``model`` itself).
+
+    They run in eval mode while the target trains (`train_mode`): a frozen feature extractor's
+    batch-norm statistics and dropout must not move either, or it would drift apart from the
+    base that every node shares.
+    """
+    if all(p.requires_grad for p in model.parameters()):
+        return []
+    found: list[tuple[str, nn.Module]] = []
+
+    def walk(prefix: str, module: nn.Module) -> None:
+        params = list(module.parameters())
+        if params and not any(p.requires_grad for p in params):
+            found.append((prefix, module))
+            return
+        for name, child in module.named_children():
+            walk(f"{prefix}.{name}" if prefix else name, child)
+
+    walk("", model)
+    return found
+
+
+def train_mode(model: nn.Module) -> None:
+    """``model.train()``, with its frozen modules (`frozen_modules`) left in eval mode."""
+    model.train()
+    for _, module in frozen_modules(model):
+        module.eval()
+
+
+def learnt_state(model: nn.Module, *, keep_vars: bool = False) -> dict[str, torch.Tensor]:
+    """What a node learns, in ``state_dict`` order: its trainable parameters and the persistent
+    buffers outside frozen modules, each tensor once (a tied one under its first name).
+
+    The rest of the ``state_dict`` equals the shared base weights on every node: FedAvg sends and
+    a checkpoint stores only this. ``keep_vars`` as in ``state_dict``: the live tensors.
+    """
+    frozen = tuple(f"{name}." if name else "" for name, _ in frozen_modules(model))
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    # One pass over the live entries; a tied tensor's first name in state_dict order is the one
+    # named_parameters (and named_buffers) gives it: both walk the modules in the same order.
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        if (t.requires_grad if isinstance(t, nn.Parameter) else not name.startswith(frozen)):
+            out[name] = t if keep_vars else t.detach()
+    return out
+
+
 def _digest(parts: list[bytes]) -> str:
     h = hashlib.sha256()
     for part in parts:
@@ -279,11 +390,17 @@ def _digest(parts: list[bytes]) -> str:
 
 
 def arch_id(model: nn.Module) -> str:
-    """Stable id of an architecture: its name and the ordered parameter names and shapes."""
+    """Stable id of an architecture: its name, the ordered parameter names and shapes, and which are trainable.
+
+    Two nodes that train different parameters must not exchange KT blobs or FedAvg updates, and
+    the MdS pairs nodes by this id. With every parameter trainable the id is what it always was.
+    """
     name = getattr(model, "arch_name", type(model).__name__)
     parts = [name.encode()]
     for pname, p in model.named_parameters():
         parts.append(f"{pname}:{tuple(p.shape)}".encode())
+    if not all(p.requires_grad for p in model.parameters()):
+        parts.append(("trainable:" + ",".join(pname for pname, _ in trainable_params(model))).encode())
     return _digest(parts)
 
 
@@ -299,8 +416,8 @@ def lineage(state: dict[str, torch.Tensor] | nn.Module) -> str:
 
 
 def param_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    """Ordered parameter names and shapes: what a KT blob must match exactly."""
-    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+    """Ordered names and shapes of the trainable parameters: what a KT blob must match exactly."""
+    return {name: tuple(p.shape) for name, p in trainable_params(model)}
 
 
 def count_params(model: nn.Module) -> int:

@@ -18,15 +18,23 @@ export plus onnxruntime pass cost about what a torch pass does. In ``bench.onnx_
 The export uses torch's TorchScript-based exporter (``dynamo=False``): it needs only torch and
 onnx, while the newer ``torch.export`` exporter also needs ``onnxscript``, which is not a
 dependency. onnxruntime itself is imported only when a runtime or model is built.
+
+The export runs with PyTorch's fused attention kernel turned off: in eval mode without grad,
+``nn.MultiheadAttention`` and the ``nn.Transformer*`` layers take ``aten::_native_multi_head_attention``,
+which has no ONNX form, where the plain path computes the same attention and exports. A helper
+that still cannot be exported or loaded (a user's model with an operator ONNX lacks, such as
+``torch.fft``) is served by torch instead, logged once and listed in ``EnsembleRuntime.fallbacks``:
+the node keeps serving either way.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -90,7 +98,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, *, opset: int = MIN_OPS
         p.requires_grad_(False)
     wrapped = nn.Sequential(frozen, nn.Softmax(dim=1))
     buf = io.BytesIO()
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), _plain_attention():
         # The TorchScript exporter is deprecated in favour of one that needs onnxscript (see above).
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(
@@ -106,6 +114,17 @@ def export_onnx(model: nn.Module, example: torch.Tensor, *, opset: int = MIN_OPS
             training=torch.onnx.TrainingMode.EVAL,
         )
     return buf.getvalue()
+
+
+@contextlib.contextmanager
+def _plain_attention() -> Iterator[None]:
+    """PyTorch's fused attention off for the duration (its kernel has no ONNX form; see the module docstring)."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
 
 
 def _as_array(x: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -171,7 +190,8 @@ class EnsembleRuntime:
 
     A pooled helper is frozen, so its id and model object are its version: each is exported once,
     on the first call that sees it, and dropped when it leaves the pool. ``exports`` counts the
-    exports. Meant for one learner, called from the thread that owns it.
+    exports tried; ``fallbacks`` names the pooled helpers whose export or onnxruntime session
+    failed, and why: torch serves those. Meant for one learner, called from the thread that owns it.
     """
 
     def __init__(
@@ -189,7 +209,9 @@ class EnsembleRuntime:
         self.intra_op_num_threads = intra_op_num_threads
         self.opset = opset
         self.exports = 0
-        self._helpers: dict[str, tuple[nn.Module, OnnxModel]] = {}
+        #: Pooled helpers onnxruntime could not take (member id → why); torch serves them.
+        self.fallbacks: dict[str, str] = {}
+        self._helpers: dict[str, tuple[nn.Module, OnnxModel | None]] = {}
 
     @torch.no_grad()
     def __call__(self, learner: Learner, x: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -198,17 +220,19 @@ class EnsembleRuntime:
         members = learner.members()
         for gone in set(self._helpers) - {m.member_id for m in members if not m.live}:
             del self._helpers[gone]
+            self.fallbacks.pop(gone, None)
         device = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
         inputs = x if isinstance(x, torch.Tensor) else torch.from_numpy(array)
         learner.model.eval()
         target = torch.softmax(learner.model(inputs.to(learner.device)), dim=1).to(device)
         helpers = []
         for m in members:
-            if m.live:
-                # A live branch learns every batch like the target, so torch serves it too.
+            # A live branch learns every batch like the target, so torch serves it too.
+            onnx = None if m.live else self._helper_model(m.member_id, m.model, array)
+            if onnx is None:
                 helpers.append(torch.softmax(m.model.eval()(inputs.to(learner.device)), dim=1).to(device))
             else:
-                helpers.append(self._helper_model(m.member_id, m.model, array).predict_proba(array).to(device))
+                helpers.append(onnx.predict_proba(array).to(device))
         return target, helpers
 
     def predict(self, learner: Learner, x: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -223,9 +247,17 @@ class EnsembleRuntime:
             model, x, providers=self.providers, intra_op_num_threads=self.intra_op_num_threads, opset=self.opset
         )
 
-    def _helper_model(self, helper_id: str, model: nn.Module, x: np.ndarray) -> OnnxModel:
+    def _helper_model(self, helper_id: str, model: nn.Module, x: np.ndarray) -> OnnxModel | None:
+        """The helper's onnxruntime session, exported on first sight; None: torch serves it."""
         cached = self._helpers.get(helper_id)
-        if cached is None or cached[0] is not model or cached[1].sample_shape != x.shape[1:]:
-            cached = (model, self._export(model, x))
+        if cached is None or cached[0] is not model or (cached[1] is not None and cached[1].sample_shape != x.shape[1:]):
+            try:
+                session: OnnxModel | None = self._export(model, x)
+                self.fallbacks.pop(helper_id, None)
+            except Exception as exc:  # noqa: BLE001 - the user's model: an operator ONNX lacks, or a graph onnxruntime refuses
+                session = None
+                self.fallbacks[helper_id] = f"{type(exc).__name__}: {exc}"
+                log.warning("helper %s cannot run in onnxruntime, torch serves it: %s", helper_id, self.fallbacks[helper_id])
+            cached = (model, session)
             self._helpers[helper_id] = cached
         return cached[1]

@@ -18,7 +18,7 @@ from pydantic_settings import SettingsConfigDict
 from agent.config import LearnerConfig, patched
 from agent.errors import ConfigError
 from agent.fl import FlConfig
-from agent.models import ARCHITECTURES, InputShape, ModelArgs, ModelSpec, check_input_shape, check_model_name
+from agent.models import ARCHITECTURES, InputShape, ModelArgs, ModelSpec, TrainablePrefixes, check_input_shape, check_model_name
 from broker import topics
 from service.settings import BrokerSettings, LayeredSettings, problems
 
@@ -61,6 +61,10 @@ class AgentSettings(LayeredSettings, BrokerSettings):
     input_shape: InputShape | None = Field(
         None, validate_default=True,
         description="one sample's shape, such as [784] or [3, 32, 32]; batches of another are refused (required for an import-path model; absent for a built-in: its own, unchecked)",
+    )
+    trainable: TrainablePrefixes | None = Field(
+        None,
+        description="prefixes of the parameter names this node trains, such as ['head.'] (each must match one); the others keep the base weights and never travel; the same on every node of a fleet; absent: every parameter",
     )
     num_classes: int = Field(10, ge=2, le=4096, description="classes the model outputs")
     base_weights: Path | None = Field(None, description="the fleet's shared base weights (.safetensors or .npz); absent: built from model_seed")
@@ -106,7 +110,7 @@ class AgentSettings(LayeredSettings, BrokerSettings):
         return value
 
     def model_spec(self) -> ModelSpec:
-        return ModelSpec(model=self.model, model_args=self.model_args, input_shape=self.input_shape)
+        return ModelSpec(model=self.model, model_args=self.model_args, input_shape=self.input_shape, trainable=self.trainable)
 
     def checkpoint_path(self) -> Path:
         return self.state_dir / f"{self.node_id}.ckpt.npz"

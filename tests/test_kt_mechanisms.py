@@ -16,7 +16,8 @@ from agent.kt.sensitivity import (
     class_output_grads,
     sensitivity,
 )
-from agent.models import arch_id, build_model, lineage, param_shapes
+from agent.kt.sensitivity_map import SensitivityMap
+from agent.models import arch_id, build_model, freeze_untrainable, lineage, param_shapes
 
 
 def _loop_sensitivity(model, x, classes):
@@ -437,3 +438,71 @@ def test_sensitive_transfer_beats_random_at_same_z():
 
     assert acc(target) < 0.05
     assert acc(booster.boosted_helper(target, sig)) > acc(booster.boosted_helper(target, rsig)) + 0.3
+
+
+# --- frozen and tied parameters ----------------------------------------------------------------
+
+
+def _frozen_mlp():
+    """A dense stack whose first layer is frozen (``trainable = ["2."]``, the rest)."""
+    model = _plain_sequential()
+    freeze_untrainable(model, ["2.", "3."])
+    return model
+
+
+def _tied_stack():
+    # Two layers, one weight: a dense stack by its modules, but its gradients must be summed.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3))
+    model[2].weight = model[0].weight
+    return model
+
+
+def test_a_stack_that_shares_a_weight_takes_the_vjp_path_and_sums_its_uses():
+    model = _tied_stack()
+    assert _dense_stack(model) is None
+    x = torch.rand(7, 6, generator=torch.Generator().manual_seed(2))
+    got = sensitivity(model, [x], classes=[0, 2])
+    want = _loop_sensitivity(model, x, [0, 2])
+    assert list(got) == ["0.weight", "0.bias", "2.bias", "4.weight", "4.bias"]
+    for name in want:
+        assert torch.allclose(got[name], want[name], atol=1e-6, rtol=1e-4), name
+
+
+def test_only_trainable_parameters_get_a_sensitivity_on_either_path():
+    model = _frozen_mlp()
+    assert _dense_stack(model) is not None
+    x = torch.rand(9, 6, generator=torch.Generator().manual_seed(3))
+    fast, ref = class_output_grads(model, x, [0, 3]), _class_output_vjp(model, x, [0, 3])
+    assert list(fast) == list(ref) == ["2.weight", "2.bias", "3.weight", "3.bias"]
+    for k in ref:
+        assert torch.allclose(fast[k], ref[k], rtol=1e-5, atol=1e-8), k
+    full = _class_output_vjp(_plain_sequential(), x, [0, 3])
+    assert all(torch.allclose(ref[k], full[k], rtol=1e-5, atol=1e-8) for k in ref), "freezing a layer changes no other gradient"
+    assert not any(p.grad is not None for p in model.parameters()) and not model[0].weight.requires_grad
+    assert list(param_shapes(model)) == ["2.weight", "2.bias", "3.weight", "3.bias"]
+    smap = SensitivityMap(model, 4, classes_per_update=4)
+    smap.update(model, x)
+    assert list(smap.lookup([1])) == list(ref)
+    frozen = nn.Sequential(nn.Linear(3, 2))
+    frozen.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameter"):
+        sensitivity(frozen, [torch.rand(2, 3)], classes=[0])
+
+
+def test_helpers_of_a_partly_frozen_target_keep_its_frozen_weights():
+    target, helper = _frozen_mlp(), _plain_sequential()
+    with torch.no_grad():
+        for p in helper.parameters():
+            p.add_(1.0)
+    shapes = param_shapes(target)
+    positions = random_mask(shapes, 0.5, torch.Generator().manual_seed(0))
+    sig = significant_params(helper, positions, arch_id="a", lineage="l", classes=(1,), z=0.5)
+    assert [t.name for t in sig.tensors] == list(shapes)
+    zero = booster.zero_filled_helper(target, sig)
+    assert torch.equal(zero[0].weight, target[0].weight), "the frozen layer is the base, not knowledge: never zeroed"
+    assert not zero[3].bias.reshape(-1)[[i for i in range(4) if i not in sig.by_name()["3.bias"].indices.tolist()]].any()
+    branch = booster.live_branch(booster.boosted_helper(target, sig), shapes.keys())
+    assert [name for name, p in branch.named_parameters() if p.requires_grad] == list(shapes)
+    assert torch.equal(branch[0].weight, target[0].weight)

@@ -15,6 +15,8 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 from torch import nn
 
+from agent.daemon import AgentDaemon
+from agent.errors import ConfigError
 from agent.models import (
     ARCHITECTURES,
     ModelError,
@@ -22,10 +24,16 @@ from agent.models import (
     arch_id,
     build_from_spec,
     build_model,
+    freeze_untrainable,
+    frozen_modules,
+    learnt_state,
     lineage,
     load_weights,
     save_weights,
+    train_mode,
+    trainable_params,
 )
+from agent.settings import load_settings
 from service.exit_codes import EXIT_CONFIG
 
 TESTS = Path(__file__).parent
@@ -225,3 +233,65 @@ def test_the_agent_exits_78_naming_the_model_or_the_weights_that_do_not_fit(tmp_
         assert "cannot start" in errors[case] and cases[case][1] in errors[case] and "Traceback" not in errors[case], (case, errors[case])
     refused = errors["weights of another model"]
     assert "weights do not fit Sequential: missing (4: 0.weight" in refused and "unexpected (8: net.1.bias" in refused, refused
+
+
+# --- trainable: which parameters a node trains --------------------------------------------------
+
+BACKBONE = "fixtures.user_models:backbone_and_head"
+
+
+def test_trainable_prefixes_freeze_every_other_parameter_and_name_the_architecture():
+    everything = build_from_spec(_spec(BACKBONE), 4, seed=0)
+    head = build_from_spec(_spec(BACKBONE, trainable=["head."]), 4, seed=0)
+    assert [n for n, _ in trainable_params(head)] == ["head.0.weight", "head.0.bias", "head.2.weight", "head.2.bias"]
+    assert [n for n, _ in trainable_params(everything)] == [n for n, _ in everything.named_parameters()]
+    assert lineage(head) == lineage(everything), "the same base weights"
+    assert len({arch_id(everything), arch_id(head), arch_id(build_from_spec(_spec(BACKBONE, trainable=["head.2."]), 4, seed=0))}) == 3
+
+
+def test_frozen_modules_run_in_eval_mode_while_the_rest_trains():
+    model = build_from_spec(_spec(BACKBONE, trainable=["head."]), 4, seed=0)
+    assert [name for name, _ in frozen_modules(model)] == ["backbone"]
+    train_mode(model)
+    assert model.training and model.head.training and not model.backbone.training and not model.backbone[1].training
+    assert set(learnt_state(model)) == {"head.0.weight", "head.0.bias", "head.2.weight", "head.2.bias"}
+    everything = build_from_spec(_spec(BACKBONE), 4, seed=0)
+    assert frozen_modules(everything) == [] and list(learnt_state(everything)) == list(everything.state_dict())
+
+
+def test_a_tied_parameter_is_trainable_when_any_of_its_names_is_matched():
+    model = build_from_spec(_spec("fixtures.user_models:tied_net"), 3, seed=0)
+    freeze_untrainable(model, ["mid2."])
+    assert [n for n, _ in trainable_params(model)] == ["mid.weight", "mid2.bias"], "mid2.weight is mid.weight, listed under its first name"
+    assert list(learnt_state(model)) == ["mid.weight", "mid2.bias"]
+
+
+@pytest.mark.parametrize(
+    "prefixes, message",
+    [
+        (["heads."], r"trainable prefix 'heads\.' matches no parameter of the model; its parameters are 10: backbone\.0\.weight, backbone\.0\.bias, .*, … and 4 more"),
+        (["head.", "neck.", "tail"], r"trainable prefixes 'neck\.', 'tail' match no parameter"),
+    ],
+)
+def test_a_trainable_prefix_that_matches_nothing_is_refused_naming_it(prefixes, message):
+    model = build_from_spec(_spec(BACKBONE), 4, seed=0)
+    with pytest.raises(ModelError, match=message):
+        freeze_untrainable(model, prefixes)
+    assert all(p.requires_grad for p in model.parameters()), "nothing was frozen"
+    with pytest.raises(ModelError, match=message):
+        build_from_spec(_spec(BACKBONE, trainable=prefixes), 4, seed=0)
+
+
+@pytest.mark.parametrize("trainable, message", [([], "at least 1 item"), ([""], "at least 1 character"), (["a.", "a."], r"repeat: \['a\.'\]")])
+def test_trainable_is_a_list_of_distinct_prefixes(trainable, message):
+    with pytest.raises(ValidationError, match=message):
+        _spec(trainable=trainable)
+
+
+def test_the_daemon_builds_its_model_with_the_trainable_setting(tmp_path):
+    settings = load_settings(node_id="n1", state_dir=str(tmp_path), model=BACKBONE, input_shape=[12], trainable=["head."])
+    daemon = AgentDaemon(settings)
+    assert [n for n, _ in trainable_params(daemon.learner.model)] == ["head.0.weight", "head.0.bias", "head.2.weight", "head.2.bias"]
+    assert daemon.learner.arch_id == arch_id(build_from_spec(_spec(BACKBONE, trainable=["head."]), 10))
+    with pytest.raises(ConfigError, match="trainable prefix 'body.' matches no parameter"):
+        AgentDaemon(load_settings(node_id="n1", state_dir=str(tmp_path), model=BACKBONE, input_shape=[12], trainable=["body."]))

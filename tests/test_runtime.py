@@ -204,3 +204,56 @@ def test_cnn_on_flat_rows_exports_and_agrees():
     with torch.no_grad():
         torch_probs = torch.softmax(model(x), dim=1)
     assert torch.allclose(onnx_probs, torch_probs, atol=1e-5)
+
+
+class _Spectral(torch.nn.Module):
+    """A user's model with an operator ONNX lacks (``torch.fft``): onnxruntime cannot serve it."""
+
+    def __init__(self, num_classes: int = 3) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.fft.rfft(x, dim=1).abs())
+
+
+def test_a_helper_that_cannot_be_exported_is_served_by_torch(caplog):
+    base = _Spectral().state_dict()
+    target, helper = (Learner(_Spectral(), num_classes=3, base_state=base, seed=i) for i in range(2))
+    for node in (target, helper):
+        node.model.load_state_dict(base)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 14, generator=g), torch.randint(3, (16,), generator=g)
+    helper.process_batch(x, y)
+    target.process_batch(x, y)
+    installed = target.install(helper.significant_for([2], 0.5))
+    runtime = EnsembleRuntime()
+    with caplog.at_level(logging.WARNING, logger="agent.runtime"):
+        for _ in range(2):
+            assert torch.equal(runtime.predict(target, x), target.predict(x))
+    assert runtime.exports == 1, "a failed export is not tried again for the same helper"
+    assert set(runtime.fallbacks) == {installed.helper_id} and "fft" in runtime.fallbacks[installed.helper_id]
+    assert sum("cannot run in onnxruntime" in r.getMessage() for r in caplog.records) == 1
+    target.pool.remove(installed.helper_id)
+    runtime(target, x)
+    assert runtime.fallbacks == {} and runtime._helpers == {}
+
+
+def test_attention_exports_with_the_fused_kernel_off_and_back_on_after():
+    layer = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+
+    class Attend(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn, self.head = layer, torch.nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out, _ = self.attn(x, x, x, need_weights=False)
+            return self.head(out.mean(dim=1))
+
+    model = Attend().eval()
+    x = torch.randn(5, 4, 8, generator=torch.Generator().manual_seed(0))
+    probs = OnnxModel(model, x).predict_proba(x)
+    with torch.no_grad():
+        assert torch.allclose(probs, torch.softmax(model(x), dim=1), atol=1e-5)
+    assert torch.backends.mha.get_fastpath_enabled()

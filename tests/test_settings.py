@@ -100,3 +100,15 @@ def test_split_patch_validates_both_parts_before_applying_either():
         split_patch({"z": 2.0, "kt_mode": "relay"}, learner, daemon)
     with pytest.raises(ConfigError):
         split_patch({"operator": {"type": "median"}}, learner, daemon)
+
+
+def test_trainable_prefixes_are_part_of_the_model_spec(tmp_path, monkeypatch):
+    toml = tmp_path / "agent.toml"
+    toml.write_text('node_id = "a"\nmodel = "fixtures.user_models:backbone_and_head"\ninput_shape = [12]\ntrainable = ["head."]\n')
+    assert load_settings(toml).model_spec().trainable == ["head."]
+    assert load_settings(node_id="a").model_spec().trainable is None
+    monkeypatch.setenv("CLUE_TRAINABLE", '["head.2.", "head.0."]')
+    assert load_settings(toml).model_spec().trainable == ["head.2.", "head.0."]
+    monkeypatch.setenv("CLUE_TRAINABLE", "[]")
+    with pytest.raises(ConfigError, match="trainable: .*at least 1 item"):
+        load_settings(toml)

@@ -10,6 +10,13 @@ never saw. The others are the paper's
 alternatives, kept for comparison: a zero-filled helper, and ``replace``/``average`` that change
 the target itself.
 Each is a `KnowledgeUse`, built from the node's ``kt_apply`` config (`KtApplyConfig`).
+
+Buffers (batch-norm running statistics and the like) never travel in a blob: a boosted or
+zero-filled helper keeps the *target's* buffers, as it keeps every weight the blob does not
+carry, and a live branch then updates its own as it trains. Frozen parameters (``requires_grad``
+False on the target: the shared base's, `agent.models.freeze_untrainable`) are never sent either;
+a helper keeps the target's, the zero-filled one too (they are the base every node holds, not
+knowledge the helper brought), and a live branch leaves them frozen.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import copy
 from abc import ABC, abstractmethod
 from collections import OrderedDict
+from collections.abc import Collection
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -65,6 +73,8 @@ def _clone_tensor(t: torch.Tensor, memo: dict[int, Any], zero: bool) -> torch.Te
     new = memo.get(id(t))
     if new is not None:
         return new
+    # Only a trainable parameter is zeroed: a frozen one is the base every node holds.
+    zero = zero and t.requires_grad
     if type(t) is nn.Parameter or type(t) is torch.Tensor:
         data = torch.zeros_like(t) if zero else t.detach().clone(memory_format=torch.preserve_format)
         new = nn.Parameter(data, False) if type(t) is nn.Parameter else data
@@ -135,7 +145,8 @@ def frozen_copy(model: nn.Module, *, zero_params: bool = False) -> nn.Module:
     attributes are shared, empty containers made anew, and only what is left (a padding list, a
     registered hook) goes through deepcopy. Tied parameters stay tied; a model whose buffers view
     one another's storage is deep-copied whole, which keeps them so. ``model`` is left as it was.
-    With ``zero_params`` every parameter of the copy is zero (buffers are still copied).
+    With ``zero_params`` every parameter that ``model`` trains (``requires_grad``) is zero in the
+    copy; frozen parameters and buffers are still copied.
 
     >>> net = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
     >>> frozen = frozen_copy(net)
@@ -148,10 +159,10 @@ def frozen_copy(model: nn.Module, *, zero_params: bool = False) -> nn.Module:
         copied = _clone_module(model, {}, set(), zero_params)
     except _AliasedBuffers:
         copied = copy.deepcopy(model)
-        for p in copied.parameters():
+        for source, p in zip(model.parameters(), copied.parameters()):
             p.requires_grad_(False)
             p.grad = None
-            if zero_params:
+            if zero_params and source.requires_grad:
                 p.zero_()
     return copied.eval()
 
@@ -166,7 +177,7 @@ def boosted_helper(target: nn.Module, sig: SignificantParams) -> nn.Module:
 
 @torch.no_grad()
 def zero_filled_helper(target: nn.Module, sig: SignificantParams) -> nn.Module:
-    """Frozen model holding only the significant weights, every other parameter zero (paper Fig. 3)."""
+    """Frozen model holding only the significant weights, every other trainable parameter zero (paper Fig. 3)."""
     helper = frozen_copy(target, zero_params=True)
     _write(helper, sig)
     return helper
@@ -222,11 +233,12 @@ class BranchUse(KnowledgeUse):
 
 
 @torch.no_grad()
-def live_branch(model: nn.Module) -> nn.Module:
-    """An independent, trainable copy of ``model`` (a boosted helper that keeps learning)."""
+def live_branch(model: nn.Module, trainable: Collection[str]) -> nn.Module:
+    """An independent copy of ``model`` (a boosted helper that keeps learning) that trains the
+    parameters named in ``trainable`` (the target's), the others left frozen."""
     branch = frozen_copy(model)
-    for p in branch.parameters():
-        p.requires_grad_(True)
+    for name, p in branch.named_parameters():
+        p.requires_grad_(name in trainable)
     return branch
 
 

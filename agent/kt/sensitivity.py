@@ -11,6 +11,11 @@ It avoids autograd's per-call overhead and does all classes of a layer in one GE
 the same size, so the cost floor stays one forward pass plus |S| weight-gradient GEMMs (for |S| = 2
 about one training step's arithmetic). Results equal the VJP's to float32 rounding (a GEMM may sum
 in another order); the tests check both paths agree and pick the same positions.
+
+Only trainable parameters (``requires_grad``) get a sensitivity: a frozen one is never sent, so
+the autograd path does not make it a leaf and the dense path stops its backward pass at the first
+layer that trains. Tied parameters count once, under ``named_parameters``' name, their gradient
+summed over every use (autograd does that; the dense path refuses a stack that shares one).
 """
 
 from __future__ import annotations
@@ -36,8 +41,10 @@ def _class_output_vjp(
     rounding.
     """
     # Detached leaves: the model's own parameters, their .grad and requires_grad stay untouched.
-    names = [name for name, _ in model.named_parameters()]
-    leaves = [p.detach().requires_grad_(True) for _, p in model.named_parameters()]
+    # Frozen parameters are left to the module; functional_call ties a leaf to every name of its parameter.
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    names = [name for name, _ in trainable]
+    leaves = [p.detach().requires_grad_(True) for _, p in trainable]
     buffers = {name: b for name, b in model.named_buffers()}
     was_training = model.training
     # eval(): batch-norm must use its running statistics and must not update them here.
@@ -112,8 +119,9 @@ def _dense_stack(model: nn.Module) -> list[nn.Module] | None:
     # A layer run twice would need its gradients summed; the hand-written path writes each once.
     if len({id(m) for m in layers}) != len(layers):
         return None
-    owned = {id(p) for m in layers for p in m.parameters()}
-    if owned != {id(p) for p in model.parameters()}:
+    owned = [id(p) for m in layers for p in m.parameters()]
+    # A weight shared by two layers would need its gradients summed too.
+    if len(set(owned)) != len(owned) or set(owned) != {id(p) for p in model.parameters()}:
         return None
     return layers
 
@@ -123,7 +131,7 @@ def _dense_class_grads(
     model: nn.Module, layers: list[nn.Module], x: torch.Tensor, classes: Sequence[int], scale: float = 1.0
 ) -> dict[str, torch.Tensor]:
     """``_class_output_vjp`` for a dense stack, by hand: same shapes, same values to rounding."""
-    names = {id(p): name for name, p in model.named_parameters()}
+    names = {id(p): name for name, p in model.named_parameters() if p.requires_grad}
     a = x.reshape(x.shape[0], -1) if isinstance(layers[0], nn.Flatten) else x
     # Per Linear: its input, and whether that input is a ReLU's output (so the backward gates on it).
     linears: list[tuple[nn.Linear, torch.Tensor, bool]] = []
@@ -134,6 +142,8 @@ def _dense_class_grads(
             a, gated = m(a), False
         elif isinstance(m, nn.ReLU):
             a, gated = torch.relu(a), True
+    # Below the first layer that trains, the backward pass has nothing left to compute.
+    first = next(j for j, (lin, _, _) in enumerate(linears) if any(w.requires_grad for w in lin.parameters()))
     p = torch.softmax(a, dim=1)
     n, s = p.shape[0], len(classes)
     idx = torch.as_tensor(list(classes), device=p.device)
@@ -147,16 +157,17 @@ def _dense_class_grads(
     for j in range(len(linears) - 1, -1, -1):
         lin, a_in, relu_in = linears[j]
         out_f = lin.out_features
-        # All classes in one GEMM: (S·out, n) @ (n, in).
-        grads[names[id(lin.weight)]] = torch.mm(delta.transpose(1, 2).reshape(s * out_f, n), a_in).view(s, out_f, -1)
-        if lin.bias is not None:
+        if lin.weight.requires_grad:
+            # All classes in one GEMM: (S·out, n) @ (n, in).
+            grads[names[id(lin.weight)]] = torch.mm(delta.transpose(1, 2).reshape(s * out_f, n), a_in).view(s, out_f, -1)
+        if lin.bias is not None and lin.bias.requires_grad:
             grads[names[id(lin.bias)]] = delta.sum(dim=1)
-        if j == 0:
+        if j == first:
             break
         delta = torch.mm(delta.reshape(s * n, out_f), lin.weight).view(s, n, -1)
         if relu_in:
             delta.mul_(a_in > 0)
-    return {name: grads[name] for name, _ in model.named_parameters()}
+    return {name: grads[name] for name in names.values()}
 
 
 def class_output_grads(
@@ -164,12 +175,15 @@ def class_output_grads(
 ) -> dict[str, torch.Tensor]:
     """Per class c of ``classes``, ``scale`` · ∂(Σ_batch softmax_c)/∂W over batch ``x``, per parameter.
 
-    Returns, in ``named_parameters`` order, one tensor of shape (|S|, *W.shape) per parameter: row i
+    Returns, in ``named_parameters`` order, one tensor of shape (|S|, *W.shape) per trainable
+    parameter (``requires_grad``; frozen ones are never sent, so they get none): row i
     is class ``classes[i]``'s signed gradient, for the caller to take |·| and reduce over classes as
     it needs. Dense stacks take the hand-written path, other models one VJP per class; the values
     agree to float32 rounding. The model's parameters, gradients and train/eval mode are left as
     they were.
     """
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("the model has no trainable parameter to take a sensitivity of")
     # ``scale`` multiplies the cotangent: the gradients are linear in it, and scaling the few
     # cotangents is cheaper than scaling |S| model-sized results afterwards.
     layers = _dense_stack(model)
@@ -215,7 +229,8 @@ def sensitivity(
 
     ``batches`` is the helper's reservoir (the last B request batches, each (n, …) inputs); the sum
     runs over all their samples, or over ``samples`` of them drawn without replacement (with
-    ``generator``) when there are more. Returns one non-negative tensor per parameter, shaped like it.
+    ``generator``) when there are more. Returns one non-negative tensor per trainable parameter,
+    shaped like it.
 
     Why a sample is enough: the picker only needs each tensor's top-Z order, and the cost has a
     floor that does not shrink with the rows (|S| gradient tensors the size of the model), so the

@@ -87,7 +87,8 @@ class SensitivityMap:
         self._next = 0
         self._refreshes = [0] * num_classes
         self._gen = torch.Generator().manual_seed(seed)
-        params = list(model.named_parameters())
+        # The trainable parameters only: what ``class_output_grads`` returns and a helper sends.
+        params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         device = params[0][1].device if params else torch.device("cpu")
         # One flat float32 row per class holds every parameter's marginals side by side, so an
         # update's moving average is two ops per class instead of two per class per tensor.
