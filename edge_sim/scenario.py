@@ -18,7 +18,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
 from agent.config import LearnerConfig
 from agent.errors import ConfigError
-from agent.models import ARCHITECTURES, InputShape, ModelArgs, ModelSpec, check_spec
+from agent.models import ARCHITECTURES, InputShape, ModelArgs, ModelSpec, TrainablePrefixes, check_spec
 from edge_sim.datasets.sources import BUILT_IN_CLASSES, DatasetSpec, ScenarioPath
 from edge_sim.modes import SIM_MODES, TRANSPORT_MODES
 
@@ -52,6 +52,9 @@ class Scenario(BaseModel):
     model_args: ModelArgs = Field(default_factory=dict, description="keyword arguments of the model's factory besides num_classes")
     input_shape: InputShape | None = Field(
         None, description="one sample's shape, such as [1, 28, 28]; the data's samples are reshaped to it (required for an import-path model)"
+    )
+    trainable: TrainablePrefixes | None = Field(
+        None, description="parameter-name prefixes every node trains, transfers and averages (such as [\"head.\"]); absent: every parameter"
     )
     python_path: list[ScenarioPath] = Field(
         default_factory=list, description="folders put on sys.path for the simulator and on PYTHONPATH for its agents, so that an import-path model imports"
@@ -135,7 +138,7 @@ class Scenario(BaseModel):
 
     def model_spec(self) -> ModelSpec:
         """Every node's model; its ``sample_shape()`` is what the data is reshaped to and the agents check."""
-        return ModelSpec(model=self.model, model_args=self.model_args, input_shape=self.input_shape)
+        return ModelSpec(model=self.model, model_args=self.model_args, input_shape=self.input_shape, trainable=self.trainable)
 
 
 def load_scenario(path_or_name: str | Path) -> Scenario:

@@ -154,3 +154,19 @@ def test_bad_model_or_data_exits_78_with_one_clear_line(tmp_path, capsys, lines,
     assert sim_main(["run", str(path), "--out", str(tmp_path / "out")]) == 78
     err = capsys.readouterr().err
     assert err.startswith("clue-sim: ") and message in err and "Traceback" not in err, err
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_frozen_backbone_sends_only_its_head(tmp_path):
+    """``trainable`` in a scenario reaches every node: its blobs carry the head only."""
+    head = 'model = "fixtures.user_models:backbone_and_head"\nmodel_args = {in_features = 784, width = 64}\n'
+    head += f'input_shape = [784]\npython_path = ["{FIXTURES.parent}"]\n'
+    both = {}
+    for name, extra in (("all", ""), ("head", 'trainable = ["head."]\n')):
+        scn = load_scenario(_scenario(tmp_path, TINY.replace('modes = ["isolated", "fedavg", "clue"]', 'modes = ["isolated", "clue"]').replace(
+            "seeds = [0]", head + extra + "seeds = [0]")))
+        runs = run_scenario(scn)
+        both[name] = next(r.nodes for r in runs if r.mode == "clue")
+    sent = {name: sum(rec.stats.get("kt_out", 0) for rec in nodes.values()) for name, nodes in both.items()}
+    assert 0 < sent["head"] < 0.2 * sent["all"], sent

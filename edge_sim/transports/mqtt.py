@@ -50,6 +50,8 @@ def agent_settings(scn: Scenario, mode: str, members: list[str], seed: int, num_
         "learner": learner_values(scn.learner, mode), "daemon": daemon, "model": spec.model, "model_args": spec.model_args,
         "input_shape": list(spec.sample_shape()), "num_classes": num_classes,
     }
+    if spec.trainable is not None:
+        settings["trainable"] = list(spec.trainable)
     if mode == FEDAVG:
         settings["fl"] = {
             "job": f"fl-s{seed}", "every": scn.fedavg.every, "members": members,
