@@ -202,6 +202,9 @@ class AgentDaemon(Daemon):
             self.client.subscribe(topic, 1, accept=(ConfigPatch,))
         if self.settings.fl is not None:
             self.client.subscribe(topics.fl_global(self.settings.fl.job), 1, accept=(GlobalModel,))
+        # Retained, so it goes out on connect: published here rather than on the worker's first
+        # tick, which may come before or after the first batch, the metadata sent is the same every run.
+        self._maybe_publish_meta()
         self.client.start()
         self.worker.start()
 
