@@ -11,6 +11,7 @@ is one seeded draw per batch and helper.
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from torch import nn
 
 from agent.config import LearnerConfig
 from agent.errors import ConfigError
+from agent.learner import Learner
 from agent.models import ModelError, build_from_spec
 from edge_sim.datasets.sources import LabelledData, describe, load_dataset
 from edge_sim.scenario import Scenario
@@ -145,3 +147,13 @@ class RequestFeed:
             labelled = i == 0 or self._label_draw.random() < self._label_fraction
             out.append(Request(x, y, labelled))
         return out
+
+
+def node_learner(scn: Scenario, config: LearnerConfig, inputs: SeedInputs, seed: int) -> Learner:
+    """One node's learner as the in-process fleet builds it: the seed's base weights, the scenario's model."""
+    num_classes = inputs.data.num_classes
+    model = scenario_model(scn, num_classes)
+    model.load_state_dict(copy.deepcopy(inputs.base))
+    return Learner(
+        model, num_classes=num_classes, config=config, base_state=inputs.base, seed=seed, input_shape=scn.model_spec().sample_shape()
+    )

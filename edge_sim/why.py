@@ -29,8 +29,7 @@ from torch import nn
 from agent.config import LearnerConfig
 from agent.errors import KtRejected
 from agent.kt import booster
-from agent.learner import Learner
-from edge_sim.inputs import RequestFeed, SeedInputs, prepare_seed, scenario_data, scenario_model
+from edge_sim.inputs import RequestFeed, SeedInputs, node_learner, prepare_seed, scenario_data
 from edge_sim.modes import learner_values
 from edge_sim.scenario import Scenario
 
@@ -76,15 +75,7 @@ def _errors(model: nn.Module, x: torch.Tensor, y: torch.Tensor, new: torch.Tenso
 def diagnose(scn: Scenario, inputs: SeedInputs, *, eval_batches: int = 10) -> Diagnosis | None:
     """The fleet at the target's first drift report (None: it never reports one)."""
     config = LearnerConfig.model_validate(learner_values(scn.learner, "clue"))
-    num_classes = inputs.data.num_classes
-    learners = []
-    for i in range(scn.nodes):
-        model = scenario_model(scn, num_classes)
-        model.load_state_dict(copy.deepcopy(inputs.base))
-        learners.append(Learner(
-            model, num_classes=num_classes, config=config, base_state=inputs.base, seed=inputs.seed * 100 + i,
-            input_shape=scn.model_spec().sample_shape(),
-        ))
+    learners = [node_learner(scn, config, inputs, inputs.seed * 100 + i) for i in range(scn.nodes)]
     feed = RequestFeed(scn, inputs.seed, inputs.data, inputs.rest)
     labelled = [0] * scn.nodes
     report = None

@@ -15,7 +15,6 @@ Layout: ``InProcessTransport`` runs a mode; ``InProcessHelp`` holds every knowle
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections import defaultdict, deque
@@ -32,7 +31,7 @@ from agent.kt.coordinator import AskHelper, HelpCoordinator, Install, QueryHelpe
 from agent.kt.helper_selection import CandidateInfo
 from agent.learner import BatchResult, Learner
 from broker.wire import encode
-from edge_sim.inputs import Request, RequestFeed, SeedInputs, scenario_model
+from edge_sim.inputs import Request, RequestFeed, SeedInputs, node_learner
 from edge_sim.modes import FEDAVG, learner_values
 from edge_sim.records import ModeRun, NodeRecord, node_ids
 from edge_sim.scenario import Scenario
@@ -212,7 +211,7 @@ class InProcessTransport:
         seed = inputs.seed
         config = LearnerConfig.model_validate(learner_values(scn.learner, mode))
         ids = node_ids(seed, mode, scn.nodes)
-        learners = [self._learner(scn, config, inputs, seed * 100 + i) for i in range(scn.nodes)]
+        learners = [node_learner(scn, config, inputs, seed * 100 + i) for i in range(scn.nodes)]
         logs = [NodeLog() for _ in ids]
         kt = InProcessHelp(ids, learners, logs)
         rounds = None
@@ -235,15 +234,6 @@ class InProcessTransport:
             log.record.stats = log.stats()
         nodes = {node: log.record for node, log in zip(ids, logs)}
         return ModeRun(mode=mode, seed=seed, nodes=nodes, seconds=time.perf_counter() - started, complete=True, num_classes=inputs.data.num_classes)
-
-    @staticmethod
-    def _learner(scn: Scenario, config: LearnerConfig, inputs: SeedInputs, seed: int) -> Learner:
-        num_classes = inputs.data.num_classes
-        model = scenario_model(scn, num_classes)
-        model.load_state_dict(copy.deepcopy(inputs.base))
-        return Learner(
-            model, num_classes=num_classes, config=config, base_state=inputs.base, seed=seed, input_shape=scn.model_spec().sample_shape()
-        )
 
 
 def _tensors(request: Request) -> tuple[torch.Tensor, torch.Tensor | None]:
