@@ -35,6 +35,7 @@ from agent.kt.coordinator import AskHelper, Command, HelpCoordinator, HelpPolicy
 from agent.kt.helper_selection import CandidateInfo
 from agent.learner import BatchResult, Learner
 from agent.malloc import retain_freed_memory
+from agent.metrics import AgentMetrics
 from agent.models import ModelError, build_from_spec, load_weights
 from agent.runtime import EnsembleRuntime, resolve_device
 from agent.settings import (
@@ -68,6 +69,7 @@ from broker.wire import (
 from service.cli import ServiceArgumentParser
 from service.exit_codes import EXIT_CONFIG
 from service.logs import configure_logging
+from service.metrics import metrics_server
 from service.notify import Notifier
 from service.runner import Daemon, run
 from service.worker import InboxWorker
@@ -176,6 +178,11 @@ class AgentDaemon(Daemon):
         # Running sums, not lists: a daemon serving 100 batches/s for months must not grow.
         self._timings: dict[str, RunningMean] = {name: RunningMean() for name in ("batch", "predict", "train", "pick", "install")}
         self._fl_samples = 0
+        self.metrics = AgentMetrics(
+            client=self.client, timings=self._timings, checkpoint_path=settings.checkpoint_path(), pool_size=lambda: len(self.learner.pool),
+            info={"arch_id": self.learner.arch_id, "lineage": self.learner.lineage},
+        )
+        self.metrics_server = metrics_server(self.metrics.registry, settings)
         self.worker = _AgentWorker(self)
 
     @staticmethod
@@ -205,6 +212,8 @@ class AgentDaemon(Daemon):
         # Retained, so it goes out on connect: published here rather than on the worker's first
         # tick, which may come before or after the first batch, the metadata sent is the same every run.
         self._maybe_publish_meta()
+        if self.metrics_server is not None:
+            self.metrics_server.start()
         self.client.start()
         self.worker.start()
 
@@ -244,6 +253,8 @@ class AgentDaemon(Daemon):
         self.checkpoint()
         self._publish_stats()
         self.client.stop()
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
         log.info("stopped at batch %d", self.learner.batch_index)
 
     def stats(self) -> dict[str, float]:
@@ -327,6 +338,7 @@ class AgentDaemon(Daemon):
 
     def _event(self, kind: str, **detail: Any) -> None:
         clean = {k: (float(v) if isinstance(v, (np.floating,)) else v) for k, v in detail.items()}
+        self.metrics.event(kind, clean)
         if kind != "rejected":  # _reject logs its own line
             log.log(_EVENT_LEVELS.get(kind, logging.INFO), "%s %s", kind, _describe(clean))
         try:
@@ -346,9 +358,10 @@ class AgentDaemon(Daemon):
             y = torch.from_numpy(np.array(msg.y.to_numpy(), dtype=np.int64)) if msg.y is not None else None
             result = self.learner.process_batch(x, y)
         except (ValueError, RuntimeError, BusError) as exc:
-            self._reject(f"batch {msg.batch_id}: {exc}", batch_id=msg.batch_id)
+            self._reject(f"batch {msg.batch_id}: {exc}", batch_id=msg.batch_id, context="batch")
             return
         self._meta_dirty = True
+        self.metrics.batch(result)
         if result.train_refused is not None:
             self._event("train_rolled_back", batch_id=msg.batch_id, batch=result.batch_index, reason=result.train_refused)
         self._account(result)
@@ -410,7 +423,7 @@ class AgentDaemon(Daemon):
         try:
             apply_global(self.learner.model, msg)
         except FlRejected as exc:
-            self._reject(f"global model of round {msg.round}: {exc}")
+            self._reject(f"global model of round {msg.round}: {exc}", context="global_model")
             return
         self._event("fl_adopted", round=msg.round)
 
@@ -433,7 +446,7 @@ class AgentDaemon(Daemon):
             elif isinstance(command, Status):
                 self._set_status(command.text)
             elif command.kind == "rejected":
-                self._reject(command.detail["reason"])
+                self._reject(command.detail["reason"], context="kt_blob")
             else:
                 self._event(command.kind, **command.detail)
 

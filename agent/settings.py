@@ -20,6 +20,7 @@ from agent.errors import ConfigError
 from agent.fl import FlConfig
 from agent.models import ARCHITECTURES, InputShape, ModelArgs, ModelSpec, TrainablePrefixes, check_input_shape, check_model_name
 from broker import topics
+from service.metrics import MetricsSettings
 from service.settings import BrokerSettings, LayeredSettings, problems
 
 
@@ -43,7 +44,7 @@ class DaemonKnobs(BaseModel):
     checkpoint_every: int = Field(50, ge=1, le=1_000_000, description="batches between checkpoints")
 
 
-class AgentSettings(LayeredSettings, BrokerSettings):
+class AgentSettings(LayeredSettings, BrokerSettings, MetricsSettings):
     """``clue-agent`` settings. Nested fields use ``__`` in environment names: ``CLUE_LEARNER__Z=0.3``."""
 
     # env_prefix_target="all": the aliases of `model` are read as CLUE_MODEL and CLUE_ARCH, never as a bare MODEL or ARCH.
