@@ -44,6 +44,7 @@ from agent.settings import (
     load_settings,
     merge_patch,
     read_patches,
+    reported_settings,
     split_patch,
     write_patches,
 )
@@ -55,6 +56,8 @@ from broker.wire import (
     ArrayPayload,
     ConfigAck,
     ConfigPatch,
+    ConfigRequest,
+    ConfigState,
     ErrorReply,
     Event,
     GlobalModel,
@@ -205,8 +208,8 @@ class AgentDaemon(Daemon):
         # reassembled from chunks (the bus's defaults for KT and config topics: 1 MiB, 64 KiB).
         self.client.subscribe(topics.node_batch(nid), 1, accept=(RequestBatch,), max_bytes=self.settings.max_batch_bytes)
         self.client.subscribe(topics.node_kt(nid), 1, accept=(KtRequest,))
-        for topic in (topics.node_config(nid), topics.fleet_config()):
-            self.client.subscribe(topic, 1, accept=(ConfigPatch,))
+        self.client.subscribe(topics.node_config(nid), 1, accept=(ConfigPatch, ConfigRequest))
+        self.client.subscribe(topics.fleet_config(), 1, accept=(ConfigPatch,))
         if self.settings.fl is not None:
             self.client.subscribe(topics.fl_global(self.settings.fl.job), 1, accept=(GlobalModel,))
         # Retained, so it goes out on connect: published here rather than on the worker's first
@@ -584,8 +587,17 @@ class AgentDaemon(Daemon):
     def _on_config(self, item: Inbound) -> None:
         if not item.payload:
             return  # a cleared retained config
-        # The bus decoded it already, under the config topic's limit and accepting config patches only.
+        # The bus decoded it already, under the config topic's limit and accepting config patches
+        # (and, on the node's own topic, requests for its config) only.
         patch = item.message
+        if isinstance(patch, ConfigRequest):
+            if not item.retained:  # a retained request would be answered at every start, to no one
+                state = ConfigState(
+                    node_id=self.node_id, request_id=patch.msg_id, values=self.config_values(), patched=sorted(self.patches)[:64],
+                    settings=reported_settings(self.settings),
+                )
+                self.client.publish_message(topics.node_config_ack(self.node_id), state)
+            return
         patch_id = None
         try:
             if not isinstance(patch, ConfigPatch):

@@ -11,6 +11,7 @@ import json
 import os
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import SettingsConfigDict
@@ -209,6 +210,42 @@ def write_patches(path: Path, values: dict[str, Any]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+#: Settings a node's config report leaves out: the run-time knobs come in the report's own values.
+_REPORTED_ELSEWHERE = frozenset({"learner", "daemon"})
+
+
+def reported_settings(settings: AgentSettings) -> dict[str, Any]:
+    """What the node started with, for ``clue-ctl config`` (`broker.wire.ConfigState.settings`).
+
+    Never a password: a setting naming a password file says only whether it is set, and a
+    password in the broker URL is masked. Values other than scalars and short lists of them are
+    given as JSON text.
+    """
+    out: dict[str, Any] = {}
+    for name in type(settings).model_fields:
+        if name in _REPORTED_ELSEWHERE:
+            continue
+        value = getattr(settings, name)
+        if "password" in name:
+            value = None if value is None else "(set)"
+        elif name == "broker":
+            parts = urlsplit(value)
+            if parts.password is not None:
+                value = urlunsplit(parts._replace(netloc=f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")))
+        elif isinstance(value, Path):
+            value = str(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        if not _scalar(value) and not (isinstance(value, list) and len(value) <= 64 and all(_scalar(v) for v in value)):
+            value = json.dumps(value.model_dump(mode="json") if isinstance(value, BaseModel) else value, default=str)[:1024]
+        out[name] = value
+    return out
+
+
+def _scalar(value: Any) -> bool:
+    return value is None or isinstance(value, (bool, int, float)) or (isinstance(value, str) and len(value) <= 1024)
 
 
 def _no_constant(name: str) -> Any:

@@ -393,7 +393,7 @@ def expected_access(identity: str, topology: str) -> tuple[set[str], set[str]]:
             {"relay/kt", "relay/relay/reply"} | _nodes("meta"),
             {"mds/query"} | _nodes("kt", "reply") | {"relay/kt", "relay/relay/reply"},
         ),
-        "operator": (_nodes("status", "meta", "events", "config/ack") | {"fleet/config"}, _nodes("config") | {"fleet/config"}),
+        "operator": (_nodes("status", "meta", "events", "prediction", "config/ack") | {"fleet/config"}, _nodes("config") | {"fleet/config"}),
         "feeder": (set(), _nodes("batch")),
         # Status too: `clue-sim feed` waits until every node it feeds is online.
         "collector": (_nodes("prediction", "events", "status"), set()),
