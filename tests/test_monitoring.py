@@ -232,6 +232,14 @@ def test_a_real_prometheus_reads_what_an_agent_and_the_mds_did(fleet, tmp_path):
         wait_until(lambda: reads("sum(clue_mds_nodes_online)", 2), 30, what="the MdS's online count", interval=0.5)
         assert prometheus.value("count(clue_mds_nodes)") == 1 and prometheus.value("sum(clue_mds_nodes)") == 2
         assert prometheus.value('up{job="clue-mds"}') == 1
+        # A helper query, asked for the architecture and lineage the agents' info metric names, is
+        # answered and timed.
+        info = prometheus.api("query", query='clue_agent_info{node="edge-a"}')["result"][0]["metric"]
+        fleet.wait_offered(agent_ports, arch_id=info["arch_id"], lineage=info["lineage"], classes=(0, 1))
+        wait_until(lambda: (prometheus.value("clue_mds_query_duration_seconds_count") or 0) >= 1, 30, what="the query's latency", interval=0.5)
+        answered = prometheus.value('clue_mds_queries_total{outcome="answered"}')
+        assert answered is not None and answered >= 1
+        assert prometheus.value("clue_mds_query_duration_seconds_count") == prometheus.value('sum(clue_mds_queries_total{outcome=~"answered|rejected"})')
         # The alert rules load in a real Prometheus too, and none fires on a healthy fleet.
         groups = prometheus.api("rules")["groups"]
         assert sum(len(g["rules"]) for g in groups) == 8
