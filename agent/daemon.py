@@ -364,7 +364,8 @@ class AgentDaemon(Daemon):
             self._reject(f"batch {msg.batch_id}: {exc}", batch_id=msg.batch_id, context="batch")
             return
         self._meta_dirty = True
-        self.metrics.batch(result)
+        self.metrics.served()
+        self.metrics.learnt(result)
         if result.train_refused is not None:
             self._event("train_rolled_back", batch_id=msg.batch_id, batch=result.batch_index, reason=result.train_refused)
         self._account(result)

@@ -1,7 +1,7 @@
 """The agent's Prometheus metrics (issue 13/13): what a node is doing, for Prometheus and Grafana.
 
-`AgentMetrics` owns the agent's own `CollectorRegistry`. The daemon hands it each batch's result
-(`batch`) and each event it publishes (`event`): events already say everything that happens to
+`AgentMetrics` owns the agent's own `CollectorRegistry`. The daemon tells it of each batch served
+(`served`), hands it what each labelled batch taught (`learnt`) and each event it publishes (`event`): events already say everything that happens to
 a node (a drift, a help request and its outcome, a helper installed or discarded, a refusal), so
 the metrics follow from them and the daemon needs no increment of its own per metric. Counters
 the daemon and its bus client keep anyway (operation timings, bytes, reconnects, the inbox) are
@@ -120,11 +120,20 @@ class AgentMetrics:
         self._target: deque[float] = deque(maxlen=ROLLING_BATCHES)
         self._unhelped: int | None = None
 
-    def batch(self, result: BatchOutcome) -> None:
+    def served(self) -> None:
         """One request batch answered (the worker thread)."""
         self.batches_served.inc()
-        if result.learnt:
-            self.batches_trained.inc()
+        with self._lock:
+            if self._unhelped is not None:
+                self._unhelped += 1
+                self.unhelped.set(self._unhelped)
+
+    def learnt(self, result: BatchOutcome) -> None:
+        """What a batch's labels showed, with the batch or later (the worker thread); nothing when
+        the batch had none or its training step was rolled back."""
+        if not result.learnt:
+            return
+        self.batches_trained.inc()
         with self._lock:
             if result.served_error is not None:
                 self._served.append(result.served_error)
@@ -132,9 +141,6 @@ class AgentMetrics:
             if result.target_error is not None:
                 self._target.append(result.target_error)
                 self.target_error.set(sum(self._target) / len(self._target))
-            if self._unhelped is not None:
-                self._unhelped += 1
-                self.unhelped.set(self._unhelped)
 
     def event(self, kind: str, detail: Mapping[str, Any]) -> None:
         """One event the agent published (`AgentDaemon._event`)."""
