@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from agent.checkpoint import load_newest_good, save_checkpoint
 from agent.config import help_policy
@@ -33,11 +35,12 @@ from agent.fl import FlRejected, apply_global, is_round_batch, model_to_update, 
 from agent.kt.codec import VALUE_CODECS
 from agent.kt.coordinator import AskHelper, Command, HelpCoordinator, HelpPolicy, Install, QueryHelpers, Status
 from agent.kt.helper_selection import CandidateInfo
-from agent.learner import BatchResult, Learner
+from agent.learner import BatchResult, Learner, Served
 from agent.malloc import retain_freed_memory
 from agent.metrics import AgentMetrics
 from agent.models import ModelError, build_from_spec, load_weights
 from agent.runtime import EnsembleRuntime, resolve_device
+from agent.served import LabelsRefused, ServedStore
 from agent.settings import (
     AgentSettings,
     DaemonKnobs,
@@ -58,6 +61,7 @@ from broker.wire import (
     ConfigPatch,
     ConfigRequest,
     ConfigState,
+    Envelope,
     ErrorReply,
     Event,
     GlobalModel,
@@ -65,9 +69,13 @@ from broker.wire import (
     HelpQuery,
     KtBlob,
     KtRequest,
+    Labels,
+    LabelsAck,
     NodeMeta,
     Prediction,
     RequestBatch,
+    encode_app_json,
+    is_json,
 )
 from service.cli import ServiceArgumentParser
 from service.exit_codes import EXIT_CONFIG
@@ -159,6 +167,8 @@ class AgentDaemon(Daemon):
         for refusal in self.checkpoint_refusals:
             log.error("checkpoint refused, fell back to the previous one: %s", refusal)
         self.help = HelpCoordinator(self._help_policy())
+        #: Unlabelled served batches, waiting for labels that come later.
+        self.served = ServedStore(self.knobs.served_max_batches, int(self.knobs.served_max_mb * (1 << 20)))
         self.patches: dict[str, Any] = {}
         self.patch_drops: list[str] = []
         self._apply_stored_patches(settings.learner, settings.daemon)
@@ -181,6 +191,9 @@ class AgentDaemon(Daemon):
         # Running sums, not lists: a daemon serving 100 batches/s for months must not grow.
         self._timings: dict[str, RunningMean] = {name: RunningMean() for name in ("batch", "predict", "train", "pick", "install")}
         self._fl_samples = 0
+        #: Labels were learnt since the last batch was served (a FedAvg participant then sends its model).
+        self._learnt_since_serve = False
+        self._expired_reported = 0
         self.metrics = AgentMetrics(
             client=self.client, timings=self._timings, checkpoint_path=settings.checkpoint_path(), pool_size=lambda: len(self.learner.pool),
             info={"arch_id": self.learner.arch_id, "lineage": self.learner.lineage},
@@ -207,6 +220,7 @@ class AgentDaemon(Daemon):
         # Each topic takes its own message type only, and every limit holds for the message as
         # reassembled from chunks (the bus's defaults for KT and config topics: 1 MiB, 64 KiB).
         self.client.subscribe(topics.node_batch(nid), 1, accept=(RequestBatch,), max_bytes=self.settings.max_batch_bytes)
+        self.client.subscribe(topics.node_labels(nid), 1, accept=(Labels,))
         self.client.subscribe(topics.node_kt(nid), 1, accept=(KtRequest,))
         self.client.subscribe(topics.node_config(nid), 1, accept=(ConfigPatch, ConfigRequest))
         self.client.subscribe(topics.fleet_config(), 1, accept=(ConfigPatch,))
@@ -269,6 +283,10 @@ class AgentDaemon(Daemon):
         for name, timing in self._timings.items():
             out[f"{name}_ms"] = 1000.0 * timing.mean
             out[f"{name}_n"] = timing.count
+        out["served_waiting"] = len(self.served)
+        out["served_bytes"] = self.served.nbytes
+        out["served_expired"] = self.served.expired_batches
+        out["served_expired_samples"] = self.served.expired_samples
         return out
 
     def _publish_stats(self) -> None:
@@ -302,6 +320,7 @@ class AgentDaemon(Daemon):
             self._reload.clear()
             self._reload_config_file()
             self._reloaded.set()
+        self._report_expired()
         self._maybe_publish_meta()
 
     def _handle(self, item: Inbound | ErrorEvent) -> None:
@@ -328,7 +347,9 @@ class AgentDaemon(Daemon):
         if item.topic in (topics.node_config(nid), topics.fleet_config()):
             self._on_config(item)
         elif item.topic == topics.node_batch(nid) and isinstance(message, RequestBatch):
-            self._on_batch(message)
+            self._on_batch(item, message)
+        elif item.topic == topics.node_labels(nid) and isinstance(message, Labels):
+            self._on_labels(item, message)
         elif item.topic == topics.node_kt(nid) and isinstance(message, KtRequest):
             self.responder.handle(item)
         elif self.settings.fl is not None and item.topic == topics.fl_global(self.settings.fl.job) and isinstance(message, GlobalModel):
@@ -355,19 +376,61 @@ class AgentDaemon(Daemon):
 
     # -- request batches -------------------------------------------------------------------------
 
-    def _on_batch(self, msg: RequestBatch) -> None:
+    def _on_batch(self, item: Inbound, msg: RequestBatch) -> None:
         try:
             x = torch.from_numpy(np.array(msg.x.to_numpy(), dtype=np.float32))
             y = torch.from_numpy(np.array(msg.y.to_numpy(), dtype=np.int64)) if msg.y is not None else None
-            result = self.learner.process_batch(x, y)
+            if y is not None:
+                self.learner.check_labels(x.shape[0], y)
+            served = self.learner.serve(x)
+            result = self.learner.learn(served, y) if y is not None else served.result
         except (ValueError, RuntimeError, BusError) as exc:
             self._reject(f"batch {msg.batch_id}: {exc}", batch_id=msg.batch_id, context="batch")
+            self._answer(item, ErrorReply(code="bad_request", message=f"batch {msg.batch_id}: {exc}"[:1000]))
             return
-        self._meta_dirty = True
         self.metrics.served()
+        if y is None:
+            for batch_id in self.served.put(msg.batch_id, served):
+                if batch_id == msg.batch_id:
+                    self._event("served_replaced", batch_id=batch_id)
+        # The drift event and the help request go out before the prediction, so a lock-step
+        # feeder that sees the prediction already knows a transfer is under way.
+        self._after_learning(msg.batch_id, result)
+        prediction = self._prediction(msg, served, result)
+        self.client.publish_message(topics.node_prediction(self.node_id), prediction, qos=1)
+        self._answer(item, prediction)
+        if self.settings.fl is not None and (y is not None or self._learnt_since_serve):
+            self._maybe_send_update(result.batch_index)
+        self._learnt_since_serve = False
+        self._batches_since_ckpt += 1
+        if self._batches_since_ckpt >= self.knobs.checkpoint_every:
+            self.checkpoint()
+
+    def _on_labels(self, item: Inbound, msg: Labels) -> None:
+        """Labels of a batch served earlier: learn from them as if they had come with it."""
+        try:
+            y = torch.from_numpy(np.array(msg.y.to_numpy(), dtype=np.int64))
+            indices = np.array(msg.indices.to_numpy(), dtype=np.int64) if msg.indices is not None else None
+            served = self.served.lookup(msg.batch_id, int(y.shape[0]), indices)
+            result = self.learner.learn(served, y, torch.from_numpy(indices) if indices is not None else None)
+        except (LabelsRefused, ValueError, RuntimeError) as exc:
+            self._reject(f"labels for batch {msg.batch_id}: {exc}", batch_id=msg.batch_id, context="labels")
+            self._answer(item, ErrorReply(code="rejected", message=f"labels for batch {msg.batch_id}: {exc}"[:1000]))
+            return
+        self.served.mark(msg.batch_id, indices)
+        self._after_learning(msg.batch_id, result)
+        pending = 0
+        if msg.batch_id in self.served:
+            pending = int(served.x.shape[0]) - int(self.served.labelled_count(msg.batch_id))
+        error = result.served_error if result.train_refused is None else None
+        self._answer(item, LabelsAck(batch_id=msg.batch_id, learnt=int(y.shape[0]), error=error, pending=pending))
+
+    def _after_learning(self, batch_id: int, result: BatchResult) -> None:
+        """What follows a batch served, learnt or both: events, the help coordinator, metadata."""
+        self._meta_dirty = True
         self.metrics.learnt(result)
         if result.train_refused is not None:
-            self._event("train_rolled_back", batch_id=msg.batch_id, batch=result.batch_index, reason=result.train_refused)
+            self._event("train_rolled_back", batch_id=batch_id, batch=result.batch_index, reason=result.train_refused)
         self._account(result)
         for helper_id in result.promoted:
             # The helper's live branch is the target now; the old target stays pooled as a guard.
@@ -376,31 +439,62 @@ class AgentDaemon(Daemon):
             self._event("helper_discarded", helper=helper_id, batch=result.batch_index)
         if result.drift:
             self._set_status(f"drift at batch {result.batch_index}")
-        # The drift event and the help request go out before the prediction, so a lock-step
-        # feeder that sees the prediction already knows a transfer is under way.
         if result.learnt:
+            if self.settings.fl is not None:
+                self._fl_samples += result.y_hat.shape[0]
+            self._learnt_since_serve = True
             pool = self.learner.pool_state()
-            self._carry(self.help.on_batch(result.batch_index, drift=result.drift_report, dropped=result.dropped, pool=pool))
+            now = self.learner.batch_index - 1
+            self._carry(self.help.on_batch(now, drift=result.drift_report, dropped=result.dropped, pool=pool))
         # Metadata before the prediction too: a feeder that has every prediction of batch t knows
         # the MdS was sent every node's histogram of batch t.
         self._maybe_publish_meta()
-        self.client.publish_message(
-            topics.node_prediction(self.node_id),
-            Prediction(
-                batch_id=msg.batch_id,
-                y_hat=ArrayPayload.from_numpy(result.y_hat.numpy().astype(np.int64)),
-                helpers=list(result.helpers),
-                error=result.served_error,
-                target_error=result.target_error,
-            ),
-            qos=1,
+
+    def _prediction(self, msg: RequestBatch, served: Served, result: BatchResult) -> Prediction:
+        k = min(self.knobs.top_k if msg.top_k is None else msg.top_k, self.learner.num_classes)
+        top: dict[str, ArrayPayload] = {}
+        if k > 0:
+            probs, classes = torch.topk(served.served_p.detach().float().cpu(), k, dim=1)
+            top = {"top_classes": ArrayPayload.from_numpy(classes.numpy().astype(np.int64)),
+                   "top_probs": ArrayPayload.from_numpy(probs.numpy().astype(np.float32))}
+        return Prediction(
+            batch_id=msg.batch_id,
+            y_hat=ArrayPayload.from_numpy(served.result.y_hat.numpy().astype(np.int64)),
+            helpers=list(result.helpers),
+            error=result.served_error,
+            target_error=result.target_error,
+            model_version=served.model_version,
+            **top,
         )
-        if self.settings.fl is not None and y is not None:
-            self._fl_samples += int(y.shape[0])
-            self._maybe_send_update(result.batch_index)
-        self._batches_since_ckpt += 1
-        if self._batches_since_ckpt >= self.knobs.checkpoint_every:
-            self.checkpoint()
+
+    def _answer(self, item: Inbound, reply: Envelope) -> None:
+        """Answer an application's batch or labels on the reply topic it named, in its own format."""
+        reply_to, corr = item.reply_to, item.corr
+        if not reply_to:
+            return
+        if not topics.is_reply_topic(reply_to):
+            self._reject(f"{item.topic}: {reply_to[:200]!r} is not a reply topic; no answer sent", context="reply_to")
+            return
+        if corr and "corr" in type(reply).model_fields:
+            reply = reply.evolve(corr=corr)
+        props = Properties(PacketTypes.PUBLISH)
+        if corr:
+            props.CorrelationData = corr.encode("ascii", "replace")
+        try:
+            if is_json(item.payload):
+                self.client.publish(reply_to, encode_app_json(reply), 1, False, topic_class="reply", properties=props)
+            else:
+                self.client.publish_message(reply_to, reply, 1, topic_class="reply", properties=props)
+        except BusError as exc:
+            log.warning("could not answer on %s: %s", reply_to, exc)
+
+    def _report_expired(self) -> None:
+        """Served batches that expired unlabelled since the last report, as one event (never silently)."""
+        expired = self.served.expired_batches
+        if expired > self._expired_reported:
+            self._event("served_expired", batches=expired - self._expired_reported, total=expired,
+                        samples=self.served.expired_samples)
+            self._expired_reported = expired
 
     def _account(self, result: BatchResult) -> None:
         """Fold one batch's timings into the running means that ``stats()`` reports."""
@@ -633,6 +727,8 @@ class AgentDaemon(Daemon):
             self.learner.apply_config(learner_config.model_dump())
         self.knobs = knobs
         self.help.configure(self._help_policy())
+        # Batches the new bounds push out expire as any other: counted, and reported on the next tick.
+        self.served.resize(knobs.served_max_batches, int(knobs.served_max_mb * (1 << 20)))
 
     def _apply_stored_patches(self, learner_config: Any, knobs: DaemonKnobs) -> list[str]:
         """Lay the stored run-time patches over ``learner_config``/``knobs`` (the settings file's)

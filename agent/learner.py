@@ -44,6 +44,7 @@ from agent.models import learnt_state, param_shapes, train_mode, trainable_param
 from agent.models import lineage as compute_lineage
 from agent.optim import Adam
 
+_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 # Batches before the drift window whose mean target error is the level a helper must restore.
 _BASELINE_BATCHES = 10
 _ERROR_HISTORY = 64
@@ -75,6 +76,26 @@ class BatchResult:
     def learnt(self) -> bool:
         """The batch was labelled and its training step taken: drift and helpers were checked."""
         return self.target_error is not None and self.train_refused is None
+
+
+@dataclass
+class Served:
+    """One served batch as ``Learner.learn`` needs it when its labels come: the inputs, what the
+    ensemble served, and what the target and every pooled model predicted (by member id)."""
+
+    result: BatchResult
+    x: torch.Tensor
+    served_p: torch.Tensor
+    target_p: torch.Tensor
+    member_ps: dict[str, torch.Tensor]
+    #: The target's version (``Learner.model_version``) that served the batch.
+    model_version: int
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tensors kept (the inputs are shared with the reservoir while it holds them)."""
+        tensors = [self.x, self.served_p, self.target_p, self.result.y_hat, *self.member_ps.values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 class Member(NamedTuple):
@@ -132,6 +153,8 @@ class Learner:
         self._rng = torch.Generator().manual_seed(seed)
         self._helper_ids = itertools.count()
         self.batch_index = 0
+        #: Training steps taken by the target since start-up (and models it adopted): which version served a batch.
+        self.model_version = 0
         #: The last request batch and its labels (None if unlabelled): a new helper is tried on it.
         self._last_batch: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self.longrun_hist = np.zeros(num_classes, dtype=np.int64)
@@ -228,32 +251,95 @@ class Learner:
         Order (ARCHITECTURE §3): predict with the ensemble, retrain the target, update the
         histograms and the reservoir, check drift, and check whether helpers can go.
         """
+        if y is not None:
+            self.check_labels(x.shape[0], y.to(self.device))
+        served = self.serve(x)
+        if y is None:
+            return served.result
+        return self.learn(served, y)
+
+    def serve(self, x: torch.Tensor) -> Served:
+        """Predict one request batch with the ensemble; what it keeps lets ``learn`` take labels later.
+
+        Raises ValueError, changing nothing, for inputs the model must not see.
+        """
         t0 = time.perf_counter()
         x = x.to(self.device)
         self.check_inputs(x)
-        if y is not None:
-            y = y.to(self.device)
-            if y.shape != (x.shape[0],) or y.dtype not in (torch.int64, torch.int32):
-                raise ValueError(f"labels must be int of shape ({x.shape[0]},), got {y.dtype} {tuple(y.shape)}")
-            if int(y.min()) < 0 or int(y.max()) >= self.num_classes:
-                raise ValueError(f"labels outside [0, {self.num_classes})")
         # Predict before touching any state: an input the model cannot take fails here, changing nothing.
         target_p, helper_ps = self._probabilities(x)
         index = self.batch_index
         self.batch_index += 1
         members = self.members()
         classes, ids = [m.classes for m in members], [m.member_id for m in members]
-        served = self.operator.combine(target_p, helper_ps, classes, ids)
-        y_hat = served.argmax(dim=1)
+        served_p = self.operator.combine(target_p, helper_ps, classes, ids)
+        y_hat = served_p.argmax(dim=1)
         result = BatchResult(batch_index=index, y_hat=y_hat.cpu(), helpers=tuple(h.helper_id for h in self.pool))
-        t1 = time.perf_counter()
-        result.timings["predict"] = t1 - t0
-
+        result.timings["predict"] = time.perf_counter() - t0
         self.reservoir.add(x)
+        self._last_batch = (x, None)
+        return Served(
+            result=result,
+            x=x,
+            served_p=served_p,
+            target_p=target_p,
+            member_ps=dict(zip(ids, helper_ps)),
+            model_version=self.model_version,
+        )
+
+    def check_labels(self, n: int, y: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Raise ValueError, changing nothing, for labels that do not fit a batch of ``n`` samples;
+        returns the sample indices they label (None: all, in order)."""
+        if y.ndim != 1 or y.dtype not in _INT_DTYPES:
+            raise ValueError(f"labels must be int of shape ({n},) or name their samples by index, got {y.dtype} {tuple(y.shape)}")
+        if indices is None:
+            if y.shape[0] != n:
+                raise ValueError(f"labels must be int of shape ({n},) or name their samples by index, got {y.shape[0]} labels")
+        else:
+            if indices.ndim != 1 or indices.dtype not in _INT_DTYPES:
+                raise ValueError(f"indices must be a 1-d integer array, got {indices.dtype} {tuple(indices.shape)}")
+            if indices.shape[0] != y.shape[0]:
+                raise ValueError(f"{y.shape[0]} labels for {indices.shape[0]} indices")
+            if y.shape[0] == 0:
+                raise ValueError("no labels")
+            if int(indices.min()) < 0 or int(indices.max()) >= n:
+                raise ValueError(f"indices outside [0, {n})")
+            if torch.unique(indices).shape[0] != indices.shape[0]:
+                raise ValueError("an index is given twice")
+        if y.shape[0] and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
+            raise ValueError(f"labels outside [0, {self.num_classes})")
+        if indices is None:
+            return None
+        order = indices.long().to(self.device)
+        return None if order.shape[0] == n and bool((order == torch.arange(n, device=self.device)).all()) else order
+
+    def learn(self, served: Served, y: torch.Tensor, indices: torch.Tensor | None = None) -> BatchResult:
+        """Learn from the labels of a batch served earlier (all its samples, or those ``indices`` names).
+
+        Exactly what the labels would have done had they come with the batch: the errors, the
+        operator's trust and each helper's judgement use what was served (helpers pooled since
+        did not serve it; helpers gone since are skipped), then the target and every live branch
+        train on the samples. Raises ValueError, changing nothing, for labels that do not fit.
+        """
+        t1 = time.perf_counter()
+        order = self.check_labels(served.x.shape[0], y, indices)
+        y = y.to(self.device).long()
+        index = served.result.batch_index
+        result = BatchResult(
+            batch_index=index,
+            y_hat=served.result.y_hat if order is None else served.result.y_hat[order.cpu()],
+            helpers=served.result.helpers,
+        )
+        result.timings["predict"] = served.result.timings["predict"]
+
+        def pick(t: torch.Tensor) -> torch.Tensor:
+            return t if order is None else t[order]
+
+        x, target_p, y_hat = pick(served.x), pick(served.target_p), pick(served.served_p).argmax(dim=1)
+        members = [m for m in self.members() if m.member_id in served.member_ps]
+        helper_ps = [pick(served.member_ps[m.member_id]) for m in members]
+        classes, ids = [m.classes for m in members], [m.member_id for m in members]
         self._last_batch = (x, y)
-        if y is None:
-            return result
-        y = y.long()
         wrong = (y_hat != y).float()
         target_wrong = (target_p.argmax(dim=1) != y).float()
         result.served_error = float(wrong.mean())
@@ -278,11 +364,12 @@ class Learner:
 
         if self.operator.learns and members:
             self.operator.learn(target_p, helper_ps, classes, ids, y)
+        live = [m for m in self.members() if m.live]
         refused = self._train_step(x, y)
         if refused is None:
-            for m in members:
-                if m.live:
-                    _train_step(m.model, m.helper.optimizer, x, y)
+            self.model_version += 1
+            for m in live:
+                _train_step(m.model, m.helper.optimizer, x, y)
         t2 = time.perf_counter()
         result.timings["train"] = t2 - t1
         if refused is not None:
@@ -302,9 +389,11 @@ class Learner:
         self.detector.update(result.target_error, labels)
         result.drift = self.detector.drift_detected
         if result.drift and self.knowledge_use.enabled:
-            result.drift_report = self._drift_report(index, recent_longrun)
+            # Now, in served batches: late labels of an older batch still report the drift at this point of the stream.
+            result.drift_report = self._drift_report(self.batch_index - 1, recent_longrun)
         rolling = self._target_rolling_error()
-        discarded = self.pool.discard_check(batch_index=index, target_rolling_error=rolling)
+        # Helpers age in served batches, whichever batch these labels belong to.
+        discarded = self.pool.discard_check(batch_index=self.batch_index - 1, target_rolling_error=rolling)
         if self.config.drop_unhelpful:
             dropped = self.pool.drop_unhelpful()
             discarded.extend(h.helper_id for h in dropped)
@@ -353,6 +442,7 @@ class Learner:
         self._target_errors = deque([*list(self._target_errors)[: max(0, kept)], *branch_errors], maxlen=_ERROR_HISTORY)
         h.judged = True
         self.operator.swap(f"{h.helper_id}+")
+        self.model_version += 1
         return (h.helper_id,)
 
     def _drop_redundant(self) -> list[str]:

@@ -31,7 +31,7 @@ from service.metrics import BusClient, BusClientCollector
 #: Labelled batches the rolling served and target errors average over.
 ROLLING_BATCHES = 10
 #: Where a refused message came from (`AgentDaemon._reject`'s ``context``); anything else is ``other``.
-REFUSAL_REASONS = ("batch", "kt_blob", "global_model", "decode", "chunk", "size", "topic", "handler")
+REFUSAL_REASONS = ("batch", "labels", "reply_to", "kt_blob", "global_model", "decode", "chunk", "size", "topic", "handler")
 #: Seconds from a drift to its helper serving: the drift-to-helper histogram's buckets.
 DRIFT_TO_HELPER_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 

@@ -43,6 +43,15 @@ class DaemonKnobs(BaseModel):
         description="seconds after which the metadata goes out even if unchanged, so the MdS's rolling error and batch count stay fresh",
     )
     checkpoint_every: int = Field(50, ge=1, le=1_000_000, description="batches between checkpoints")
+    served_max_batches: int = Field(
+        256, ge=0, le=1_000_000,
+        description="unlabelled served batches kept for labels that come later (0: late labels are refused); the oldest expires first",
+    )
+    served_max_mb: float = Field(
+        48.0, ge=0.0, le=65_536.0,
+        description="MiB those batches may take (inputs and every pooled model's predictions); the oldest expires first",
+    )
+    top_k: int = Field(0, ge=0, le=4096, description="send each sample's k most probable classes with their probabilities (0: off; a batch may ask for its own)")
 
 
 class AgentSettings(LayeredSettings, BrokerSettings, MetricsSettings):

@@ -22,7 +22,7 @@ from broker._settings import ClientSettings
 from broker._subscriptions import Decoding, Subscriptions, type_names
 from broker.chunking import ChunkAssembler
 from broker.errors import ChunkError, MessageTooLarge, UnknownMessageType, WireError
-from broker.wire import BlobChunk, Envelope, MessageClasses, decode, decode_config
+from broker.wire import BlobChunk, Envelope, MessageClasses, decode, decode_app, decode_config
 
 log = logging.getLogger("broker.client")  # one logger for the client, named after its public module
 
@@ -65,7 +65,7 @@ class Receiver:
             self._inbox.put(Inbound(topic, None, payload, props, now, retained, qos, tcls))
             return
         try:  # the size is checked before anything is parsed
-            message = _decode(payload, rule.decoding, min(rule.max_bytes, self._max_message_bytes))
+            message = _decode(topic, payload, rule.decoding, min(rule.max_bytes, self._max_message_bytes))
         except WireError as exc:
             self._accounting.count_in(tcls, len(payload))
             self._refuse(exc, topic)
@@ -79,7 +79,7 @@ class Receiver:
             whole = self._assembler.add(message, max_bytes=rule.max_bytes, source=topic)
             if whole is None:
                 return
-            message = _decode(whole, rule.decoding, rule.max_bytes)
+            message = _decode(topic, whole, rule.decoding, rule.max_bytes)
             if isinstance(message, BlobChunk):
                 raise WireError("a chunked payload may not be a chunk itself")
         except WireError as exc:  # ChunkError included
@@ -179,7 +179,10 @@ class Receiver:
         self._inbox.put(ErrorEvent(exc, context, topic))
 
 
-def _decode(data: bytes, decoding: Decoding, max_bytes: int) -> Envelope:
+def _decode(topic: str, data: bytes, decoding: Decoding, max_bytes: int) -> Envelope:
     if decoding == "config":
         return decode_config(data, expect=None, max_bytes=max_bytes)
+    if decoding == "app":
+        accepts = topics.topic_rule(topic).accepts
+        return decode_app(data, bare_type=accepts[0] if accepts else "batch", max_bytes=max_bytes)
     return decode(data, max_bytes=max_bytes)

@@ -18,7 +18,7 @@ from typing import Literal
 from broker import topics
 from broker.wire import Envelope, MessageClasses, message_types
 
-Decoding = Literal["auto", "msgpack", "config", "raw"]
+Decoding = Literal["auto", "msgpack", "config", "app", "raw"]
 
 
 @dataclass(frozen=True)
@@ -102,6 +102,8 @@ class Subscriptions:
             decoding = "raw"
         elif tcls == "config":
             decoding = "config"
+        elif tcls in ("batch", "labels"):
+            decoding = "app"  # what applications send: msgpack, or JSON for `mosquitto_pub` and the like
         else:
             decoding = "msgpack"
         default = topics.topic_rule(topic)

@@ -7,8 +7,8 @@ a wildcard: `validate_node_id` is the one rule (`broker.wire.NodeId` uses it; so
 as "here" or "up").
 
 Byte accounting: `topic_class(topic)` names the class a topic's bytes are counted under
-(`meta`, `query`, `kt`, `fl`, `batch`, `config`, `prediction`, `events`, `status`, `reply`,
-`other`). A reply topic carries both MdS replies and KT blobs, so the client counts a decoded
+(`meta`, `query`, `kt`, `fl`, `batch`, `labels`, `config`, `prediction`, `events`, `status`,
+`reply`, `other`). A reply topic carries both MdS replies and KT blobs, so the client counts a decoded
 message by its *message type* first (`HelpQuery`/`HelperList` -> `query`, `KtRequest`/`KtBlob` ->
 `kt`, see `broker.wire`), then by an explicit class given on publish, and only then by topic.
 
@@ -37,13 +37,14 @@ from broker.errors import TopicError
 PREFIX = "clue/v1"
 
 TopicClass = Literal[
-    "meta", "query", "kt", "fl", "batch", "config", "prediction", "events", "status", "reply", "other"
+    "meta", "query", "kt", "fl", "batch", "labels", "config", "prediction", "events", "status", "reply", "other"
 ]
 TOPIC_CLASSES: tuple[str, ...] = get_args(TopicClass)
 
 #: Leaves of `node/{id}/…` topics and the byte class of each.
 NODE_LEAVES: dict[str, TopicClass] = {
     "batch": "batch",
+    "labels": "labels",
     "prediction": "prediction",
     "meta": "meta",
     "status": "status",
@@ -58,7 +59,7 @@ _ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 #: The node (and job) id rule as a regular expression; `.` and `..` are refused besides.
 NODE_ID_PATTERN = f"^{_ID_RE.pattern}$"
 _SHARE_RE = re.compile(r"^\$share/([^/#+]+)/(.+)$")
-_REPLY_RE = re.compile(rf"{re.escape(PREFIX)}/(?:node|relay)/([^/]+)/reply")
+_REPLY_RE = re.compile(rf"{re.escape(PREFIX)}/(?:node|relay|app)/([^/]+)/reply")
 MAX_TOPIC_LEN = 512
 
 STATUS_ONLINE = b"online"
@@ -151,6 +152,11 @@ def node_batch(node_id: str) -> str:
     return _node(node_id, "batch")
 
 
+def node_labels(node_id: str) -> str:
+    """Labels for batches one node served earlier (application -> agent, QoS 1)."""
+    return _node(node_id, "labels")
+
+
 def node_prediction(node_id: str) -> str:
     """Predictions of one node (agent ->, QoS 0)."""
     return _node(node_id, "prediction")
@@ -218,6 +224,11 @@ def relay_kt() -> str:
 def relay_reply(relay_id: str) -> str:
     """Replies addressed to a relay instance (helper -> relay)."""
     return f"{PREFIX}/relay/{validate_node_id(relay_id)}/reply"
+
+
+def app_reply(app_id: str) -> str:
+    """Replies to one application's requests: its predictions and label acknowledgements (agent -> application)."""
+    return f"{PREFIX}/app/{validate_node_id(app_id)}/reply"
 
 
 def fl_update(job: str, node_id: str) -> str:
@@ -295,6 +306,8 @@ def topic_class(topic: str) -> TopicClass:
         return "config"
     if head == "mds" and levels[1:] == ["query"]:
         return "query"
+    if head == "app" and len(levels) == 3 and levels[2] == "reply":
+        return "reply"
     if head == "relay":
         if levels[1:] == ["kt"]:
             return "kt"
@@ -307,7 +320,7 @@ def topic_class(topic: str) -> TopicClass:
 
 
 def is_reply_topic(topic: str) -> bool:
-    """True for exactly `node/{id}/reply` or `relay/{id}/reply` with a valid id: the only topics a
+    """True for exactly `node/{id}/reply`, `relay/{id}/reply` or `app/{id}/reply` with a valid id: the only topics a
     request may name as `reply_to` (a responder answering anywhere else would publish on behalf of
     whoever wrote the request)."""
     m = _REPLY_RE.fullmatch(topic) if isinstance(topic, str) else None
@@ -323,9 +336,9 @@ MAX_CONFIG_BYTES = 64 << 10
 MAX_CONTROL_BYTES = 1 << 20
 
 TopicKind = Literal[
-    "node/batch", "node/prediction", "node/meta", "node/status", "node/events", "node/config",
+    "node/batch", "node/labels", "node/prediction", "node/meta", "node/status", "node/events", "node/config",
     "node/config/ack", "node/kt", "node/reply", "fleet/config", "mds/query", "relay/kt", "relay/reply",
-    "fl/update", "fl/global",
+    "fl/update", "fl/global", "app/reply",
 ]
 
 
@@ -343,6 +356,7 @@ _REPLIES = ("mds.reply", "kt.blob", "error")
 #: Topic kind -> default rule. Type names, not classes: `broker.wire` imports this module.
 TOPIC_RULES: dict[str, TopicRule] = {
     "node/batch": TopicRule(("batch",)),
+    "node/labels": TopicRule(("labels",), MAX_CONTROL_BYTES),
     "node/prediction": TopicRule(("prediction",)),
     "node/meta": TopicRule(("meta",), MAX_CONTROL_BYTES),
     "node/status": TopicRule(max_bytes=MAX_CONTROL_BYTES),  # raw `online` / `offline`
@@ -357,6 +371,7 @@ TOPIC_RULES: dict[str, TopicRule] = {
     "relay/reply": TopicRule(_REPLIES),
     "fl/update": TopicRule(("fl.update",)),
     "fl/global": TopicRule(("fl.global",)),
+    "app/reply": TopicRule(("prediction", "labels.ack", "error")),
 }
 _ANY = TopicRule()
 
@@ -387,6 +402,8 @@ def topic_kind(topic: str) -> TopicKind | None:
         return "relay/kt"
     if head == "relay" and len(rest) == 2 and rest[1] == "reply":
         return "relay/reply"
+    if head == "app" and len(rest) == 2 and rest[1] == "reply":
+        return "app/reply"
     if head == "fl" and len(rest) == 3 and rest[1] == "update":
         return "fl/update"
     if head == "fl" and len(rest) == 2 and rest[1] == "global":
@@ -422,6 +439,7 @@ __all__ = [
     "all_node_topics",
     "all_predictions",
     "all_status",
+    "app_reply",
     "fl_global",
     "fl_update",
     "fl_updates",
@@ -436,6 +454,7 @@ __all__ = [
     "node_config_ack",
     "node_events",
     "node_kt",
+    "node_labels",
     "node_meta",
     "node_prediction",
     "node_reply",

@@ -67,7 +67,7 @@ def _every(leaf: str) -> str:
 #: What every node may do with its own topics, whatever the topology.
 NODE_OWN: tuple[Grant, ...] = (
     *(Grant("write", _own(leaf), "outbound") for leaf in ("prediction", "meta", "status", "events", "config/ack")),
-    *(Grant("read", _own(leaf), "inbound") for leaf in ("batch", "config", "kt", "reply")),
+    *(Grant("read", _own(leaf), "inbound") for leaf in ("batch", "labels", "config", "kt", "reply")),
     Grant("write", f"{topics.PREFIX}/fl/+/update/{SELF}", "FedAvg baseline: its own model update"),
 )
 
@@ -81,6 +81,7 @@ NODE_SHARED: dict[str, tuple[Grant, ...]] = {
         Grant("write", f"{topics.PREFIX}/relay/+/reply", "answers the relay (as a helper)"),
         Grant("read", topics.fleet_config(), "fleet-wide config patches"),
         Grant("read", f"{topics.PREFIX}/fl/+/global", "FedAvg baseline: the global model"),
+        Grant("write", f"{topics.PREFIX}/app/+/reply", "answers an application's batch or labels on its reply topic"),
     ),
 }
 NODE_SHARED["direct"] = (
@@ -115,7 +116,15 @@ ROLES: dict[str, tuple[Grant, ...]] = {
         Grant("write", _every("config"), "per-node config patches"),
         Grant("write", topics.fleet_config(), "fleet-wide config patches"),
     ),
-    "feeder": (Grant("write", _every("batch"), "simulator: request batches"),),
+    "feeder": (
+        Grant("write", _every("batch"), "simulator: request batches"),
+        Grant("write", _every("labels"), "simulator: labels that come later"),
+    ),
+    "app": (
+        Grant("write", _every("batch"), "an application: request batches"),
+        Grant("write", _every("labels"), "an application: labels that come later"),
+        Grant("read", topics.app_reply("app"), "an application: predictions and acknowledgements asked for"),
+    ),
     "collector": (
         Grant("read", topics.all_predictions(), "simulator: predictions"),
         Grant("read", topics.all_events(), "simulator: events"),

@@ -276,44 +276,127 @@ def message_types() -> dict[str, type[Envelope]]:
 # --- messages --------------------------------------------------------------------------------
 
 
+#: Largest top-k an application may ask for per sample.
+MAX_TOP_K = 4096
+
+
+def _int_vector(array: ArrayPayload, what: str) -> None:
+    if not array.dtype.startswith(("int", "uint")) or array.ndim != 1:
+        raise ValueError(f"{what} must be a 1-d integer array")
+
+
 class RequestBatch(Envelope):
-    """One request batch for a node: inputs `x` (first axis = samples), optional integer labels `y`."""
+    """One request batch for a node: inputs `x` (first axis = samples), optional integer labels `y`.
+
+    Labels may also come later, on the node's labels topic (`Labels`), by `batch_id`. With
+    `reply_to` (an application's reply topic) and `corr` the prediction is also sent there,
+    correlated; `top_k` asks for the k most probable classes of every sample with their
+    probabilities (None: the node's `top_k` setting).
+    """
 
     byte_class: ClassVar[TopicClass | None] = "batch"
+    is_request: ClassVar[bool] = True
+    #: Array fields and their dtypes when the message comes as JSON (nested lists).
+    json_arrays: ClassVar[dict[str, str]] = {"x": "float32", "y": "int64"}
     type: Literal["batch"] = "batch"
     batch_id: NonNegInt
     x: ArrayPayload
     y: ArrayPayload | None = None
     meta: Annotated[dict[Key, Scalar], Field(max_length=32)] = Field(default_factory=dict)
+    reply_to: ReplyTopic | None = None
+    corr: Corr | None = None
+    top_k: Annotated[int, Field(ge=0, le=MAX_TOP_K)] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> "RequestBatch":
         if self.x.ndim < 1:
             raise ValueError("x must have a sample axis")
         if self.y is not None:
-            if not self.y.dtype.startswith(("int", "uint")) or self.y.ndim != 1:
-                raise ValueError("y must be a 1-d integer array")
+            _int_vector(self.y, "y")
             if self.y.shape[0] != self.x.shape[0]:
                 raise ValueError(f"y has {self.y.shape[0]} labels for {self.x.shape[0]} samples")
         return self
 
 
 class Prediction(Envelope):
-    """Predicted classes for one batch, the helpers used, and the errors if labels were given."""
+    """Predicted classes for one batch, the helpers used, and the errors if labels were given.
+
+    `model_version` counts the serving node's training steps (and models it adopted) since it
+    started; `top_classes` / `top_probs` (N, k) hold each sample's k most probable classes, most
+    probable first, when asked for. `corr` is the request's, on an application's reply topic.
+    """
 
     byte_class: ClassVar[TopicClass | None] = "prediction"
+    is_reply: ClassVar[bool] = True
+    json_arrays: ClassVar[dict[str, str]] = {"y_hat": "int64", "top_classes": "int64", "top_probs": "float32"}
     type: Literal["prediction"] = "prediction"
     batch_id: NonNegInt
     y_hat: ArrayPayload
     helpers: Annotated[list[NodeId], Field(max_length=64)] = Field(default_factory=list)
     error: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] | None = None
     target_error: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] | None = None
+    model_version: NonNegInt | None = None
+    top_classes: ArrayPayload | None = None
+    top_probs: ArrayPayload | None = None
+    corr: Corr | None = None
 
     @model_validator(mode="after")
     def _check(self) -> "Prediction":
         if self.y_hat.dtype != "int64" or self.y_hat.ndim != 1:
             raise ValueError("y_hat must be a 1-d int64 array")
+        if (self.top_classes is None) != (self.top_probs is None):
+            raise ValueError("top_classes and top_probs come together")
+        if self.top_classes is not None and self.top_probs is not None:
+            n = self.y_hat.shape[0]
+            if self.top_classes.ndim != 2 or self.top_classes.shape[0] != n or self.top_classes.dtype != "int64":
+                raise ValueError("top_classes must be an (N, k) int64 array")
+            if self.top_probs.shape != self.top_classes.shape or not self.top_probs.dtype.startswith("float"):
+                raise ValueError("top_probs must be a float array shaped like top_classes")
         return self
+
+
+class Labels(Envelope):
+    """Labels that come after their batch: `y` for every sample of batch `batch_id`, in order, or
+    for the samples `indices` names (any order, each at most once over all messages).
+
+    With `reply_to` and `corr` the node answers with `LabelsAck` (or an `ErrorReply`).
+    """
+
+    byte_class: ClassVar[TopicClass | None] = "labels"
+    is_request: ClassVar[bool] = True
+    json_arrays: ClassVar[dict[str, str]] = {"y": "int64", "indices": "int64"}
+    type: Literal["labels"] = "labels"
+    batch_id: NonNegInt
+    y: ArrayPayload
+    indices: ArrayPayload | None = None
+    reply_to: ReplyTopic | None = None
+    corr: Corr | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "Labels":
+        _int_vector(self.y, "y")
+        if self.y.shape[0] == 0:
+            raise ValueError("y holds no label")
+        if self.indices is not None:
+            _int_vector(self.indices, "indices")
+            if self.indices.shape[0] != self.y.shape[0]:
+                raise ValueError(f"{self.y.shape[0]} labels for {self.indices.shape[0]} indices")
+        return self
+
+
+class LabelsAck(Envelope):
+    """A node took a `Labels` message: how many samples it learnt from and their served error."""
+
+    byte_class: ClassVar[TopicClass | None] = "labels"
+    is_reply: ClassVar[bool] = True
+    type: Literal["labels.ack"] = "labels.ack"
+    batch_id: NonNegInt
+    learnt: NonNegInt
+    #: Served error on the labelled samples (None when the training step was rolled back).
+    error: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] | None = None
+    #: Samples of the batch still unlabelled.
+    pending: NonNegInt = 0
+    corr: Corr | None = None
 
 
 class NodeMeta(Envelope):
@@ -396,6 +479,11 @@ class ErrorReply(Envelope):
     corr: Corr | None = None
     code: ErrorCode
     message: Text = ""
+
+
+# Answered with messages defined after them.
+RequestBatch.reply_types = (Prediction, ErrorReply)
+Labels.reply_types = (LabelsAck, ErrorReply)
 
 
 class HelperList(Envelope):
@@ -605,6 +693,93 @@ def decode_config(
     if not _expects(ConfigPatch, expect):
         raise UnknownMessageType("bare JSON is shorthand for config.patch, which is not expected here")
     return from_obj({"v": WIRE_VERSION, "type": ConfigPatch.model_fields["type"].default, "values": obj}, expect=expect)
+
+
+def is_json(data: bytes) -> bool:
+    """True for a payload that is a JSON object (its first non-blank byte is `{`; msgpack maps never start so)."""
+    return _as_bytes(data).lstrip(b" \t\r\n").startswith(b"{")
+
+
+def decode_app(data: bytes, *, bare_type: str, max_bytes: int = DEFAULT_MAX_BYTES) -> Envelope:
+    """Decode what an application sends (a request batch, labels): msgpack, or JSON with arrays as nested lists.
+
+    A JSON object with `v` and `type` is an envelope; any other is the bare fields of `bare_type`
+    (the topic's message), e.g. `{"batch_id": 7, "x": [[0.1, 0.2]]}` on a batch topic. A model's
+    `json_arrays` names its array fields and their dtype: a nested list of numbers, rectangular,
+    at most `MAX_NDIM` deep, becomes that array (integers must be whole numbers in range). The
+    size limit applies before parsing, and the message's other checks as for msgpack.
+
+    >>> decode_app(b'{"batch_id": 3, "y": [1, 0]}', bare_type="labels").y.to_numpy().tolist()
+    [1, 0]
+    """
+    raw = _as_bytes(data)
+    if len(raw) > max_bytes:
+        raise MessageTooLarge(f"message of {len(raw)} bytes exceeds {max_bytes}")
+    if not is_json(raw):
+        return decode(raw, max_bytes=max_bytes)
+    try:
+        obj = json.loads(
+            raw.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float, object_pairs_hook=_unique_map
+        )
+    except _DuplicateKey as exc:
+        raise SchemaError(f"duplicate key {exc.key[:64]!r} in the JSON message") from exc
+    except Exception as exc:  # JSONDecodeError, UnicodeDecodeError, RecursionError, …
+        raise WireError(f"not a JSON message: {type(exc).__name__}: {str(exc)[:200]}") from exc
+    if not isinstance(obj, dict):
+        raise SchemaError("a JSON message must be an object")
+    if "v" not in obj and "type" not in obj:
+        obj = {"v": WIRE_VERSION, "type": bare_type, **obj}
+    name = obj.get("type")
+    cls = _REGISTRY.get(name) if isinstance(name, str) else None
+    for name, dtype in (getattr(cls, "json_arrays", None) or {}).items():
+        if isinstance(obj.get(name), list):
+            obj[name] = _json_array(obj[name], name, dtype).model_dump()
+    return from_obj(obj, expect=cls)
+
+
+def _json_array(value: list, name: str, dtype: str) -> ArrayPayload:
+    depth = 0
+    probe: Any = value
+    while isinstance(probe, list):
+        depth += 1
+        if depth > MAX_NDIM:
+            raise SchemaError(f"{name}: nested deeper than {MAX_NDIM} levels")
+        probe = probe[0] if probe else 0
+    _check_tree(value)
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        for v in item:
+            if isinstance(v, list):
+                stack.append(v)
+            elif isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise SchemaError(f"{name}: holds a {type(v).__name__}, not a number")
+    try:
+        loose = np.array(value, dtype=np.float64)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise SchemaError(f"{name}: not a rectangular array of numbers ({str(exc)[:120]})") from exc
+    if dtype.startswith(("int", "uint")):
+        info = np.iinfo(dtype)
+        if loose.size and (not np.all(loose == np.round(loose)) or loose.min() < info.min or loose.max() > info.max):
+            raise SchemaError(f"{name}: must hold whole numbers in [{info.min}, {info.max}]")
+    if not np.isfinite(loose).all():
+        raise SchemaError(f"{name}: holds a non-finite number")
+    return ArrayPayload.from_numpy(loose.astype(dtype))
+
+
+def encode_app_json(msg: Envelope) -> bytes:
+    """JSON of a message an application reads (a prediction, an acknowledgement), arrays as nested lists."""
+    if not isinstance(msg, Envelope):
+        raise WireError(f"cannot encode {type(msg).__name__}: not an Envelope")
+    obj = msg.model_dump(mode="python")
+    for name in getattr(msg, "json_arrays", None) or {}:
+        array = getattr(msg, name, None)
+        if isinstance(array, ArrayPayload):
+            obj[name] = array.to_numpy().tolist()
+    try:
+        return json.dumps(obj, allow_nan=False, separators=(",", ":")).encode()
+    except Exception as exc:
+        raise WireError(f"cannot encode {type(msg).__name__} as JSON: {exc}") from exc
 
 
 def from_obj(obj: Any, *, expect: ExpectArg = None) -> Envelope:

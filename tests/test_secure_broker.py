@@ -370,6 +370,8 @@ PROBES = (
     "fl/j/update/victim",
     "fl/j/update/other",
     "fl/j/global",
+    "app/app/reply",
+    "app/other/reply",
 )
 
 
@@ -380,9 +382,9 @@ def _nodes(*leaves: str) -> set[str]:
 def expected_access(identity: str, topology: str) -> tuple[set[str], set[str]]:
     """(readable, writable) probes of `identity`, as the issue states them."""
     if identity == "victim":
-        read = {f"node/victim/{leaf}" for leaf in ("batch", "config", "kt", "reply")} | {"fleet/config", "fl/j/global"}
+        read = {f"node/victim/{leaf}" for leaf in ("batch", "labels", "config", "kt", "reply")} | {"fleet/config", "fl/j/global"}
         write = {f"node/victim/{leaf}" for leaf in ("prediction", "meta", "status", "events", "config/ack")}
-        write |= {"mds/query", "relay/kt", "relay/relay/reply", "fl/j/update/victim"}
+        write |= {"mds/query", "relay/kt", "relay/relay/reply", "fl/j/update/victim", "app/app/reply", "app/other/reply"}
         if topology == "direct":
             write |= _nodes("kt", "reply")
         return read, write
@@ -394,7 +396,10 @@ def expected_access(identity: str, topology: str) -> tuple[set[str], set[str]]:
             {"mds/query"} | _nodes("kt", "reply") | {"relay/kt", "relay/relay/reply"},
         ),
         "operator": (_nodes("status", "meta", "events", "prediction", "config/ack") | {"fleet/config"}, _nodes("config") | {"fleet/config"}),
-        "feeder": (set(), _nodes("batch")),
+        "feeder": (set(), _nodes("batch", "labels")),
+        # An application: batches and labels to any node, answers on its own reply topic; it keeps
+        # the nodes' `app/+/reply` write, since a deny would take its own reply topic too.
+        "app": ({"app/app/reply"}, _nodes("batch", "labels") | {"app/app/reply", "app/other/reply"}),
         # Status too: `clue-sim feed` waits until every node it feeds is online.
         "collector": (_nodes("prediction", "events", "status"), set()),
         "aggregator": ({"fl/j/update/victim", "fl/j/update/other", "fl/j/global"}, {"fl/j/global"}),
@@ -403,7 +408,7 @@ def expected_access(identity: str, topology: str) -> tuple[set[str], set[str]]:
     return table[identity]
 
 
-IDENTITIES = ("victim", "mds", "relay", "operator", "feeder", "collector", "aggregator", "bridge")
+IDENTITIES = ("victim", "mds", "relay", "operator", "feeder", "app", "collector", "aggregator", "bridge")
 
 
 def test_every_identity_gets_exactly_its_access(secure: PrivateMosquitto, raw: Callable[..., Raw]) -> None:

@@ -49,6 +49,8 @@ from broker.wire import (
     HelpQuery,
     KtBlob,
     KtRequest,
+    Labels,
+    LabelsAck,
     ModelUpdate,
     NamedArray,
     NodeMeta,
@@ -80,7 +82,14 @@ def sample_messages() -> dict[str, Envelope]:
     payload = b"kt-blob-bytes" * 10
     return {
         "batch": RequestBatch(batch_id=7, x=_arr(x), y=_arr(np.array([0, 1, 2, 1])), meta={"phase": "drift", "n": 4}),
-        "prediction": Prediction(batch_id=7, y_hat=_arr(np.array([0, 1, 1, 1], dtype=np.int64)), helpers=["h1"], error=0.25),
+        "prediction": Prediction(
+            batch_id=7, y_hat=_arr(np.array([0, 1, 1, 1], dtype=np.int64)), helpers=["h1"], error=0.25, model_version=3,
+            top_classes=_arr(np.array([[0, 2], [1, 0], [1, 2], [1, 0]], dtype=np.int64)),
+            top_probs=_arr(np.array([[0.7, 0.2], [0.6, 0.3], [0.5, 0.4], [0.9, 0.1]], dtype=np.float32)), corr="c0ffee",
+        ),
+        "labels": Labels(batch_id=7, y=_arr(np.array([2, 0], dtype=np.uint8)), indices=_arr(np.array([3, 1], dtype=np.int16)),
+                         reply_to=topics.app_reply("app"), corr="c0ffee"),
+        "labels.ack": LabelsAck(batch_id=7, learnt=2, error=0.5, pending=2, corr="c0ffee"),
         "meta": NodeMeta(node_id="n1", arch_id="mlp-abc", lineage="base-1", hist=[0.5, 0.5, 0.0], rolling_error=0.1, batches=3),
         "event": Event(node_id="n1", kind="drift", detail={"error": 0.4, "classes": [3, 4], "note": None}),
         "config.patch": ConfigPatch(values={"z": 0.3, "drift.threshold": 0.4, "operator": "mean", "classes": [1, 2]}),
