@@ -8,7 +8,7 @@ says why. The wire contract, for clients in other languages, is in `docs/applica
 
 >>> # with AppClient.connect("mqtt://localhost:1883") as app:
 >>> #     prediction = app.predict("edge-1", x)
->>> #     app.sendsmallest_int_array("edge-1", prediction.batch_id, y)
+>>> #     app.send_labels("edge-1", prediction.batch_id, y)
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ class AppClient:
             raise BusError(f"{node} answered a batch with a {reply.type!r} message")
         return reply
 
-    def sendsmallest_int_array(self, node: str, batch_id: int, y: np.ndarray, indices: np.ndarray | None = None, *,
+    def send_labels(self, node: str, batch_id: int, y: np.ndarray, indices: np.ndarray | None = None, *,
                     wait: bool = True, timeout: float | None = None) -> LabelsAck | None:
         """Label samples of a batch ``node`` served: all of them in order, or those ``indices`` names.
 
@@ -119,9 +119,9 @@ class AppClient:
             reply_to=self.reply_topic if wait else None, corr=corr,
         )
         if corr is None:
-            self.client.publish_message(topics.nodesmallest_int_array(node), msg, 1)
+            self.client.publish_message(topics.node_labels(node), msg, 1)
             return None
-        reply = self._ask(topics.nodesmallest_int_array(node), msg, corr, timeout)
+        reply = self._ask(topics.node_labels(node), msg, corr, timeout)
         if not isinstance(reply, LabelsAck):
             raise BusError(f"{node} answered labels with a {reply.type!r} message")
         return reply
@@ -243,7 +243,7 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: T
         if args.command == "predict":
             _print_prediction(app.predict(args.node, x, batch_id=args.batch_id, y=y, top_k=args.top_k), out)
         else:
-            ack = app.sendsmallest_int_array(args.node, args.batch_id, y, indices, wait=not args.no_wait)
+            ack = app.send_labels(args.node, args.batch_id, y, indices, wait=not args.no_wait)
             if ack is not None:
                 print(json.dumps({"batch_id": ack.batch_id, "learnt": ack.learnt, "error": ack.error, "pending": ack.pending}), file=out)
         return 0

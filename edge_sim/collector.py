@@ -18,7 +18,7 @@ import numpy as np
 from broker import topics
 from broker.client import Inbound, MqttClient
 from broker.errors import BusError, MessageTooLarge
-from broker.wire import ArrayPayload, Event, Prediction, RequestBatch, encode
+from broker.wire import ArrayPayload, Event, Labels, Prediction, RequestBatch, encode
 
 #: Events that end a knowledge transfer a node started (after ``drift``).
 KT_DONE = ("help_done", "help_failed")
@@ -117,6 +117,15 @@ class Feeder:
             self.client.publish(topic, data, 1, topic_class="batch")
         except MessageTooLarge:
             self.client.publish_blob(topic, data, 1, topic_class="batch")
+
+    def send_labels(self, node_id: str, batch_id: int, y: np.ndarray, indices: np.ndarray | None = None) -> None:
+        """Labels of samples of a batch served earlier (``indices``: which; None: all, in order)."""
+        msg = Labels(
+            batch_id=batch_id,
+            y=ArrayPayload.from_numpy(np.ascontiguousarray(y, dtype=np.int64)),
+            indices=ArrayPayload.from_numpy(np.ascontiguousarray(indices, dtype=np.int64)) if indices is not None else None,
+        )
+        self.client.publish(topics.node_labels(node_id), encode(msg), 1, topic_class="labels")
 
     def step(
         self,

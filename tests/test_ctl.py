@@ -22,11 +22,12 @@ from collections.abc import Iterator
 import pytest
 
 from broker import ctl, topics
-from broker.client import ClientSettings, Inbound, MqttClient
+from broker.client import Inbound
 from broker.launcher import PrivateMosquitto
 from broker.wire import NodeMeta
-from edge_sim.processes import Child, spawn_agent
+from edge_sim.processes import spawn_agent
 from support import mosquitto_available, requires_openssl, session_left
+from support.fleet import wait_status_online
 
 NODE = "ctl-node"
 
@@ -129,23 +130,6 @@ def test_an_unreachable_broker_exits_4(capsys):
 # --- against a live agent ------------------------------------------------------------------------
 
 
-def _wait_online(broker: PrivateMosquitto, node: str, child: Child, timeout: float = 60.0, **tls: object) -> None:
-    """Until the node's retained status says online (it publishes it once connected)."""
-    client = MqttClient(ClientSettings(client_id=f"probe-{node}-{time.monotonic_ns()}", host=broker.host, port=broker.port, **tls))
-    client.subscribe(topics.node_status(node), 1)
-    client.start()
-    try:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert child.alive(), child.log_text()[-3000:]
-            item = client.get(timeout=0.2)
-            if isinstance(item, Inbound) and item.payload == topics.STATUS_ONLINE:
-                return
-        raise AssertionError(f"{node} never came online:\n{child.log_text()[-3000:]}")
-    finally:
-        client.stop()
-
-
 @pytest.fixture(scope="module")
 def live(tmp_path_factory) -> Iterator[PrivateMosquitto]:
     """A broker of this module's own with one agent, ``NODE``, online on it."""
@@ -155,7 +139,7 @@ def live(tmp_path_factory) -> Iterator[PrivateMosquitto]:
     with PrivateMosquitto() as broker:
         child = spawn_agent(NODE, broker.url, root / "state", root / "logs", settings={"daemon": {"meta_interval": 0.0}})
         try:
-            _wait_online(broker, NODE, child)
+            wait_status_online(broker, NODE, child)
             yield broker
         finally:
             child.terminate(20)
@@ -307,7 +291,7 @@ def test_operator_over_tls_and_the_relay_acl(tmp_path):
                 env={"CREDENTIALS_DIRECTORY": str(creds)},
             )
             try:
-                _wait_online(broker, node, child, **certs.client_kwargs("operator"))
+                wait_status_online(broker, node, child, **certs.client_kwargs("operator"))
                 tls = ["--broker", broker.url, "--cafile", str(certs.ca), "--cert", str(certs.cert("operator")), "--key", str(certs.key("operator"))]
                 done = subprocess.run([sys.executable, "-m", "broker.ctl", *tls, "set", "z=0.4", "--node", node], capture_output=True, text=True, timeout=30)
                 assert done.returncode == ctl.EXIT_OK, done.stdout + done.stderr

@@ -19,7 +19,7 @@ import numpy as np
 import paho.mqtt.subscribe as subscribe
 
 from broker import topics
-from broker.client import MqttClient
+from broker.client import ClientSettings, Inbound, MqttClient
 from broker.errors import RemoteError, RequestTimeout
 from broker.launcher import PrivateMosquitto
 from broker.wire import ConfigAck, HelpQuery
@@ -126,6 +126,24 @@ class Fleet:
             text = child.log_text()
             if "Traceback" in text:
                 print(f"--- {child.name} log ---\n{text[-4000:]}")
+
+
+def wait_status_online(broker: PrivateMosquitto, node: str, child: Child, timeout: float = 60.0, **tls: object) -> None:
+    """Until the node's retained status says online (it publishes it once connected); ``tls``:
+    the reading identity's ``ClientSettings`` TLS fields on a broker that wants them."""
+    client = MqttClient(ClientSettings(client_id=f"probe-{node}-{time.monotonic_ns()}", host=broker.host, port=broker.port, **tls))
+    client.subscribe(topics.node_status(node), 1)
+    client.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert child.alive(), child.log_text()[-3000:]
+            item = client.get(timeout=0.2)
+            if isinstance(item, Inbound) and item.payload == topics.STATUS_ONLINE:
+                return
+        raise AssertionError(f"{node} never came online:\n{child.log_text()[-3000:]}")
+    finally:
+        client.stop()
 
 
 def wait_online(fleet: Fleet, nodes: Iterable[str], timeout: float = 60) -> None:
