@@ -73,7 +73,9 @@ class AgentMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.batches_served = Counter("clue_agent_batches_served", "request batches answered with a prediction", registry=r)
-        self.batches_trained = Counter("clue_agent_batches_trained", "labelled batches the target trained on", registry=r)
+        self.batches_trained = Counter(
+            "clue_agent_batches_trained", "training steps on labelled batches: one per batch, or per labels message when its labels come later in parts", registry=r
+        )
         self.served_error = Gauge(
             "clue_agent_served_error_ratio", f"error of the served (ensemble) predictions over the last {ROLLING_BATCHES} labelled batches", registry=r
         )
