@@ -58,7 +58,8 @@ class AgentMetrics:
 
     `client`: the agent's bus client; `timings`: the daemon's running sums of seconds per
     operation (``batch``, ``predict``, ``train``, ``pick``, ``install``), read at scrape time;
-    `checkpoint_path`: the checkpoint file, whose age is reported; `pool_size`: helpers pooled now.
+    `checkpoint_path`: the checkpoint file, whose age is reported; `pool_size`: helpers pooled now;
+    `info`: labels of the constant ``clue_agent_info`` (the model's ``arch_id`` and ``lineage``).
     """
 
     def __init__(

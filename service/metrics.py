@@ -85,7 +85,7 @@ class MetricsSettings(BaseModel):
 class _QuietHandler(WSGIRequestHandler):
     """No line per scrape on stderr (the journal would get one every scrape interval)."""
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
 
