@@ -20,6 +20,7 @@ import pytest
 
 from agent.settings import load_settings, reported_settings
 from broker import ctl, topics
+from broker.client import Inbound
 from broker.wire import ConfigAck, ConfigState
 from service.metrics import free_port
 from support.fleet import Clusters, patch_and_ack, wait_online
@@ -168,3 +169,48 @@ def test_top_shows_the_live_fleet_and_redraws_in_place(fleet):
         assert cells[3] == f"{sum(served) / len(served):.3f}"
         assert cells[4] == str(len(collector.predictions[node][11].helpers))
     assert f"batch {drift[-1].detail['batch']} (" in rows["top-target"] and rows["top-helper"].split()[-1] == "-"
+
+
+# --- the view ``top`` draws, without a broker ------------------------------------------------------
+
+
+def _inbound(topic: str, message=None, payload: bytes = b"") -> Inbound:
+    return Inbound(topic=topic, message=message, payload=payload, properties=None, received_at=0.0)
+
+
+@pytest.mark.parametrize("online", [True, False])
+def test_fleet_view_rows_from_status_meta_predictions_and_events(online):
+    import numpy as np
+
+    from broker.fleet_view import ERROR_BATCHES, FleetView
+    from broker.wire import ArrayPayload, Event, NodeMeta, Prediction
+
+    view = FleetView(rate_window=10.0)
+    status = topics.STATUS_ONLINE if online else topics.STATUS_OFFLINE
+    view.add(_inbound(topics.node_status("n1"), payload=status), now=view._started)
+    view.add(_inbound(topics.node_meta("n1"), NodeMeta(node_id="n1", arch_id="a", lineage="b", hist=[1.0], helpers=2)), now=view._started)
+    [row] = view.rows(now=view._started + 1)
+    assert (row.node, row.online, row.helpers, row.served_error, row.last_drift_age_s) == ("n1", online, 2, None, None)
+    y_hat = ArrayPayload.from_numpy(np.zeros(4, dtype=np.int64))
+    errors = [0.5] * 5 + [0.1 * i for i in range(ERROR_BATCHES)]
+    for i, error in enumerate(errors):
+        view.add(_inbound(topics.node_prediction("n1"), Prediction(batch_id=i, y_hat=y_hat, helpers=["h"], error=error)), now=view._started + 20 + i)
+    view.add(_inbound(topics.node_events("n1"), Event(node_id="n1", kind="drift", detail={"batch": 7, "classes": [8, 9]})), now=view._started + 30)
+    [row] = view.rows(now=view._started + 34)
+    assert row.batches_per_s == pytest.approx(sum(1 for i in range(len(errors)) if 34 - (20 + i) <= 10) / 10)
+    assert row.served_error == pytest.approx(sum(errors[-ERROR_BATCHES:]) / ERROR_BATCHES)
+    assert row.helpers == 1, "the helpers that served the last batch, not the older metadata"
+    assert (row.last_drift_batch, row.last_drift_classes, row.last_drift_age_s) == (7, [8, 9], 4)
+    view.add(_inbound("clue/v1/elsewhere", payload=b"x"))  # not a node topic: ignored
+    assert [r.node for r in view.rows()] == ["n1"]
+
+
+@pytest.mark.timeout(60)
+def test_top_off_a_terminal_prints_each_frame_after_the_last(mosquitto):
+    import io
+
+    out = io.StringIO()
+    code = ctl.main(["--broker", mosquitto.url, "top", "--count", "2", "--interval", "0.2"], out=out)
+    assert code == ctl.EXIT_OK
+    assert out.getvalue().count("NODE") == 2 and out.getvalue().count("clue-ctl top") == 2
+    assert ctl.main(["--broker", mosquitto.url, "top", "--count", "0"]) == ctl.EXIT_USAGE
