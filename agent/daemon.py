@@ -380,19 +380,23 @@ class AgentDaemon(Daemon):
         try:
             x = torch.from_numpy(np.array(msg.x.to_numpy(), dtype=np.float32))
             y = torch.from_numpy(np.array(msg.y.to_numpy(), dtype=np.int64)) if msg.y is not None else None
+            indices = np.array(msg.y_indices.to_numpy(), dtype=np.int64) if msg.y_indices is not None else None
+            picked = torch.from_numpy(indices) if indices is not None else None
             if y is not None:
-                self.learner.check_labels(x.shape[0], y)
+                self.learner.check_labels(x.shape[0], y, picked)
             served = self.learner.serve(x)
-            result = self.learner.learn(served, y) if y is not None else served.result
+            result = self.learner.learn(served, y, picked) if y is not None else served.result
         except (ValueError, RuntimeError, BusError) as exc:
             self._reject(f"batch {msg.batch_id}: {exc}", batch_id=msg.batch_id, context="batch")
             self._answer(item, ErrorReply(code="bad_request", message=f"batch {msg.batch_id}: {exc}"[:1000]))
             return
         self.metrics.served()
-        if y is None:
+        if y is None or (indices is not None and len(indices) < x.shape[0]):
             for batch_id in self.served.put(msg.batch_id, served):
                 if batch_id == msg.batch_id:
                     self._event("served_replaced", batch_id=batch_id)
+            if y is not None and msg.batch_id in self.served:
+                self.served.mark(msg.batch_id, indices)
         # The drift event and the help request go out before the prediction, so a lock-step
         # feeder that sees the prediction already knows a transfer is under way.
         self._after_learning(msg.batch_id, result)

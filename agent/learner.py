@@ -44,6 +44,8 @@ from agent.models import learnt_state, param_shapes, train_mode, trainable_param
 from agent.models import lineage as compute_lineage
 from agent.optim import Adam
 
+#: Promotions remembered for labels that come later (a batch served before more of them learns the target only).
+_PROMOTIONS_KEPT = 64
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 # Batches before the drift window whose mean target error is the level a helper must restore.
 _BASELINE_BATCHES = 10
@@ -90,6 +92,8 @@ class Served:
     member_ps: dict[str, torch.Tensor]
     #: The target's version (``Learner.model_version``) that served the batch.
     model_version: int
+    #: Promotions (target ⇄ live branch swaps) before it was served: ``learn`` maps later ones back.
+    promotions: int = 0
 
     @property
     def nbytes(self) -> int:
@@ -155,6 +159,9 @@ class Learner:
         self.batch_index = 0
         #: Training steps taken by the target since start-up (and models it adopted): which version served a batch.
         self.model_version = 0
+        #: The live branch (member id) each promotion swapped with the target, the latest last, and how many there were.
+        self._promoted_members: deque[str] = deque(maxlen=_PROMOTIONS_KEPT)
+        self._promotions = 0
         #: The last request batch and its labels (None if unlabelled): a new helper is tried on it.
         self._last_batch: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self.longrun_hist = np.zeros(num_classes, dtype=np.int64)
@@ -285,6 +292,7 @@ class Learner:
             target_p=target_p,
             member_ps=dict(zip(ids, helper_ps)),
             model_version=self.model_version,
+            promotions=self._promotions,
         )
 
     def check_labels(self, n: int, y: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -335,9 +343,11 @@ class Learner:
         def pick(t: torch.Tensor) -> torch.Tensor:
             return t if order is None else t[order]
 
-        x, target_p, y_hat = pick(served.x), pick(served.target_p), pick(served.served_p).argmax(dim=1)
-        members = [m for m in self.members() if m.member_id in served.member_ps]
-        helper_ps = [pick(served.member_ps[m.member_id]) for m in members]
+        x, y_hat = pick(served.x), pick(served.served_p).argmax(dim=1)
+        served_target_p, member_ps = self._as_now(served)
+        target_p = pick(served_target_p)
+        members = [m for m in self.members() if m.member_id in member_ps]
+        helper_ps = [pick(member_ps[m.member_id]) for m in members]
         classes, ids = [m.classes for m in members], [m.member_id for m in members]
         self._last_batch = (x, y)
         wrong = (y_hat != y).float()
@@ -410,6 +420,18 @@ class Learner:
         result.discarded = tuple(discarded)
         return result
 
+    def _as_now(self, served: Served) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """What the target and each member predicted on ``served``, by who they are now: a live
+        branch promoted since then is the target, and the old target took its member id."""
+        target_p, member_ps = served.target_p, dict(served.member_ps)
+        since = self._promotions - served.promotions
+        if since > len(self._promoted_members):
+            return target_p, {}  # too many swaps ago to tell which model made which prediction
+        for member_id in list(self._promoted_members)[len(self._promoted_members) - since:]:
+            if member_id in member_ps:
+                target_p, member_ps[member_id] = member_ps[member_id], target_p
+        return target_p, member_ps
+
     def _promote(self) -> tuple[str, ...]:
         """Swap the target with a live branch that was better than it over the last L batches.
 
@@ -442,6 +464,8 @@ class Learner:
         self._target_errors = deque([*list(self._target_errors)[: max(0, kept)], *branch_errors], maxlen=_ERROR_HISTORY)
         h.judged = True
         self.operator.swap(f"{h.helper_id}+")
+        self._promoted_members.append(f"{h.helper_id}+")
+        self._promotions += 1
         self.model_version += 1
         return (h.helper_id,)
 

@@ -297,11 +297,13 @@ class RequestBatch(Envelope):
     byte_class: ClassVar[TopicClass | None] = "batch"
     is_request: ClassVar[bool] = True
     #: Array fields and their dtypes when the message comes as JSON (nested lists).
-    json_arrays: ClassVar[dict[str, str]] = {"x": "float32", "y": "int64"}
+    json_arrays: ClassVar[dict[str, str]] = {"x": "float32", "y": "int64", "y_indices": "int64"}
     type: Literal["batch"] = "batch"
     batch_id: NonNegInt
     x: ArrayPayload
     y: ArrayPayload | None = None
+    #: The samples `y` labels when it labels only some (the others may be labelled later).
+    y_indices: ArrayPayload | None = None
     meta: Annotated[dict[Key, Scalar], Field(max_length=32)] = Field(default_factory=dict)
     reply_to: ReplyTopic | None = None
     corr: Corr | None = None
@@ -311,9 +313,15 @@ class RequestBatch(Envelope):
     def _check(self) -> "RequestBatch":
         if self.x.ndim < 1:
             raise ValueError("x must have a sample axis")
+        if self.y_indices is not None:
+            if self.y is None:
+                raise ValueError("y_indices without y")
+            _int_vector(self.y_indices, "y_indices")
+            if self.y_indices.shape[0] != self.y.shape[0]:
+                raise ValueError(f"y has {self.y.shape[0]} labels for {self.y_indices.shape[0]} indices")
         if self.y is not None:
             _int_vector(self.y, "y")
-            if self.y.shape[0] != self.x.shape[0]:
+            if self.y_indices is None and self.y.shape[0] != self.x.shape[0]:
                 raise ValueError(f"y has {self.y.shape[0]} labels for {self.x.shape[0]} samples")
         return self
 

@@ -103,11 +103,13 @@ class Feeder:
         self.client = client
         self.collector = collector
 
-    def send(self, node_id: str, batch_id: int, x: np.ndarray, y: np.ndarray | None) -> None:
+    def send(self, node_id: str, batch_id: int, x: np.ndarray, y: np.ndarray | None, y_indices: np.ndarray | None = None) -> None:
+        """Batch ``batch_id`` for ``node_id``, with labels ``y`` of every sample, of those ``y_indices`` names, or none."""
         msg = RequestBatch(
             batch_id=batch_id,
             x=ArrayPayload.from_numpy(np.ascontiguousarray(x, dtype=np.float32)),
             y=ArrayPayload.from_numpy(np.ascontiguousarray(y, dtype=np.int64)) if y is not None else None,
+            y_indices=ArrayPayload.from_numpy(np.ascontiguousarray(y_indices, dtype=np.int64)) if y_indices is not None else None,
         )
         topic, data = topics.node_batch(node_id), encode(msg)
         # One message whenever the client and the broker take it (every agent accepts 1 MiB), not
@@ -130,7 +132,7 @@ class Feeder:
     def step(
         self,
         batch_id: int,
-        batches: Iterable[tuple[str, np.ndarray, np.ndarray | None]],
+        batches: Iterable[tuple[str, np.ndarray, np.ndarray | None] | tuple[str, np.ndarray, np.ndarray | None, np.ndarray | None]],
         *,
         timeout: float = 60.0,
         extra: Callable[[], bool] = lambda: True,
@@ -140,8 +142,8 @@ class Feeder:
         ``extra`` is one more condition to wait for (a FedAvg round adopted by every node).
         """
         nodes = []
-        for node_id, x, y in batches:
-            self.send(node_id, batch_id, x, y)
+        for node_id, x, y, *y_indices in batches:
+            self.send(node_id, batch_id, x, y, *y_indices)
             nodes.append(node_id)
 
         def done() -> bool:

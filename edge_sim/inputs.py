@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import math
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -126,6 +127,52 @@ class Request(NamedTuple):
     x: np.ndarray
     y: np.ndarray
     labelled: bool
+
+
+class LateLabels(NamedTuple):
+    """Labels for some samples of a batch a node was served earlier (or with it, for some samples only)."""
+
+    node: int
+    batch: int
+    y: np.ndarray
+    indices: np.ndarray
+
+
+class LabelPlan:
+    """When each labelled batch's labels come (``label_delay`` batches after it) and for which
+    samples (a ``label_fraction`` of them, drawn per batch); with no delay and every sample, they
+    ride in the batch as always."""
+
+    def __init__(self, scn: Scenario, seed: int) -> None:
+        self.delay = scn.label_delay
+        self.fraction = scn.label_fraction
+        self._draw = np.random.default_rng(seed + 104729)
+        self._due: dict[int, list[LateLabels]] = {}
+
+    @property
+    def inline(self) -> bool:
+        """Every labelled batch carries all its labels: the plan changes nothing."""
+        return self.delay == 0 and self.fraction >= 1.0
+
+    def plan(self, t: int, requests: Sequence[Request]) -> list[LateLabels]:
+        """Record batch ``t``; returns the labels that ride in it (some samples, no delay): at most one per node."""
+        now = []
+        for node, request in enumerate(requests):
+            if not request.labelled:
+                continue
+            n = len(request.y)
+            count = max(1, int(round(self.fraction * n)))
+            indices = np.sort(self._draw.choice(n, size=count, replace=False)) if count < n else np.arange(n)
+            labels = LateLabels(node, t, request.y[indices], indices)
+            if self.delay == 0:
+                now.append(labels)
+            else:
+                self._due.setdefault(t + self.delay, []).append(labels)
+        return now
+
+    def due(self, t: int) -> list[LateLabels]:
+        """Labels that come just before batch ``t`` is served."""
+        return self._due.pop(t, [])
 
 
 class RequestFeed:

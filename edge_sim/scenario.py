@@ -75,6 +75,10 @@ class Scenario(BaseModel):
     non_overlap_from: int = Field(4, ge=0)
     fluctuation_period: int = Field(10, ge=1)
     helper_label_fraction: float = Field(1.0, gt=0.0, le=1.0, description="share of the helpers' batches that carry labels (a weak helper learns from less)")
+    label_delay: int = Field(0, ge=0, le=10_000, description="batches after its batch that a batch's labels come, on the labels topic (0: with the batch)")
+    label_fraction: float = Field(
+        1.0, gt=0.0, le=1.0, description="share of each batch's samples that are ever labelled (drawn per batch; the others never are)"
+    )
     pretrain_samples: int = Field(2000, ge=10)
     pretrain_epochs: int = Field(5, ge=0)
     seeds: list[int] = Field(default_factory=lambda: [0])

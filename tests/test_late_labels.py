@@ -205,3 +205,19 @@ def test_labels_take_the_smallest_integer_type():
     assert smallest_int_array([-1, 2]).dtype == np.int32
     with pytest.raises(ValueError):
         smallest_int_array([0.5])
+
+
+def test_labels_after_a_promotion_judge_each_model_by_what_it_predicted():
+    """A live branch promoted between a batch's serving and its labels is the target now: the
+    target's prediction then is the old target's, which took the branch's member id."""
+    learner = _learner()
+    (x, _), = _batches(1, size=4)
+    served = learner.serve(x)
+    old_target, branch = torch.full((4, C), 0.1), torch.full((4, C), 0.2)
+    served.target_p, served.member_ps = old_target, {"h0": torch.zeros(4, C), "h0+": branch}
+    learner._promoted_members.append("h0+")
+    learner._promotions += 1
+    now_target, members = learner._as_now(served)
+    assert now_target is branch and members["h0+"] is old_target and members["h0"] is served.member_ps["h0"]
+    served.promotions = 1
+    assert learner._as_now(served)[0] is old_target, "no promotion since it was served"

@@ -116,3 +116,41 @@ def test_learner_knobs_set_on_the_command_line_reach_every_mode(tmp_path):
     assert saved["scenario"]["learner"] == {"z": 0.3, "value_codec": "int4_delta", "drift": {"type": "novelty_or_error", "window": 4}}
     assert sim_main(["run", str(scn), "--set", "z=7"]) == 78
     assert sim_main(["run", str(scn), "--set", "z"]) == 78
+
+
+# Half of 100 samples labelled: the novelty trigger's 1,000-label warm-up would outlast the run.
+LATE = TINY.model_copy(update={"name": "late", "label_delay": 2, "label_fraction": 0.5, "modes": ["isolated", "clue", "fedavg"],
+                               "learner": {"drift": {"type": "novelty_or_error", "warmup_samples": 300}}})
+
+
+@pytest.fixture(scope="module")
+def late_runs(tmp_path_factory):
+    """LATE's modes on each transport: every node's labels two batches late, for half the samples."""
+    inputs = prepare_seed(LATE, 0, load_dataset(LATE.dataset))
+    out = {}
+    for transport in ("inprocess", "mqtt"):
+        scn = LATE.model_copy(update={"transport": transport})
+        with open_transport(scn, workdir=tmp_path_factory.mktemp(transport)) as running:
+            out[transport] = {mode: running.run_mode(scn, mode, inputs) for mode in scn.modes}
+    return out
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@requires_mosquitto
+def test_late_partial_labels_learn_the_same_on_both_transports_and_still_transfer(late_runs):
+    """The labels topic and the served-batch store give what the in-process learner gives: the same
+    isolated errors batch by batch; CLUE still detects the drift on late labels and installs a
+    helper; FedAvg still runs its rounds once labels come."""
+    here, there = late_runs["inprocess"], late_runs["mqtt"]
+    for node in here["isolated"].nodes:
+        np.testing.assert_allclose(here["isolated"].nodes[node].served_error, there["isolated"].nodes[node].served_error, atol=1e-6)
+    for runs in (here, there):
+        target = runs["clue"].target
+        drift = [e for e in target.events if e["kind"] == "drift"]
+        assert drift and min(e["batch"] for e in drift) >= LATE.drift_at + LATE.label_delay - 1, drift
+        assert any(e["kind"] == "helper_installed" for e in target.events)
+        assert all(n.stats["fl_in"] > 0 for n in runs["fedavg"].nodes.values())
+    iso = np.array(there["isolated"].target.served_error)
+    assert np.nanmean(iso[: LATE.label_delay]) > np.nanmean(iso[-6:]), "the target learnt from the late labels"

@@ -30,8 +30,10 @@ from agent.fl import FlConfig, apply_global, fedavg, global_from_tensors, is_rou
 from agent.kt.coordinator import AskHelper, HelpCoordinator, Install, QueryHelpers, Report
 from agent.kt.helper_selection import CandidateInfo
 from agent.learner import BatchResult, Learner
+from agent.served import LabelsRefused, ServedStore
+from agent.settings import DaemonKnobs
 from broker.wire import encode
-from edge_sim.inputs import Request, RequestFeed, SeedInputs, node_learner
+from edge_sim.inputs import LabelPlan, LateLabels, Request, RequestFeed, SeedInputs, node_learner
 from edge_sim.modes import FEDAVG, learner_values
 from edge_sim.records import ModeRun, NodeRecord, node_ids
 from edge_sim.scenario import Scenario
@@ -61,6 +63,10 @@ class NodeLog:
             rec.class_errors.append({int(c): float((y_hat[labels == c] != c).mean()) for c in np.unique(labels)})
         rec.helpers.append(len(result.helpers))
         self.time("batch", sum(result.timings.values()))
+        self.learnt(result)
+
+    def learnt(self, result: BatchResult) -> None:
+        """The events of what a batch's labels did (with the batch, or later)."""
         for helper_id in result.promoted:
             self.event("helper_promoted", helper=helper_id, batch=result.batch_index)
         for helper_id in result.discarded:
@@ -119,7 +125,9 @@ class InProcessHelp:
         if not result.learnt:
             return
         learner, coordinator, log = self.learners[node], self.coordinators[node], self.logs[node]
-        todo = deque(coordinator.on_batch(result.batch_index, drift=result.drift_report, dropped=result.dropped, pool=learner.pool_state()))
+        # Now, in served batches (as the daemon counts): late labels belong to an older batch.
+        now = learner.batch_index - 1
+        todo = deque(coordinator.on_batch(now, drift=result.drift_report, dropped=result.dropped, pool=learner.pool_state()))
         while todo:
             command = todo.popleft()
             pool = learner.pool_state()
@@ -169,15 +177,16 @@ class InProcessFedAvg:
         self.logs = logs
         self._samples = [0] * len(ids)
 
-    def after_batch(self, t: int, labelled: Sequence[bool], batch_size: int) -> None:
-        for i, has_labels in enumerate(labelled):
-            self._samples[i] += batch_size if has_labels else 0
+    def after_batch(self, t: int, learnt: Sequence[int]) -> None:
+        """After batch ``t``: ``learnt``, the samples each node learnt from since the batch before."""
+        for i, samples in enumerate(learnt):
+            self._samples[i] += samples
         round_ = is_round_batch(self.config, t)
         if round_ is None:
             return
-        # Like a daemon, a participant sends its model after a batch it learnt from.
+        # Like a daemon, a participant sends its model after a batch it learnt from (or whose turn brought labels).
         chosen = set(participants(self.config, round_))
-        senders = sorted((node, i) for i, node in enumerate(self.ids) if node in chosen and labelled[i])
+        senders = sorted((node, i) for i, node in enumerate(self.ids) if node in chosen and learnt[i] > 0)
         if not senders:
             return
         updates = []
@@ -219,21 +228,50 @@ class InProcessTransport:
             fl = FlConfig(job=f"fl-s{seed}", every=scn.fedavg.every, members=ids, per_round=scn.fedavg.per_round, seed=seed)
             rounds = InProcessFedAvg(fl, ids, learners, logs)
         feed = RequestFeed(scn, seed, inputs.data, inputs.rest)
+        plan = LabelPlan(scn, seed)
+        knobs = DaemonKnobs.model_validate(scn.daemon)
+        stores = [ServedStore(knobs.served_max_batches, int(knobs.served_max_mb * (1 << 20))) for _ in ids]
         started = time.perf_counter()
         for t in range(scn.batches):
             requests = feed.batch(t)
-            for i, request in enumerate(requests):
-                result = learners[i].process_batch(*_tensors(request))
-                logs[i].batch(result, request.y)
-                kt.after_batch(i, result)
+            learnt = [0] * len(ids)
+            if plan.inline:
+                for i, request in enumerate(requests):
+                    result = learners[i].process_batch(*_tensors(request))
+                    logs[i].batch(result, request.y)
+                    kt.after_batch(i, result)
+                    learnt[i] = len(request.y) if request.labelled else 0
+            else:
+                for late in plan.due(t):
+                    learnt[late.node] += _learn_late(learners[late.node], stores[late.node], late, logs[late.node], kt)
+                for i, request in enumerate(requests):
+                    served = learners[i].serve(torch.from_numpy(request.x))
+                    stores[i].put(t, served)
+                    logs[i].batch(served.result, request.y)
+                for late in plan.plan(t, requests):
+                    learnt[late.node] += _learn_late(learners[late.node], stores[late.node], late, logs[late.node], kt)
             if rounds is not None:
-                rounds.after_batch(t, [r.labelled for r in requests], scn.batch_size)
+                rounds.after_batch(t, learnt)
             if progress:
                 progress(f"seed {seed} {mode}", t + 1, scn.batches)
         for log in logs:
             log.record.stats = log.stats()
         nodes = {node: log.record for node, log in zip(ids, logs)}
         return ModeRun(mode=mode, seed=seed, nodes=nodes, seconds=time.perf_counter() - started, complete=True, num_classes=inputs.data.num_classes)
+
+
+def _learn_late(learner: Learner, store: ServedStore, late: LateLabels, log: NodeLog, kt: InProcessHelp) -> int:
+    """Labels of a batch ``learner`` served (its ``store`` keeps it): learn as the daemon does; the samples learnt."""
+    try:
+        served = store.lookup(late.batch, len(late.y), late.indices)
+    except LabelsRefused as exc:
+        log.event("rejected", reason=str(exc), batch_id=late.batch, context="labels")
+        return 0
+    result = learner.learn(served, torch.from_numpy(late.y), torch.from_numpy(late.indices))
+    store.mark(late.batch, late.indices)
+    log.learnt(result)
+    kt.after_batch(late.node, result)
+    return len(late.y) if result.learnt else 0
 
 
 def _tensors(request: Request) -> tuple[torch.Tensor, torch.Tensor | None]:

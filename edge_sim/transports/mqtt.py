@@ -30,7 +30,7 @@ from agent.models import save_weights
 from broker.client import MqttClient
 from broker.launcher import PrivateMosquitto
 from edge_sim.collector import Collector, Feeder
-from edge_sim.inputs import LabelledData, RequestFeed, SeedInputs, prepare_seed, scenario_data
+from edge_sim.inputs import LabelledData, LabelPlan, RequestFeed, SeedInputs, prepare_seed, scenario_data
 from edge_sim.modes import FEDAVG, learner_values
 from edge_sim.processes import Child, spawn, spawn_agent, spawn_mds
 from edge_sim.records import ModeRun, NodeRecord, node_ids
@@ -202,24 +202,41 @@ def _play(
             dead = [a.name for a in agents if not a.alive()]
             raise RuntimeError(f"agents did not start (dead: {dead}); see {fleet.workdir / 'logs'}")
         feed = RequestFeed(scn, seed, data, rest)
+        plan = LabelPlan(scn, seed)
         for t in range(scn.batches):
-            sent = []
-            for node, request in zip(ids, feed.batch(t)):
+            requests = feed.batch(t)
+            sent: list[tuple[str, np.ndarray, np.ndarray | None, np.ndarray | None]] = []
+            learnt_now: set[int] = set()
+            if plan.inline:
+                sent = [(node, r.x, r.y if r.labelled else None, None) for node, r in zip(ids, requests)]
+                learnt_now = {i for i, r in enumerate(requests) if r.labelled}
+            else:
+                # Labels that come before this batch, then the batch with those that ride in it.
+                for late in plan.due(t):
+                    fleet.feeder.send_labels(ids[late.node], late.batch, late.y, late.indices)
+                    learnt_now.add(late.node)
+                riding = {late.node: late for late in plan.plan(t, requests)}
+                learnt_now |= set(riding)
+                sent = [
+                    (node, r.x, riding[i].y if i in riding else None, riding[i].indices if i in riding else None)
+                    for i, (node, r) in enumerate(zip(ids, requests))
+                ]
+            for node, request in zip(ids, requests):
                 labels[(node, t)] = request.y
-                sent.append((node, request.x, request.y if request.labelled else None))
             if scn.pacing == "lockstep":
                 # The peers first, then the target: when the target asks the MdS, every peer's
                 # histogram of this batch is already there, so the helper it gets does not depend
                 # on which process ran faster, and a seed gives the same numbers every run.
-                fl_round = _fl_round(settings, t)
+                # A round falls on this batch only if a participant had labels to learn from by now.
+                fl_round = _fl_round(settings, t) if learnt_now else None
                 ok = fleet.feeder.step(t, sent[1:], timeout=180) and fleet.feeder.step(
                     t, sent[:1], timeout=180, extra=_fl_done(collector, ids, fl_round)
                 )
                 if not ok:
                     raise RuntimeError(f"batch {t} was not answered in time; see {fleet.workdir / 'logs'}")
             else:
-                for node, bx, by in sent:
-                    fleet.feeder.send(node, t, bx, by)
+                for node, bx, by, bi in sent:
+                    fleet.feeder.send(node, t, bx, by, bi)
                 time.sleep(1.0 / scn.rate)
             if progress:
                 progress(f"seed {seed} {mode}", t + 1, scn.batches)
