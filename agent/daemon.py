@@ -37,6 +37,7 @@ from agent.kt.coordinator import AskHelper, Command, HelpCoordinator, HelpPolicy
 from agent.kt.helper_selection import CandidateInfo
 from agent.learner import BatchResult, Learner, Served
 from agent.malloc import retain_freed_memory
+from agent.metrics import AgentMetrics
 from agent.models import ModelError, build_from_spec, load_weights
 from agent.runtime import EnsembleRuntime, resolve_device
 from agent.served import LabelsRefused, ServedStore
@@ -46,6 +47,7 @@ from agent.settings import (
     load_settings,
     merge_patch,
     read_patches,
+    reported_settings,
     split_patch,
     write_patches,
 )
@@ -57,6 +59,8 @@ from broker.wire import (
     ArrayPayload,
     ConfigAck,
     ConfigPatch,
+    ConfigRequest,
+    ConfigState,
     Envelope,
     ErrorReply,
     Event,
@@ -76,6 +80,7 @@ from broker.wire import (
 from service.cli import ServiceArgumentParser
 from service.exit_codes import EXIT_CONFIG
 from service.logs import configure_logging
+from service.metrics import metrics_server
 from service.notify import Notifier
 from service.runner import Daemon, run
 from service.worker import InboxWorker
@@ -189,6 +194,11 @@ class AgentDaemon(Daemon):
         #: Labels were learnt since the last batch was served (a FedAvg participant then sends its model).
         self._learnt_since_serve = False
         self._expired_reported = 0
+        self.metrics = AgentMetrics(
+            client=self.client, timings=self._timings, checkpoint_path=settings.checkpoint_path(), pool_size=lambda: len(self.learner.pool),
+            info={"arch_id": self.learner.arch_id, "lineage": self.learner.lineage},
+        )
+        self.metrics_server = metrics_server(self.metrics.registry, settings)
         self.worker = _AgentWorker(self)
 
     @staticmethod
@@ -212,13 +222,15 @@ class AgentDaemon(Daemon):
         self.client.subscribe(topics.node_batch(nid), 1, accept=(RequestBatch,), max_bytes=self.settings.max_batch_bytes)
         self.client.subscribe(topics.node_labels(nid), 1, accept=(Labels,))
         self.client.subscribe(topics.node_kt(nid), 1, accept=(KtRequest,))
-        for topic in (topics.node_config(nid), topics.fleet_config()):
-            self.client.subscribe(topic, 1, accept=(ConfigPatch,))
+        self.client.subscribe(topics.node_config(nid), 1, accept=(ConfigPatch, ConfigRequest))
+        self.client.subscribe(topics.fleet_config(), 1, accept=(ConfigPatch,))
         if self.settings.fl is not None:
             self.client.subscribe(topics.fl_global(self.settings.fl.job), 1, accept=(GlobalModel,))
         # Retained, so it goes out on connect: published here rather than on the worker's first
         # tick, which may come before or after the first batch, the metadata sent is the same every run.
         self._maybe_publish_meta()
+        if self.metrics_server is not None:
+            self.metrics_server.start()
         self.client.start()
         self.worker.start()
 
@@ -258,6 +270,8 @@ class AgentDaemon(Daemon):
         self.checkpoint()
         self._publish_stats()
         self.client.stop()
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
         log.info("stopped at batch %d", self.learner.batch_index)
 
     def stats(self) -> dict[str, float]:
@@ -348,6 +362,7 @@ class AgentDaemon(Daemon):
 
     def _event(self, kind: str, **detail: Any) -> None:
         clean = {k: (float(v) if isinstance(v, (np.floating,)) else v) for k, v in detail.items()}
+        self.metrics.event(kind, clean)
         if kind != "rejected":  # _reject logs its own line
             log.log(_EVENT_LEVELS.get(kind, logging.INFO), "%s %s", kind, _describe(clean))
         try:
@@ -372,9 +387,10 @@ class AgentDaemon(Daemon):
             served = self.learner.serve(x)
             result = self.learner.learn(served, y, picked) if y is not None else served.result
         except (ValueError, RuntimeError, BusError) as exc:
-            self._reject(f"batch {msg.batch_id}: {exc}", batch_id=msg.batch_id)
+            self._reject(f"batch {msg.batch_id}: {exc}", batch_id=msg.batch_id, context="batch")
             self._answer(item, ErrorReply(code="bad_request", message=f"batch {msg.batch_id}: {exc}"[:1000]))
             return
+        self.metrics.served()
         if y is None or (indices is not None and len(indices) < x.shape[0]):
             for batch_id in self.served.put(msg.batch_id, served):
                 if batch_id == msg.batch_id:
@@ -416,6 +432,7 @@ class AgentDaemon(Daemon):
     def _after_learning(self, batch_id: int, result: BatchResult) -> None:
         """What follows a batch served, learnt or both: events, the help coordinator, metadata."""
         self._meta_dirty = True
+        self.metrics.learnt(result)
         if result.train_refused is not None:
             self._event("train_rolled_back", batch_id=batch_id, batch=result.batch_index, reason=result.train_refused)
         self._account(result)
@@ -508,7 +525,7 @@ class AgentDaemon(Daemon):
         try:
             apply_global(self.learner.model, msg)
         except FlRejected as exc:
-            self._reject(f"global model of round {msg.round}: {exc}")
+            self._reject(f"global model of round {msg.round}: {exc}", context="global_model")
             return
         self._event("fl_adopted", round=msg.round)
 
@@ -531,7 +548,7 @@ class AgentDaemon(Daemon):
             elif isinstance(command, Status):
                 self._set_status(command.text)
             elif command.kind == "rejected":
-                self._reject(command.detail["reason"])
+                self._reject(command.detail["reason"], context="kt_blob")
             else:
                 self._event(command.kind, **command.detail)
 
@@ -669,8 +686,17 @@ class AgentDaemon(Daemon):
     def _on_config(self, item: Inbound) -> None:
         if not item.payload:
             return  # a cleared retained config
-        # The bus decoded it already, under the config topic's limit and accepting config patches only.
+        # The bus decoded it already, under the config topic's limit and accepting config patches
+        # (and, on the node's own topic, requests for its config) only.
         patch = item.message
+        if isinstance(patch, ConfigRequest):
+            if not item.retained:  # a retained request would be answered at every start, to no one
+                state = ConfigState(
+                    node_id=self.node_id, request_id=patch.msg_id, values=self.config_values(), patched=sorted(self.patches)[:64],
+                    settings=reported_settings(self.settings),
+                )
+                self.client.publish_message(topics.node_config_ack(self.node_id), state)
+            return
         patch_id = None
         try:
             if not isinstance(patch, ConfigPatch):

@@ -11,6 +11,7 @@ import json
 import os
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import SettingsConfigDict
@@ -20,6 +21,7 @@ from agent.errors import ConfigError
 from agent.fl import FlConfig
 from agent.models import ARCHITECTURES, InputShape, ModelArgs, ModelSpec, TrainablePrefixes, check_input_shape, check_model_name
 from broker import topics
+from service.metrics import MetricsSettings
 from service.settings import BrokerSettings, LayeredSettings, problems
 
 
@@ -52,7 +54,7 @@ class DaemonKnobs(BaseModel):
     top_k: int = Field(0, ge=0, le=4096, description="send each sample's k most probable classes with their probabilities (0: off; a batch may ask for its own)")
 
 
-class AgentSettings(LayeredSettings, BrokerSettings):
+class AgentSettings(LayeredSettings, BrokerSettings, MetricsSettings):
     """``clue-agent`` settings. Nested fields use ``__`` in environment names: ``CLUE_LEARNER__Z=0.3``."""
 
     # env_prefix_target="all": the aliases of `model` are read as CLUE_MODEL and CLUE_ARCH, never as a bare MODEL or ARCH.
@@ -217,6 +219,42 @@ def write_patches(path: Path, values: dict[str, Any]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+#: Settings a node's config report leaves out: the run-time knobs come in the report's own values.
+_REPORTED_ELSEWHERE = frozenset({"learner", "daemon"})
+
+
+def reported_settings(settings: AgentSettings) -> dict[str, Any]:
+    """What the node started with, for ``clue-ctl config`` (`broker.wire.ConfigState.settings`).
+
+    Never a password: a setting naming a password file says only whether it is set, and a
+    password in the broker URL is masked. Values other than scalars and short lists of them are
+    given as JSON text.
+    """
+    out: dict[str, Any] = {}
+    for name in type(settings).model_fields:
+        if name in _REPORTED_ELSEWHERE:
+            continue
+        value = getattr(settings, name)
+        if "password" in name:
+            value = None if value is None else "(set)"
+        elif name == "broker":
+            parts = urlsplit(value)
+            if parts.password is not None:
+                value = urlunsplit(parts._replace(netloc=f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")))
+        elif isinstance(value, Path):
+            value = str(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        if not _scalar(value) and not (isinstance(value, list) and len(value) <= 64 and all(_scalar(v) for v in value)):
+            value = json.dumps(value.model_dump(mode="json") if isinstance(value, BaseModel) else value, default=str)[:1024]
+        out[name] = value
+    return out
+
+
+def _scalar(value: Any) -> bool:
+    return value is None or isinstance(value, (bool, int, float)) or (isinstance(value, str) and len(value) <= 1024)
 
 
 def _no_constant(name: str) -> Any:

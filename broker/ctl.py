@@ -4,12 +4,20 @@
     clue-ctl set z=0.3 --node edge-1
     clue-ctl set drift.window=5 'operator={"type": "mean"}' --fleet
     clue-ctl watch --count 20
+    clue-ctl config edge-1
+    clue-ctl top
     clue-ctl --broker mqtts://broker.lan:8883 --cafile ca.crt --cert operator.crt --key operator.key status
 
 ``status`` reads the retained ``meta`` and ``status`` of every node. ``set`` publishes one
 ``ConfigPatch`` (values parsed as JSON where they parse, else taken as strings) and waits for the
 ``ConfigAck`` of each node, matched by the patch's ``msg_id``; with ``--fleet`` the nodes are
-those whose retained status says ``online``. ``watch`` prints events, one line each.
+those whose retained status says ``online``. ``watch`` prints events, one line each. ``config``
+asks one node for its current configuration (a ``ConfigRequest`` on its config topic, answered by
+a ``ConfigState`` on its ack topic): the run-time knobs, marked ``*`` where a run-time patch set
+them, and the settings it started with (never a password). ``top`` is a live table of the fleet
+from retained status and metadata, predictions and events (`broker.fleet_view`), redrawn in
+place every ``--interval`` s until Ctrl-C or ``--count`` frames; printed to a file or pipe, each
+frame follows the one before.
 
 Connection options mirror ``mosquitto_pub``'s (``-h``, ``-p``, ``--cafile``, ``--cert``, ``--key``,
 ``-u``, ``-i``), before or after the command, and ``--broker URL`` names host, port and TLS at once
@@ -38,7 +46,8 @@ from pydantic import ValidationError
 from broker import topics
 from broker.client import ClientSettings, ErrorEvent, Inbound, MqttClient, iter_inbox, parse_broker_url
 from broker.errors import BusError
-from broker.wire import ConfigAck, ConfigPatch, Event, NodeMeta
+from broker.fleet_view import FleetView
+from broker.wire import ConfigAck, ConfigPatch, ConfigRequest, ConfigState, Event, NodeMeta
 
 EXIT_OK = 0
 EXIT_REFUSED = 1
@@ -121,6 +130,17 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--count", type=int, metavar="N", help="stop after N events")
     watch.add_argument("--json", action="store_true", help="one JSON object per line")
     _connection_options(watch, suppress=True)
+
+    config = commands.add_parser("config", add_help=False, help="print a node's current configuration")
+    config.add_argument("node", metavar="NODE", help="the node's id")
+    config.add_argument("--json", action="store_true", help="the node's answer as one JSON document")
+    config.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the answer (default 10)")
+    _connection_options(config, suppress=True)
+
+    top = commands.add_parser("top", add_help=False, help="a live table of the fleet, refreshed in place")
+    top.add_argument("--interval", type=float, default=2.0, help="seconds between two refreshes (default 2)")
+    top.add_argument("--count", type=int, metavar="N", help="stop after N refreshes (default: until Ctrl-C)")
+    _connection_options(top, suppress=True)
     return parser
 
 
@@ -408,7 +428,103 @@ def cmd_watch(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"status": cmd_status, "set": cmd_set, "watch": cmd_watch}
+def format_config(state: ConfigState) -> str:
+    """A node's configuration, one ``key = value`` a line (JSON values), knobs then settings."""
+    lines = [f"{state.node_id}: run-time knobs (* set by a run-time patch; clue-ctl set changes them)"]
+    patched = set(state.patched)
+    for key in sorted(state.values):
+        mark = "*" if key in patched or any(p.startswith(key + ".") for p in patched) else " "
+        lines.append(f" {mark} {key} = {json.dumps(state.values[key], separators=(', ', ': '))}")
+    lines.append(f"{state.node_id}: settings it started with (file, CLUE_* variables, flags)")
+    for key in sorted(state.settings):
+        lines.append(f"   {key} = {json.dumps(state.settings[key])}")
+    return "\n".join(lines)
+
+
+def cmd_config(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    try:
+        node = topics.validate_node_id(args.node)
+    except BusError as exc:
+        raise UsageError(str(exc)) from exc
+    request = ConfigRequest()
+    client = connect(client_settings(args), [topics.node_config_ack(node)], args.connect_timeout)
+    try:
+        client.publish_message(topics.node_config(node), request, 1).wait(args.timeout)
+        state = None
+        deadline = time.monotonic() + args.timeout
+        while state is None and (left := deadline - time.monotonic()) > 0:
+            item = client.get(timeout=left)
+            if isinstance(item, ErrorEvent):
+                _client_error(item, err)
+            elif item is not None and isinstance(item.message, ConfigState) and item.message.request_id == request.msg_id:
+                state = item.message
+    finally:
+        client.stop()
+    if state is None:
+        print(f"clue-ctl: {node} did not answer within {args.timeout:g} s: it is offline, runs an agent older than this "
+              f"command, or this identity may not write its config topic or read its ack topic ({UNREADABLE})", file=err)
+        return EXIT_TIMEOUT
+    print(json.dumps(state.model_dump(mode="json"), indent=2) if args.json else format_config(state), file=out)
+    return EXIT_OK
+
+
+def cmd_top(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from rich.console import Console
+    from rich.live import Live
+
+    if args.count is not None and args.count < 1:
+        raise UsageError("--count must be at least 1")
+    if args.interval <= 0:
+        raise UsageError("--interval must be above 0")
+    filters = [topics.all_status(), topics.all_meta(), topics.all_predictions(), topics.all_events()]
+    client = connect(client_settings(args), filters, args.connect_timeout)
+    view = FleetView()
+    console = Console(file=out)
+    frames = 0
+
+    def frame() -> Any:
+        when = datetime.datetime.now().isoformat(timespec="seconds")
+        return view.table(title=f"clue-ctl top  {when}  every {args.interval:g} s  (Ctrl-C quits)")
+
+    try:
+        # Off a terminal, rich prints nothing until the end: print each frame after the last instead.
+        with Live(frame(), console=console, auto_refresh=False, redirect_stdout=False, redirect_stderr=False) if console.is_terminal else _Frames(console) as live:
+            next_frame = time.monotonic() + args.interval
+            while args.count is None or frames < args.count:
+                item = client.get(timeout=max(0.0, next_frame - time.monotonic()))
+                if isinstance(item, ErrorEvent):
+                    _client_error(item, err)
+                elif item is not None:
+                    view.add(item)
+                if time.monotonic() >= next_frame:
+                    live.update(frame(), refresh=True)
+                    frames += 1
+                    next_frame += args.interval
+    except KeyboardInterrupt:
+        pass
+    finally:
+        client.stop()
+    return EXIT_OK
+
+
+class _Frames:
+    """`rich.live.Live`'s `update` for a console that is no terminal: each frame printed after the last."""
+
+    def __init__(self, console: Any) -> None:
+        self.console = console
+
+    def __enter__(self) -> "_Frames":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def update(self, renderable: Any, *, refresh: bool = False) -> None:
+        self.console.print(renderable)
+        self.console.print()
+
+
+COMMANDS = {"status": cmd_status, "set": cmd_set, "watch": cmd_watch, "config": cmd_config, "top": cmd_top}
 
 
 def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: TextIO | None = None) -> int:

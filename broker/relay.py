@@ -40,11 +40,14 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar
 
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from prometheus_client import CollectorRegistry
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import SettingsConfigDict
 
@@ -52,6 +55,7 @@ from broker import topics
 from broker.client import ErrorEvent, Inbound, InboxItem, MqttClient
 from broker.errors import BusError, RemoteError, RequestTimeout, TopicError
 from broker.wire import Envelope, ErrorReply, HelperList, HelpQuery, KtBlob, KtRequest, NodeId, NodeMeta
+from service.metrics import BusClientCollector, MetricsSettings, metrics_server
 from service.runner import WorkerDaemon, serve
 from service.settings import BrokerSettings, DaemonSettings
 from service.worker import InboxWorker
@@ -290,7 +294,7 @@ def _asker(reply_to: str | None) -> str | None:
     return node_id if leaf == "reply" else None
 
 
-class RelaySettings(DaemonSettings, BrokerSettings, RelayConfig):
+class RelaySettings(DaemonSettings, BrokerSettings, MetricsSettings, RelayConfig):
     """`clue-relay` settings: the relay's own (`RelayConfig`), how it reaches the broker, logging."""
 
     model_config = SettingsConfigDict(env_prefix="CLUE_RELAY_")
@@ -309,7 +313,31 @@ def build(settings: RelaySettings) -> WorkerDaemon:
         **settings.client_kwargs(),
     )
     relay = Relay(client, settings)
-    return WorkerDaemon(client, relay, status=lambda: _status_line(settings.relay_id, relay.stats()))
+    registry = CollectorRegistry()
+    registry.register(BusClientCollector(client, "clue_relay"))
+    registry.register(_RelayCollector(relay.stats))
+    return WorkerDaemon(
+        client, relay, status=lambda: _status_line(settings.relay_id, relay.stats()), metrics=metrics_server(registry, settings)
+    )
+
+
+class _RelayCollector(Collector):
+    """The relay's counters as Prometheus metrics, read at scrape time."""
+
+    def __init__(self, stats: Callable[[], dict[str, int]]) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.stats()
+        transfers = CounterMetricFamily(
+            "clue_relay_transfers", "KT requests by how they ended: forwarded (a blob relayed), failed, expired, busy (refused at the limit)", labels=["outcome"]
+        )
+        for outcome in ("forwarded", "failed", "expired", "busy"):
+            transfers.add_metric([outcome], stats[outcome])
+        yield transfers
+        yield CounterMetricFamily("clue_relay_requests", "KT requests received", value=stats["requests"])
+        yield CounterMetricFamily("clue_relay_errors", "transfers or dispatches that raised", value=stats["errors"])
+        yield GaugeMetricFamily("clue_relay_transfers_active", "transfers in flight", value=stats["active"])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

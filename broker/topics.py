@@ -178,12 +178,12 @@ def node_events(node_id: str) -> str:
 
 
 def node_config(node_id: str) -> str:
-    """Config patches for one node (operator -> agent; JSON or msgpack)."""
+    """Config patches for one node, and requests for its current config (operator -> agent; JSON or msgpack)."""
     return _node(node_id, "config")
 
 
 def node_config_ack(node_id: str) -> str:
-    """Config acknowledgements of one node (agent -> operator)."""
+    """Config acknowledgements of one node, and its current config on request (agent -> operator)."""
     return _node(node_id, "config/ack")
 
 
@@ -361,8 +361,8 @@ TOPIC_RULES: dict[str, TopicRule] = {
     "node/meta": TopicRule(("meta",), MAX_CONTROL_BYTES),
     "node/status": TopicRule(max_bytes=MAX_CONTROL_BYTES),  # raw `online` / `offline`
     "node/events": TopicRule(("event",)),
-    "node/config": TopicRule(("config.patch",), MAX_CONFIG_BYTES),
-    "node/config/ack": TopicRule(("config.ack",), MAX_CONTROL_BYTES),
+    "node/config": TopicRule(("config.patch", "config.request"), MAX_CONFIG_BYTES),
+    "node/config/ack": TopicRule(("config.ack", "config.state"), MAX_CONTROL_BYTES),
     "node/kt": TopicRule(("kt.request",), MAX_CONTROL_BYTES),
     "node/reply": TopicRule(_REPLIES),
     "fleet/config": TopicRule(("config.patch",), MAX_CONFIG_BYTES),

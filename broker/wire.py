@@ -453,6 +453,32 @@ class ConfigAck(Envelope):
     patch_id: MsgId | None = None
 
 
+class ConfigRequest(Envelope):
+    """An operator asks a node for its current configuration (``clue-ctl config NODE``), on the
+    node's config topic; the node answers with a `ConfigState` on its config/ack topic, naming this
+    message's `msg_id` as `request_id` (the ack topic is the one the operator's ACL already reads)."""
+
+    byte_class: ClassVar[TopicClass | None] = "config"
+    type: Literal["config.request"] = "config.request"
+
+
+class ConfigState(Envelope):
+    """A node's configuration now, answering a `ConfigRequest`.
+
+    `values`: the run-time knobs, as a `ConfigAck` gives them; `patched`: the knobs set by run-time
+    patches (stored beside the checkpoint); `settings`: what the daemon started with (files, the
+    broker URL, the metrics endpoint), never a password.
+    """
+
+    byte_class: ClassVar[TopicClass | None] = "config"
+    type: Literal["config.state"] = "config.state"
+    node_id: NodeId
+    request_id: MsgId
+    values: ConfigValues
+    patched: Annotated[list[ConfigKey], Field(max_length=64)] = Field(default_factory=list)
+    settings: ConfigValues = Field(default_factory=dict)
+
+
 class ErrorReply(Envelope):
     """A typed failure answer to a request (never silence)."""
 
@@ -915,6 +941,8 @@ __all__ = [
     "Candidate",
     "ConfigAck",
     "ConfigPatch",
+    "ConfigRequest",
+    "ConfigState",
     "DEFAULT_MAX_BYTES",
     "EVENT_KINDS",
     "Envelope",

@@ -36,10 +36,13 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from prometheus_client import CollectorRegistry
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
@@ -48,6 +51,7 @@ from broker import topics
 from broker.client import ErrorEvent, InboxItem, MqttClient
 from broker.errors import BusError
 from broker.wire import ModelUpdate
+from service.metrics import BusClientCollector, MetricsSettings, metrics_server
 from service.runner import WorkerDaemon, serve
 from service.settings import BrokerSettings, DaemonSettings
 from service.worker import InboxWorker
@@ -243,7 +247,7 @@ def _update_topic(msg: ModelUpdate) -> str:
 # --- the daemon ----------------------------------------------------------------------------
 
 
-class AggregatorSettings(DaemonSettings, BrokerSettings, FlConfig):
+class AggregatorSettings(DaemonSettings, BrokerSettings, MetricsSettings, FlConfig):
     """`clue-aggregator` settings: the job (`FlConfig`), the rounds, the broker, logging."""
 
     # Members come as `a,b,c` from a flag or a variable, as an array from the file.
@@ -276,7 +280,33 @@ def build(settings: AggregatorSettings) -> WorkerDaemon:
     aggregator = FedAvgAggregator(
         client, job, round_timeout=settings.round_timeout, max_open_rounds=settings.max_open_rounds
     )
-    return WorkerDaemon(client, aggregator)
+    registry = CollectorRegistry()
+    registry.register(BusClientCollector(client, "clue_aggregator"))
+    registry.register(_AggregatorCollector(aggregator.stats))
+    return WorkerDaemon(client, aggregator, metrics=metrics_server(registry, settings))
+
+
+class _AggregatorCollector(Collector):
+    """The aggregator's counters as Prometheus metrics, read at scrape time."""
+
+    def __init__(self, stats: Callable[[], dict[str, int]]) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.stats()
+        rounds = CounterMetricFamily("clue_aggregator_rounds", "rounds by how they ended: full, partial (timed out), dropped", labels=["outcome"])
+        rounds.add_metric(["full"], stats["rounds_published"] - stats["rounds_partial"])
+        rounds.add_metric(["partial"], stats["rounds_partial"])
+        rounds.add_metric(["dropped"], stats["rounds_dropped"])
+        yield rounds
+        updates = CounterMetricFamily("clue_aggregator_updates", "model updates by outcome: accepted, or ignored and why", labels=["outcome"])
+        updates.add_metric(["accepted"], stats["updates_accepted"])
+        for reason in _IGNORED:
+            updates.add_metric([reason], stats[f"ignored_{reason}"])
+        yield updates
+        yield CounterMetricFamily("clue_aggregator_publish_failures", "global models that could not be published", value=stats["publish_failed"])
+        yield GaugeMetricFamily("clue_aggregator_open_rounds", "rounds collecting updates now", value=stats["open_rounds"])
+        yield GaugeMetricFamily("clue_aggregator_last_round", "the last round published (-1: none)", value=stats["last_round"])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

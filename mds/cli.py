@@ -30,6 +30,7 @@ from broker.client import MqttClient
 from mds.service import MAX_CLOCK_SKEW, MAX_K, MetadataService
 from mds.similarity import SIMILARITIES
 from mds.store import NodeStore
+from service.metrics import MetricsSettings, metrics_server
 from service.runner import WorkerDaemon, serve
 from service.settings import BrokerSettings, ConfigError, DaemonSettings
 
@@ -41,7 +42,7 @@ def _default_client_id() -> str:
     return f"mds-{host}"[:64]
 
 
-class MdsSettings(DaemonSettings, BrokerSettings):
+class MdsSettings(DaemonSettings, BrokerSettings, MetricsSettings):
     """`clue-mds` settings."""
 
     model_config = SettingsConfigDict(env_prefix="CLUE_MDS_")
@@ -107,7 +108,9 @@ def build(settings: MdsSettings) -> WorkerDaemon:
     except ValueError:
         store.close()
         raise
-    return WorkerDaemon(client, service, status=lambda: _status_line(service.stats()), close=store.close)
+    return WorkerDaemon(
+        client, service, status=lambda: _status_line(service.stats()), close=store.close, metrics=metrics_server(service.metrics.registry, settings)
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -49,6 +49,7 @@ from broker import topics
 from broker.client import ErrorEvent, Inbound, InboxItem, MqttClient, Responder
 from broker.errors import RequestRejected, TopicError, UnknownMessageType, UnsupportedVersion, WireError
 from broker.wire import Candidate, Envelope, ErrorReply, HelperList, HelpQuery, NodeMeta, decode
+from mds.metrics import MdsMetrics
 from mds.similarity import SIMILARITIES
 from mds.store import NodeStore, QueryRejected
 from service.worker import InboxWorker
@@ -128,6 +129,7 @@ class MetadataService(InboxWorker[InboxItem]):
         self._rejected: Counter[str] = Counter()
         self._latency_ms: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self._compute_ms: deque[float] = deque(maxlen=LATENCY_WINDOW)
+        self.metrics = MdsMetrics(client, store.group_counts, self.stats)
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -261,7 +263,9 @@ class MetadataService(InboxWorker[InboxItem]):
             self._count("unanswerable")  # no correlation id: nothing the asker could match an answer to
             return
         self._responder.handle(request)
-        self._sample(self._latency_ms, (time.time() - item.received_at) * 1e3)
+        seconds = time.time() - item.received_at
+        self._sample(self._latency_ms, seconds * 1e3)
+        self.metrics.query_seconds.observe(seconds)
 
     def _answer(self, request: HelpQuery, item: Inbound) -> Envelope:
         """The `Responder`'s handler (`_serve` decoded a `HelpQuery`): run once per correlation id."""

@@ -410,6 +410,11 @@ class NodeStore:
                 1 for s in self._nodes.values() if s.group is not None and (online is None or s.online == online)
             )
 
+    def group_counts(self) -> dict[tuple[str, str], tuple[int, int]]:
+        """`{(arch_id, lineage): (nodes, online nodes)}` over the nodes with metadata."""
+        with self._lock:
+            return {key: (g.size, int(g.online[: g.size].sum())) for key, g in self._groups.items()}
+
     def snapshot(self, arch_id: str | None = None, lineage: str | None = None) -> Snapshot:
         """Copies of the cached arrays for the nodes with metadata (of `arch_id`/`lineage` if given).
 

@@ -32,6 +32,7 @@ from pydantic import ValidationError
 
 from service.exit_codes import EXIT_CONFIG, EXIT_CRASH, EXIT_OK
 from service.logs import configure_logging
+from service.metrics import MetricsServer
 from service.notify import Notifier, Watchdog
 from service.settings import ConfigError, DaemonSettings, problems
 from service.worker import InboxWorker
@@ -102,7 +103,8 @@ class WorkerDaemon(Daemon):
     The worker starts first (it subscribes, so the subscriptions go out with the first connect) and
     stops first. Ready once subscribed, or `ready_after` s after `start()` all the same (logged;
     the client keeps trying): a broker that is down must not fail the unit's start. `status` gives
-    the ``STATUS=`` line; `close` runs after the final stats (the MdS closes its store there).
+    the ``STATUS=`` line; `close` runs after the final stats (the MdS closes its store there);
+    `metrics`, the daemon's Prometheus endpoint, serves from `start()` to `stop()`.
     """
 
     def __init__(
@@ -113,12 +115,14 @@ class WorkerDaemon(Daemon):
         status: Callable[[], str] | None = None,
         close: Callable[[], None] | None = None,
         ready_after: float = 5.0,
+        metrics: MetricsServer | None = None,
     ) -> None:
         self.client = client
         self.worker = worker
         self._status = status
         self._close = close
         self.ready_after = ready_after
+        self.metrics = metrics
         self._started_at = 0.0
 
     @property
@@ -126,6 +130,8 @@ class WorkerDaemon(Daemon):
         return self.worker.crashed
 
     def start(self) -> None:
+        if self.metrics is not None:
+            self.metrics.start()
         self.worker.start()
         self._started_at = time.monotonic()
         try:
@@ -148,6 +154,8 @@ class WorkerDaemon(Daemon):
     def stop(self) -> None:
         self.worker.stop()
         self.client.stop()
+        if self.metrics is not None:
+            self.metrics.stop()
 
     def stats(self) -> Mapping[str, Any]:
         return self.worker.stats()

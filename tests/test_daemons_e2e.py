@@ -19,7 +19,8 @@ from agent.models import arch_id, build_model, lineage
 from broker import topics
 from broker.wire import ConfigAck, Event
 from edge_sim.processes import spawn
-from support import next_message
+from service.metrics import free_port
+from support import next_message, scrape
 from support.fleet import Clusters, learner_settings, patch_and_ack, wait_online
 from support.peers import hostile_blobs, peer_for_blobs, rogue, start_victim
 
@@ -51,10 +52,11 @@ class Schedule:
 @pytest.mark.parametrize("kt_mode", ["direct", "relay"])
 def test_drift_leads_to_kt_from_the_node_that_knows_the_classes(fleet, kt_mode):
     fleet.mds()
+    ports = {name: free_port() for name in ("target", "helper", "relay")}
     if kt_mode == "relay":
-        fleet.relay()
+        fleet.relay("--metrics-port", str(ports["relay"]))
     nodes = ["target", "helper", "partial"]
-    children = {n: fleet.agent(n, daemon={"kt_mode": kt_mode}) for n in nodes}
+    children = {n: fleet.agent(n, daemon={"kt_mode": kt_mode}, **({"metrics_port": ports[n]} if n in ports else {})) for n in nodes}
     feeder, collector = fleet.observer()
     wait_online(fleet, nodes)
     data = Clusters()
@@ -79,6 +81,27 @@ def test_drift_leads_to_kt_from_the_node_that_knows_the_classes(fleet, kt_mode):
     assert any(served) and not served[-1]
     for child in children.values():
         assert child.alive(), child.log_text()[-2000:]
+
+    # The metrics say what the events said.
+    target = scrape(f"http://127.0.0.1:{ports['target']}/metrics")
+    assert target["clue_agent_batches_served_total"] == 24 and target["clue_agent_batches_trained_total"] == 24
+    assert target["clue_agent_drift_detections_total"] == len(drift)
+    assert target["clue_agent_helpers_installed_total"] == len(installed) == target['clue_agent_help_requests_total{outcome="installed"}']
+    assert target["clue_agent_kt_received_bytes_total"] == sum(e.detail["bytes"] for e in installed)
+    assert target["clue_agent_helpers_discarded_total"] == len(collector.events_of("target", "helper_discarded"))
+    assert target["clue_agent_drift_to_helper_seconds_count"] == len(installed)
+    assert target["clue_agent_drift_unhelped_batches"] == 0
+    assert 0.0 <= target["clue_agent_served_error_ratio"] <= 1.0
+    assert target["clue_agent_mqtt_connected"] == 1.0
+    assert target['clue_agent_mqtt_payload_bytes_total{direction="in",topic_class="kt"}'] >= target["clue_agent_kt_received_bytes_total"]
+    helper = scrape(f"http://127.0.0.1:{ports['helper']}/metrics")
+    served = collector.events_of("helper", "kt_served")
+    assert helper["clue_agent_kt_served_total"] == len(served)
+    assert helper["clue_agent_kt_sent_bytes_total"] == sum(e.detail["bytes"] for e in served) > 0
+    assert helper['clue_agent_operation_seconds_count{operation="pick"}'] == len(served)
+    if kt_mode == "relay":
+        relay = scrape(f"http://127.0.0.1:{ports['relay']}/metrics")
+        assert relay['clue_relay_transfers_total{outcome="forwarded"}'] == len(installed)
     print(f"{kt_mode}: drift -> helper serving: {installed[0].detail['batches']} batches, {installed[0].detail['ms']:.1f} ms")
 
 

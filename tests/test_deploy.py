@@ -249,7 +249,7 @@ def test_compose_file_validates():
     done = _compose("config", "-q")
     assert done.returncode == 0, done.stderr
     services = _compose("config", "--services").stdout.split()
-    assert sorted(services) == sorted(["mosquitto", "base", "mds", "relay", "feeder", *COMPOSE_AGENTS])
+    assert sorted(services) == sorted(["mosquitto", "base", "mds", "relay", "feeder", "prometheus", "grafana", *COMPOSE_AGENTS])
 
 
 def test_compose_validation_rejects_a_broken_file(tmp_path):

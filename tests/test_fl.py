@@ -28,7 +28,8 @@ from broker.client import Inbound
 from broker.wire import ArrayPayload, GlobalModel, ModelUpdate, NamedArray, decode, encode
 from edge_sim.aggregator import FedAvgAggregator
 from service.exit_codes import EXIT_CONFIG
-from support import next_message, wait_until
+from service.metrics import free_port
+from support import next_message, scrape, wait_until
 
 MEMBERS = ["edge-0", "edge-1", "edge-2", "edge-3", "edge-4"]
 
@@ -321,9 +322,10 @@ def test_cli_refuses_a_bad_configuration() -> None:
 @pytest.mark.timeout(60)
 def test_cli_serves_until_sigterm(mosquitto, make_client, unique_id: str) -> None:
     job = unique_id[:40]
+    metrics_port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "edge_sim.aggregator", "--broker", mosquitto.url, "--job", job, "--every", "2",
-         "--members", "a,b", "--per-round", "2", "--log-level", "INFO"],
+         "--members", "a,b", "--per-round", "2", "--log-level", "INFO", "--metrics-port", str(metrics_port)],
         stderr=subprocess.PIPE,
         text=True,
     )
@@ -345,6 +347,11 @@ def test_cli_serves_until_sigterm(mosquitto, make_client, unique_id: str) -> Non
                 break
         assert received is not None, "the aggregator process published nothing"
         assert received.tensors[0].array.to_numpy().tolist() == [10.0]  # (1*4 + 3*12) / 4
+        metrics = wait_until(lambda: (m := scrape(f"http://127.0.0.1:{metrics_port}/metrics"))['clue_aggregator_rounds_total{outcome="full"}'] >= 1 and m,
+                             10, what="the published round in the aggregator's metrics")
+        assert metrics["clue_aggregator_mqtt_connected"] == 1.0
+        assert metrics['clue_aggregator_updates_total{outcome="accepted"}'] >= 2
+        assert metrics['clue_aggregator_mqtt_payload_bytes_total{direction="out",topic_class="fl"}'] > 0
     finally:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=20)

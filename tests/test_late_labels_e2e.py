@@ -23,7 +23,8 @@ from broker import topics
 from broker.app_client import AppClient
 from broker.errors import RemoteError
 from edge_sim.processes import spawn_agent
-from support import mosquitto_available
+from service.metrics import free_port
+from support import mosquitto_available, scrape
 from support.fleet import Clusters, wait_online, wait_status_online
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -43,7 +44,8 @@ def _classes(node: str, t: int) -> list[int]:
 def test_late_partial_out_of_order_and_missing_labels_still_train_detect_drift_and_transfer(fleet, tmp_path):
     fleet.mds()
     fleet.agent("helper")
-    target = fleet.agent("target", daemon={"served_max_batches": 2 * DELAY, "top_k": 3})
+    metrics_port = free_port()
+    target = fleet.agent("target", daemon={"served_max_batches": 2 * DELAY, "top_k": 3}, metrics_port=metrics_port)
     feeder, collector = fleet.observer()
     wait_online(fleet, ["helper", "target"])
     data = Clusters()
@@ -105,6 +107,13 @@ def test_late_partial_out_of_order_and_missing_labels_still_train_detect_drift_a
         assert len(refused) == 5
     finally:
         app.close()
+    # The metrics count a batch where it is served and each labels message where it is learnt.
+    metrics = scrape(f"http://127.0.0.1:{metrics_port}/metrics")
+    labelled = sum(1 for t in range(DELAY, BATCHES) if (t - DELAY) % 4 != 3)
+    assert metrics["clue_agent_batches_served_total"] == BATCHES + 2
+    assert metrics["clue_agent_batches_trained_total"] == 2 * labelled + 1
+    assert metrics['clue_agent_messages_refused_total{reason="labels"}'] == 5
+    assert metrics["clue_agent_helpers_installed_total"] == len(collector.events_of("target", "helper_installed"))
     assert target.alive(), target.log_text()[-3000:]
 
 

@@ -395,7 +395,7 @@ def expected_access(identity: str, topology: str) -> tuple[set[str], set[str]]:
             {"relay/kt", "relay/relay/reply"} | _nodes("meta"),
             {"mds/query"} | _nodes("kt", "reply") | {"relay/kt", "relay/relay/reply"},
         ),
-        "operator": (_nodes("status", "meta", "events", "config/ack") | {"fleet/config"}, _nodes("config") | {"fleet/config"}),
+        "operator": (_nodes("status", "meta", "events", "prediction", "config/ack") | {"fleet/config"}, _nodes("config") | {"fleet/config"}),
         "feeder": (set(), _nodes("batch", "labels")),
         # An application: batches and labels to any node, answers on its own reply topic; it keeps
         # the nodes' `app/+/reply` write, since a deny would take its own reply topic too.

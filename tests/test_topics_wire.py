@@ -39,6 +39,8 @@ from broker.wire import (
     Candidate,
     ConfigAck,
     ConfigPatch,
+    ConfigRequest,
+    ConfigState,
     Envelope,
     ErrorReply,
     Event,
@@ -92,6 +94,11 @@ def sample_messages() -> dict[str, Envelope]:
         "event": Event(node_id="n1", kind="drift", detail={"error": 0.4, "classes": [3, 4], "note": None}),
         "config.patch": ConfigPatch(values={"z": 0.3, "drift.threshold": 0.4, "operator": "mean", "classes": [1, 2]}),
         "config.ack": ConfigAck(node_id="n1", ok=True, applied={"z": 0.3}, patch_id="abc123"),
+        "config.request": ConfigRequest(),
+        "config.state": ConfigState(
+            node_id="n1", request_id="abc123", values={"z": 0.3, "drift": {"type": "novelty", "window": 3}}, patched=["z"],
+            settings={"broker": "mqtt://broker:1883", "metrics_port": 9101, "password_file": "(set)"},
+        ),
         "mds.query": HelpQuery(
             node_id="n1", arch_id="mlp-abc", lineage="base-1", classes=[3, 4], hist=[0.2, 0.8], k=2,
             cover="any", rank="least_similar", reply_to=topics.node_reply("n1"), corr="c0ffee",
@@ -195,9 +202,9 @@ def test_every_topic_kind_has_a_rule_naming_registered_types() -> None:
         topics.node_batch("a"): ("node/batch", ("batch",)),
         topics.node_kt("a"): ("node/kt", ("kt.request",)),
         topics.relay_kt(): ("relay/kt", ("kt.request",)),
-        topics.node_config("a"): ("node/config", ("config.patch",)),
+        topics.node_config("a"): ("node/config", ("config.patch", "config.request")),
         topics.fleet_config(): ("fleet/config", ("config.patch",)),
-        topics.node_config_ack("a"): ("node/config/ack", ("config.ack",)),
+        topics.node_config_ack("a"): ("node/config/ack", ("config.ack", "config.state")),
         topics.mds_query_shared(): ("mds/query", ("mds.query",)),
         topics.node_reply("a"): ("node/reply", ("mds.reply", "kt.blob", "error")),
         topics.relay_reply("r"): ("relay/reply", ("mds.reply", "kt.blob", "error")),
@@ -408,6 +415,9 @@ def test_decode_config_accepts_json_shorthand_envelope_and_msgpack() -> None:
     assert decode_config(encode_json(ack), expect=None) == ack
     with pytest.raises(UnknownMessageType):
         decode_config(encode_json(ack))  # default expect: ConfigPatch only
+    # `mosquitto_pub -m '{"v": 1, "type": "config.request"}'` asks a node for its config.
+    request = decode_config(b'{"v": 1, "type": "config.request"}', expect=(ConfigPatch, ConfigRequest))
+    assert isinstance(request, ConfigRequest)
 
 
 @pytest.mark.parametrize(

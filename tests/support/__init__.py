@@ -72,3 +72,19 @@ def next_message(client, kind: type, where: Callable[[Any], bool] = lambda m: Tr
         if isinstance(message, kind) and where(message):
             return message
     raise AssertionError(f"no {kind.__name__} within {timeout} s")
+
+
+def scrape(url: str, **urlopen: Any) -> dict[str, float]:
+    """One scrape of a Prometheus endpoint: ``{'name{label="value",…}': value}``, labels sorted
+    (``'clue_agent_batches_served_total'``, ``'clue_mds_nodes{arch_id="a",lineage="b"}'``)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(url, timeout=10, **urlopen).read().decode()
+    samples: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return samples

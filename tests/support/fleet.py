@@ -66,14 +66,16 @@ class Fleet:
         self._tmp_path = tmp_path
         self._make_client = make_client
 
-    def mds(self) -> Child:
-        child = spawn_mds(self.broker_url, self._tmp_path / "mds.db", self.logs)
+    def mds(self, *args: str) -> Child:
+        """An MdS; `args` are more of its flags (``--metrics-port``, …)."""
+        child = spawn_mds(self.broker_url, self._tmp_path / "mds.db", self.logs, extra_args=list(args))
         self.children.append(child)
         self.mds_child = child
         return child
 
-    def relay(self) -> Child:
-        child = spawn("relay", [sys.executable, "-m", "broker.relay", "--broker", self.broker_url], self.logs)
+    def relay(self, *args: str) -> Child:
+        """A relay; `args` are more of its flags (``--metrics-port``, …)."""
+        child = spawn("relay", [sys.executable, "-m", "broker.relay", "--broker", self.broker_url, *args], self.logs)
         self.children.append(child)
         return child
 
