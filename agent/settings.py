@@ -48,7 +48,7 @@ class DaemonKnobs(BaseModel):
         description="unlabelled served batches kept for labels that come later (0: late labels are refused); the oldest expires first",
     )
     served_max_mb: float = Field(
-        40.0, ge=0.0, le=65_536.0,
+        32.0, ge=0.0, le=65_536.0,
         description="MiB those batches may take (inputs and every pooled model's predictions); the oldest expires first",
     )
     top_k: int = Field(0, ge=0, le=4096, description="send each sample's k most probable classes with their probabilities (0: off; a batch may ask for its own)")
