@@ -164,6 +164,8 @@ class Learner:
         self._promotions = 0
         #: The last request batch and its labels (None if unlabelled): a new helper is tried on it.
         self._last_batch: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        #: What each frozen pooled helper predicted on that batch, by member id.
+        self._last_frozen_ps: dict[str, torch.Tensor] = {}
         self.longrun_hist = np.zeros(num_classes, dtype=np.int64)
         # Another engine (onnxruntime) may serve the probabilities; the torch model stays the truth.
         self.inference: Callable[[Learner, torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]] | None = None
@@ -285,6 +287,7 @@ class Learner:
         result.timings["predict"] = time.perf_counter() - t0
         self.reservoir.add(x)
         self._last_batch = (x, None)
+        self._last_frozen_ps = {}
         return Served(
             result=result,
             x=x,
@@ -350,6 +353,9 @@ class Learner:
         helper_ps = [pick(member_ps[m.member_id]) for m in members]
         classes, ids = [m.classes for m in members], [m.member_id for m in members]
         self._last_batch = (x, y)
+        # A frozen helper's outputs on these samples stay what they were: a new helper's trust
+        # evidence (``_learn_trust_on_last_batch``) reuses them rather than running it again.
+        self._last_frozen_ps = {m.member_id: p for m, p in zip(members, helper_ps) if not m.live}
         wrong = (y_hat != y).float()
         target_wrong = (target_p.argmax(dim=1) != y).float()
         result.served_error = float(wrong.mean())
@@ -673,7 +679,7 @@ class Learner:
         if not self.operator.learns or self._last_batch is None or self._last_batch[1] is None:
             return
         x, y = self._last_batch
-        target_p, helper_ps = self._probabilities(x, known)
+        target_p, helper_ps = self._probabilities(x, {**self._last_frozen_ps, **known})
         members = self.members()
         self.operator.learn(target_p, helper_ps, [m.classes for m in members], [m.member_id for m in members], y)
 

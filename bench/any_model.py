@@ -11,7 +11,8 @@ Gaussian class clusters shaped like each model's input. Every repetition, back t
 2. the on-demand picker: ``kt_blob`` for two classes (sensitivity over the reservoir, top-Z
    selection, the default codec), what a helper does per request;
 3. helper creation at the target: ``accept_kt_blob`` (decode, vet, boosted helper, live copy,
-   pool add).
+   pool add, the operator's trust evidence on the last batch), after the target served and learnt
+   one batch (untimed), as between two transfers of a node.
 
 Also: KT bytes per transferred parameter (the default codec, indices included) and, for the frozen
 backbone, the blob's size ÷ the same model's with every parameter trainable. Targets (issue 10/13):
@@ -95,6 +96,9 @@ def measure(name: str, spec: ModelSpec, *, reps: int, warmup: int) -> dict[str, 
     blob = b""
     for _ in range(reps):
         result = helper.process_batch(*data.batch(everything))
+        # The target serves and learns between two transfers, as a node does: what its pooled
+        # helpers predicted on that batch is what a new helper's trust evidence reuses.
+        target.process_batch(*data.batch(everything))
         t0 = time.perf_counter()
         blob = helper.kt_blob(NEW, Z, None)
         t1 = time.perf_counter()
