@@ -1,6 +1,6 @@
 """Split serving: the frozen backbone on torch float32, onnxruntime int8 and LiteRT int8, ÷ torch float32.
 
-The model is ``examples/frozen-backbone/cnn_backbone.py`` (a 3-block CNN backbone, ≈94k
+The model is ``examples/frozen-backbone/cnn_backbone.py`` (a 3-block CNN backbone, ≈93k
 parameters, ≈7.5 M multiply-adds a 28×28 image, and a 2-layer head), trained whole on 8,000
 Fashion-MNIST training images (3 epochs), then split (``trainable = ["head."]``): the backbone frozen, the
 head the learner's model. The backbone is exported by `agent.export.export_backbone` (calibrated
