@@ -39,6 +39,11 @@ pretrain_epochs = 2
 calibration_samples = 256
 seeds = [0]
 modes = ["isolated", "clue"]
+
+[learner]
+lr = 0.01
+z = 1.0
+serve_max_z = 1.0
 """
 
 
@@ -50,7 +55,7 @@ def _run(tmp_path: Path, runtime: str) -> dict:
     results = json.loads((out / "results.json").read_text())
     assert not results["partial"] and all(r["complete"] for r in results["runs"])
     logs = {p.name: p.read_text() for p in (work / "logs").glob("s0-*.log")}
-    assert logs and all(f"split serving: backbone 'backbone'" in text for text in logs.values())
+    assert logs and all("split serving: backbone 'backbone'" in text for text in logs.values())
     assert all(("torch on cpu" if runtime == "torch" else runtime) in text for text in logs.values())
     return results
 
