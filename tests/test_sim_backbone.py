@@ -17,7 +17,7 @@ from edge_sim.scenario import load_scenario
 ROOT = Path(__file__).parent.parent
 EXAMPLE = ROOT / "examples" / "frozen-backbone"
 
-# The example, shrunk.
+# The example, shrunk (the drift detector's novelty trigger wants 1,000 samples seen before the drift).
 TINY = f"""
 name = "tiny_backbone"
 transport = "mqtt"
@@ -30,9 +30,9 @@ trainable = ["head."]
 backbone = "backbone"
 head = "head"
 nodes = 3
-batch_size = 50
-batches = 16
-drift_at = 8
+batch_size = 100
+batches = 20
+drift_at = 12
 post_drift_batches = 8
 pretrain_samples = 600
 pretrain_epochs = 2
