@@ -28,6 +28,7 @@ import torch
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from agent.backbone import BackboneEngine, Split, build_engine, check_batch, split_model
 from agent.checkpoint import load_newest_good, save_checkpoint
 from agent.config import help_policy
 from agent.errors import CheckpointError, ConfigError, KtRejected
@@ -153,10 +154,15 @@ class AgentDaemon(Daemon):
                 load_weights(settings.base_weights, model)
             except ValueError as exc:
                 raise ConfigError(f"base_weights: {exc}") from exc
-        base = copy.deepcopy(model.state_dict())
+        # Split serving (agent.backbone): the learner gets the head; the backbone runs on its own engine.
+        self.split, self.backbone = self._split_serving(settings, model, spec.sample_shape())
+        learner_model = model if self.split is None else self.split.head
+        base = copy.deepcopy(learner_model.state_dict())
         self.learner = Learner(
-            model, num_classes=settings.num_classes, config=settings.learner, base_state=base,
-            device=self.device, seed=settings.model_seed, input_shape=spec.input_shape,
+            learner_model, num_classes=settings.num_classes, config=settings.learner, base_state=base,
+            device=self.device, seed=settings.model_seed,
+            input_shape=spec.input_shape if self.split is None else self.split.feature_shape,
+            backbone_id=None if self.split is None else self.split.backbone_id,
         )
         # Run-time patches live in their own file, laid over the settings file at every start and
         # reload; the checkpoint's copy of the config is not what decides.
@@ -200,6 +206,25 @@ class AgentDaemon(Daemon):
         )
         self.metrics_server = metrics_server(self.metrics.registry, settings)
         self.worker = _AgentWorker(self)
+
+    def _split_serving(self, settings: AgentSettings, model: torch.nn.Module, input_shape: tuple[int, ...]) -> tuple[Split | None, BackboneEngine | None]:
+        """The model's backbone/head split and the engine serving the backbone (None, None: not split)."""
+        if settings.backbone is None or settings.head is None:
+            return None, None
+        split = split_model(model.to(self.device), backbone=settings.backbone, head=settings.head, input_shape=input_shape)
+        engine = build_engine(
+            settings.backbone_runtime, split, model_path=settings.backbone_model, providers=settings.onnx_providers,
+            delegate=settings.litert_delegate, threads=settings.torch_threads, device=self.device,
+        )
+        log.info("split serving: backbone %r (%s) on %s, head %r trained", settings.backbone, split.backbone_id, engine.describe(), settings.head)
+        return split, engine
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        """What the learner is given for a batch ``x``: the backbone's features (once per batch) or ``x`` itself."""
+        if self.split is None or self.backbone is None:
+            return x
+        check_batch(x, self.split.input_shape, self.learner.config.input_range)
+        return self.backbone.features(x)
 
     @staticmethod
     def _make_client(settings: AgentSettings) -> MqttClient:
@@ -384,7 +409,7 @@ class AgentDaemon(Daemon):
             picked = torch.from_numpy(indices) if indices is not None else None
             if y is not None:
                 self.learner.check_labels(x.shape[0], y, picked)
-            served = self.learner.serve(x)
+            served = self.learner.serve(self._features(x))
             result = self.learner.learn(served, y, picked) if y is not None else served.result
         except (ValueError, RuntimeError, BusError) as exc:
             self._reject(f"batch {msg.batch_id}: {exc}", batch_id=msg.batch_id, context="batch")

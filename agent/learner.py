@@ -15,6 +15,7 @@ frozen modules run in eval mode while training (`agent.models.train_mode`).
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import time
 from collections import deque
@@ -141,8 +142,12 @@ class Learner:
         device: str | torch.device = "cpu",
         seed: int = 0,
         input_shape: tuple[int, ...] | None = None,
+        backbone_id: str | None = None,
     ) -> None:
         self.device = torch.device(device)
+        #: The frozen backbone in front of ``model`` (split serving, `agent.backbone`): its inputs are
+        #: the backbone's features, whose range the backbone's own check does not bound.
+        self.backbone_id = backbone_id
         #: One sample's shape (None: any the model takes).
         self.input_shape = input_shape
         self.model = model.to(self.device)
@@ -151,6 +156,10 @@ class Learner:
         self.arch_id = compute_arch_id(model)
         base = {k: v.detach().to("cpu").clone() for k, v in (base_state or model.state_dict()).items()}
         self.lineage = compute_lineage(base)
+        if backbone_id is not None:
+            # Heads behind different backbones must never exchange weights.
+            self.arch_id = hashlib.sha256(f"{self.arch_id} behind backbone {backbone_id}".encode()).hexdigest()[:16]
+            self.lineage = hashlib.sha256(f"{self.lineage} behind backbone {backbone_id}".encode()).hexdigest()[:16]
         _check_frozen(model, base)
         self._base_params = {name: base[name] for name, _ in trainable_params(model)}
         self._shapes = param_shapes(model)
@@ -503,6 +512,8 @@ class Learner:
             raise ValueError(f"inputs have samples of shape {tuple(x.shape[1:])}, the model takes {self.input_shape}")
         if not bool(torch.isfinite(x).all()):
             raise ValueError("inputs contain NaN or infinite values")
+        if self.backbone_id is not None:
+            return  # features: the raw inputs were checked against input_range before the backbone
         low, high = self.config.input_range
         lowest, highest = (float(v) for v in torch.aminmax(x))
         if lowest < low or highest > high:

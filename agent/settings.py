@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from agent.config import LearnerConfig, patched
@@ -78,6 +78,16 @@ class AgentSettings(LayeredSettings, BrokerSettings, MetricsSettings):
         description="prefixes of the parameter names this node trains, such as ['head.'] (each must match one); the others keep the base weights and never travel; the same on every node of a fleet; absent: every parameter",
     )
     num_classes: int = Field(10, ge=2, le=4096, description="classes the model outputs")
+    backbone: str | None = Field(
+        None, description="split serving: the submodule holding the frozen backbone, such as 'backbone' (with head; docs/bring-your-own.md)",
+    )
+    head: str | None = Field(None, description="split serving: the submodule holding the trainable head, such as 'head'; the learner trains, transfers and averages it alone")
+    backbone_runtime: Literal["torch", "onnxruntime", "litert"] = Field(
+        "torch", description="engine running the frozen backbone: torch (on device), onnxruntime (onnx_providers) or litert (litert_delegate)",
+    )
+    backbone_model: Path | None = Field(None, description="the exported backbone (.onnx or .tflite from clue-agent-export, its .json beside it) for onnxruntime and litert")
+    litert_delegate: str | None = Field(None, description="LiteRT delegate library, such as libedgetpu.so.1 for a Coral Edge TPU; absent: the CPU")
+
     base_weights: Path | None = Field(None, description="the fleet's shared base weights (.safetensors or .npz); absent: built from model_seed")
     model_seed: int = Field(0, ge=0, description="seed of the base weights when no file is given (same seed, same lineage)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the model runs")
@@ -119,6 +129,20 @@ class AgentSettings(LayeredSettings, BrokerSettings, MetricsSettings):
         if "model" in info.data:  # else the model is refused already
             check_input_shape(info.data["model"], value)
         return value
+
+    @model_validator(mode="after")
+    def _split_serving(self) -> "AgentSettings":
+        if (self.backbone is None) != (self.head is None):
+            raise ValueError("backbone and head name the model's two submodules for split serving: set both or neither")
+        if self.backbone is None and (self.backbone_runtime != "torch" or self.backbone_model is not None or self.litert_delegate is not None):
+            raise ValueError("backbone_runtime, backbone_model and litert_delegate need split serving: set backbone and head")
+        if self.backbone is not None and self.trainable is None:
+            raise ValueError(f"trainable: split serving trains the head only: set trainable to its prefix, such as [{self.head + '.'!r}]")
+        if self.backbone_runtime != "torch" and self.backbone_model is None:
+            raise ValueError(f"backbone_model: backbone_runtime = {self.backbone_runtime!r} needs the exported backbone's file (clue-agent-export)")
+        if self.litert_delegate is not None and self.backbone_runtime != "litert":
+            raise ValueError("litert_delegate: a delegate is for backbone_runtime = 'litert'")
+        return self
 
     def model_spec(self) -> ModelSpec:
         return ModelSpec(model=self.model, model_args=self.model_args, input_shape=self.input_shape, trainable=self.trainable)

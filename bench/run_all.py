@@ -15,7 +15,7 @@ from pathlib import Path
 
 from bench.common import RESULTS_DIR, parse_args, summary_row, table, write_json
 
-BENCHES = ("kt_payload", "picker", "any_model", "mds_query", "drift_to_helper", "daemon_overhead", "onnx_vs_torch", "footprint")
+BENCHES = ("kt_payload", "picker", "any_model", "mds_query", "drift_to_helper", "daemon_overhead", "onnx_vs_torch", "backbone_engines", "footprint")
 REPO = Path(__file__).resolve().parent.parent
 
 

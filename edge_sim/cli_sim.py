@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--seeds", type=int, nargs="+", help="override the scenario's seeds")
     run.add_argument("--modes", help="override the scenario's modes (comma-separated)")
     run.add_argument("--pacing", choices=["lockstep", "free"], help="override the scenario's pacing")
+    run.add_argument("--backbone-runtime", choices=["torch", "onnxruntime", "litert"], help="override the scenario's backbone engine (split serving)")
     run.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE",
         help="a learner knob for every mode, laid over the scenario's [learner] table (a mode's own knobs still win); "
@@ -211,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
                 overrides["pacing"] = args.pacing
             if args.transport:
                 overrides["transport"] = args.transport
+            if args.backbone_runtime:
+                overrides["backbone_runtime"] = args.backbone_runtime
             if args.set:
                 overrides["learner"] = _learner_with(scn.learner, args.set)
             if overrides:

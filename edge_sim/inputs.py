@@ -110,6 +110,8 @@ class SeedInputs:
     data: LabelledData
     base: dict[str, torch.Tensor]
     rest: np.ndarray
+    #: The rows the base model was pre-trained on (an int8 backbone is calibrated on some of them).
+    pre: np.ndarray | None = None
 
 
 def prepare_seed(scn: Scenario, seed: int, data: LabelledData) -> SeedInputs:
@@ -117,8 +119,12 @@ def prepare_seed(scn: Scenario, seed: int, data: LabelledData) -> SeedInputs:
     workload = scenario_workload(scn, data.num_classes, seed)
     pre, rest = split_pool(data.y, holdout_classes=workload.target_classes, holdout=scn.pretrain_samples, seed=seed)
     model = scenario_model(scn, data.num_classes, seed=seed)
+    if scn.backbone is not None:
+        # Split serving stands for a backbone pre-trained elsewhere: the whole base trains, then the nodes freeze it.
+        for p in model.parameters():
+            p.requires_grad_(True)
     base = pretrain_base(model, data.x[pre], data.y[pre], epochs=scn.pretrain_epochs, seed=seed)
-    return SeedInputs(seed, data, base, rest)
+    return SeedInputs(seed, data, base, rest, pre)
 
 
 class Request(NamedTuple):

@@ -56,6 +56,14 @@ class Scenario(BaseModel):
     trainable: TrainablePrefixes | None = Field(
         None, description="parameter-name prefixes every node trains, transfers and averages (such as [\"head.\"]); absent: every parameter"
     )
+    backbone: str | None = Field(
+        None, description="split serving: the model's frozen backbone submodule (with head; the agents' setting of the same name)"
+    )
+    head: str | None = Field(None, description="split serving: the model's trainable head submodule")
+    backbone_runtime: Literal["torch", "onnxruntime", "litert"] = Field(
+        "torch", description="engine of every agent's backbone; onnxruntime and litert: exported int8 from each seed's base (clue-agent-export's checks)"
+    )
+    calibration_samples: int = Field(512, ge=16, le=100_000, description="pre-training samples the int8 backbone is calibrated and checked on")
     python_path: list[ScenarioPath] = Field(
         default_factory=list, description="folders put on sys.path for the simulator and on PYTHONPATH for its agents, so that an import-path model imports"
     )
@@ -115,6 +123,12 @@ class Scenario(BaseModel):
         if self.fedavg.per_round > self.nodes:
             raise ValueError("fedavg.per_round cannot exceed nodes")
         check_spec(self.model_spec())
+        if (self.backbone is None) != (self.head is None):
+            raise ValueError("backbone and head name the model's two submodules for split serving: set both or neither")
+        if self.backbone is not None and (self.trainable is None or self.transport != "mqtt"):
+            raise ValueError("split serving (backbone, head) needs trainable (the head's prefix) and the mqtt transport (real agents)")
+        if self.backbone is None and self.backbone_runtime != "torch":
+            raise ValueError("backbone_runtime needs split serving: set backbone and head")
         # A file's classes are known once it is read (edge_sim.inputs.scenario_data checks them there).
         if isinstance(self.dataset, str):
             self.check_classes(BUILT_IN_CLASSES[self.dataset])

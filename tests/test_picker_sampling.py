@@ -145,3 +145,20 @@ def test_cnn_sensitivity_matches_the_definition_in_eval_mode():
             want[name] += p.grad.abs() / 2
     for name in want:
         assert torch.allclose(got[name], want[name], atol=1e-6, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_top_fraction_on_a_gpu_picks_what_the_host_path_picks(dtype):
+    """The device path (no copy of the scores to the host) run here on CPU tensors: the same
+    positions as the host path for finite scores, heavy ties included."""
+    from agent.kt.selection import keep_count, top_fraction, top_on_device
+
+    rng = np.random.default_rng(1)
+    draws = [lambda n: rng.random(n), lambda n: rng.integers(0, 3, n).astype(float), lambda n: rng.choice([-0.0, 0.0, 1.0], n)]
+    for trial in range(150):
+        v = draws[trial % 3](int(rng.integers(2, 80))).astype(dtype)
+        for z in (0.1, 0.3, 0.5, 0.9):
+            k = keep_count(v.size, z)
+            if k == v.size:
+                continue
+            assert top_on_device(torch.from_numpy(v.copy()), k).tolist() == top_fraction(torch.from_numpy(v.copy()), z).tolist() == _reference_top(v, z), (v, z)

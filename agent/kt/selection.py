@@ -37,6 +37,8 @@ def top_fraction(score: torch.Tensor, z: float) -> torch.Tensor:
     k = keep_count(n, z)
     if k == n:
         return torch.arange(n, device=flat.device)
+    if flat.device.type != "cpu":
+        return top_on_device(flat, k)
     # On CPU numpy's introselect is ~3x faster than torch.kthvalue and np.flatnonzero than
     # torch.nonzero; the same order statistic and the same tie rule, so the same positions.
     v = flat.cpu()
@@ -50,6 +52,23 @@ def top_fraction(score: torch.Tensor, z: float) -> torch.Tensor:
     if extra:
         mask[np.flatnonzero(keys == threshold)[-extra:]] = False
     return torch.from_numpy(np.flatnonzero(mask)).to(flat.device)
+
+
+def top_on_device(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """`top_fraction`'s positions computed where ``flat`` lives (a GPU): no copy of the scores to the host.
+
+    The same order statistic and tie rule (ties at the threshold go to the lowest positions) for
+    finite scores; one scalar crosses to the host (the tie count).
+    """
+    values = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
+    n = values.numel()
+    threshold = torch.kthvalue(values, n - k + 1).values
+    mask = values >= threshold
+    extra = int(mask.sum()) - k
+    if extra:
+        ties = torch.nonzero(values == threshold).flatten()
+        mask[ties[-extra:]] = False
+    return torch.nonzero(mask).flatten()
 
 
 def _order_keys(v: np.ndarray) -> np.ndarray:
@@ -100,9 +119,11 @@ def significant_params(
     for name, p in model.named_parameters():
         if name not in positions:
             continue
-        idx = positions[name].to(torch.int64).cpu()
-        # index_select copies, so the values never alias the model's weights.
-        values = p.detach().reshape(-1).cpu().index_select(0, idx).to(torch.float32)
+        idx = positions[name].to(torch.int64)
+        # index_select copies, so the values never alias the model's weights; only the chosen
+        # values cross to the host (on a GPU, not the whole tensor).
+        values = p.detach().reshape(-1).index_select(0, idx.to(p.device)).to("cpu", torch.float32)
+        idx = idx.cpu()
         tensors.append(TensorSlice(name=name, shape=tuple(p.shape), indices=idx, values=values))
     return SignificantParams(
         arch_id=arch_id, lineage=lineage, classes=tuple(int(c) for c in classes), z=float(z), tensors=tuple(tensors)

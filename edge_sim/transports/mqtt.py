@@ -25,12 +25,15 @@ from typing import Any
 
 import numpy as np
 
+from agent.backbone import split_model
+from agent.errors import ConfigError
+from agent.export import ExportRefused, export_backbone
 from agent.fl import FlConfig, is_round_batch
 from agent.models import save_weights
 from broker.client import MqttClient
 from broker.launcher import PrivateMosquitto
 from edge_sim.collector import Collector, Feeder
-from edge_sim.inputs import LabelledData, LabelPlan, RequestFeed, SeedInputs, prepare_seed, scenario_data
+from edge_sim.inputs import LabelledData, LabelPlan, RequestFeed, SeedInputs, prepare_seed, scenario_data, scenario_model
 from edge_sim.modes import FEDAVG, learner_values
 from edge_sim.processes import Child, spawn, spawn_agent, spawn_mds
 from edge_sim.records import ModeRun, NodeRecord, node_ids
@@ -52,6 +55,8 @@ def agent_settings(scn: Scenario, mode: str, members: list[str], seed: int, num_
     }
     if spec.trainable is not None:
         settings["trainable"] = list(spec.trainable)
+    if scn.backbone is not None:
+        settings.update(backbone=scn.backbone, head=scn.head, backbone_runtime=scn.backbone_runtime)
     if mode == FEDAVG:
         settings["fl"] = {
             "job": f"fl-s{seed}", "every": scn.fedavg.every, "members": members,
@@ -136,6 +141,7 @@ class MqttTransport:
     def __init__(self, workdir: Path, broker_url: str | None = None) -> None:
         self.fleet = Fleet(workdir, broker_url)
         self._base_paths: dict[int, Path] = {}
+        self._backbones: dict[int, Path] = {}
 
     def run_mode(self, scn: Scenario, mode: str, inputs: SeedInputs, progress: Progress | None = None) -> ModeRun:
         base_path = self._base_paths.get(inputs.seed)
@@ -143,10 +149,35 @@ class MqttTransport:
             base_path = self.fleet.workdir / f"base-s{inputs.seed}.npz"
             save_weights(base_path, inputs.base)
             self._base_paths[inputs.seed] = base_path
-        return _play(self.fleet, scn, mode, inputs.seed, inputs.data, base_path, inputs.rest, progress)
+        backbone = self._backbones.get(inputs.seed)
+        if backbone is None and scn.backbone_runtime != "torch":
+            backbone = self._backbones[inputs.seed] = export_seed_backbone(scn, inputs, self.fleet.workdir)
+        return _play(self.fleet, scn, mode, inputs.seed, inputs.data, base_path, inputs.rest, progress, backbone_model=backbone)
 
     def close(self) -> None:
         self.fleet.close()
+
+
+def export_seed_backbone(scn: Scenario, inputs: SeedInputs, workdir: Path) -> Path:
+    """The seed's base backbone exported int8 for ``scn.backbone_runtime``, calibrated on pre-training rows.
+
+    ConfigError when the export is refused (it changes the head's accuracy by more than a point).
+    """
+    num_classes = inputs.data.num_classes
+    model = scenario_model(scn, num_classes)
+    model.load_state_dict(inputs.base)
+    assert scn.backbone is not None and scn.head is not None
+    split = split_model(model.eval(), backbone=scn.backbone, head=scn.head, input_shape=scn.model_spec().sample_shape())
+    rows = inputs.pre if inputs.pre is not None else inputs.rest
+    pick = np.random.default_rng(inputs.seed).permutation(rows)[: scn.calibration_samples]
+    suffix = ".onnx" if scn.backbone_runtime == "onnxruntime" else ".tflite"
+    path = workdir / f"backbone-s{inputs.seed}.int8{suffix}"
+    target = {"onnx": path} if suffix == ".onnx" else {"tflite": path}
+    try:
+        export_backbone(split, inputs.data.x[pick], inputs.data.y[pick], **target)
+    except ExportRefused as exc:
+        raise ConfigError(f"{scn.name}: seed {inputs.seed}: {exc}") from exc
+    return path
 
 
 def _python_path_env(scn: Scenario) -> dict[str, str]:
@@ -165,7 +196,7 @@ def _per_class(y: np.ndarray, y_hat: np.ndarray) -> dict[int, float]:
 
 def _play(
     fleet: Fleet, scn: Scenario, mode: str, seed: int, data: LabelledData, base_path: Path | None,
-    rest: np.ndarray, progress: Progress | None = None, *, external: list[str] | None = None,
+    rest: np.ndarray, progress: Progress | None = None, *, external: list[str] | None = None, backbone_model: Path | None = None,
 ) -> ModeRun:
     if external is not None:
         ids, settings, agents = list(external), {}, []
@@ -175,6 +206,8 @@ def _play(
         ids = node_ids(seed, mode, scn.nodes)
         settings = agent_settings(scn, mode, ids, seed, data.num_classes)
         settings["base_weights"] = str(base_path)
+        if backbone_model is not None:
+            settings["backbone_model"] = str(backbone_model)
         state = fleet.workdir / "state" / f"s{seed}-{mode}"
         shutil.rmtree(state, ignore_errors=True)
         env = _python_path_env(scn)
