@@ -7,6 +7,8 @@ Targets, each in a child process of its own (libFuzzer owns the process and exit
 - ``blob``: ``agent.kt.codec.decode_blob`` on the raw bytes of a KT reply (zstd frame first);
 - ``blob_doc``: the same decoder behind a valid zstd frame, so mutations reach the msgpack and
   tensor checks instead of dying on the frame checksum;
+- ``app``: ``broker.wire.decode_app`` — what applications send on batch and labels topics
+  (msgpack, JSON envelope, bare JSON with arrays as nested lists), then the JSON answer's encoder;
 - ``chunks``: ``decode(expect=BlobChunk)`` then ``ChunkAssembler.add`` over a sequence of chunks;
 - ``topics``: ``broker.topics`` parsers and matchers on arbitrary text.
 
@@ -34,7 +36,7 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CRASH_DIR = RESULTS / "fuzz-crashes"
-TARGETS = ("wire", "config", "blob", "blob_doc", "chunks", "topics")
+TARGETS = ("wire", "config", "app", "blob", "blob_doc", "chunks", "topics")
 #: Longest input tried: larger than every seed, small enough to keep thousands of runs a second.
 MAX_LEN = 16384
 
@@ -72,6 +74,22 @@ def _blob_seeds(model: dict) -> list[bytes]:
             sig = SignificantParams(model["arch_id"], model["lineage"], (1, 3), z, tuple(slices))
             seeds.append(encode_blob(sig, value_codec=codec, base=model["base"] if delta else None))
     return seeds
+
+
+def _app_seeds() -> list[bytes]:
+    import numpy as np
+
+    from broker.wire import ArrayPayload, Labels, encode
+
+    labels = Labels(batch_id=7, y=ArrayPayload.from_numpy(np.array([1, 0], dtype=np.uint8)),
+                    indices=ArrayPayload.from_numpy(np.array([3, 1], dtype=np.int16)), reply_to="clue/v1/app/app/reply", corr="c1")
+    return [
+        encode(labels),
+        b'{"batch_id": 41, "x": [[0.1, 0.2], [0.3, 0.4]], "top_k": 2, "reply_to": "clue/v1/app/app/reply", "corr": "b41"}',
+        b'{"batch_id": 41, "x": [[1, 2]], "y": [1], "y_indices": [0]}',
+        b'{"batch_id": 41, "y": [1, 0], "indices": [2, 0]}',
+        b'{"v": 1, "type": "labels", "batch_id": 3, "y": [[1]]}',
+    ]
 
 
 def _wire_seeds() -> list[bytes]:
@@ -150,6 +168,18 @@ def _harness(target: str):
                     continue
                 _touch(msg, wire)
         return one, _wire_seeds()
+
+    if target == "app":
+        def one(data: bytes) -> None:
+            for bare_type in ("batch", "labels"):
+                try:
+                    msg = wire.decode_app(data, bare_type=bare_type, max_bytes=MAX_LEN)
+                except WireError:
+                    continue
+                _touch(msg, wire)
+                if isinstance(msg, (wire.RequestBatch, wire.Labels)):  # other types the topic's rule refuses
+                    wire.encode_app_json(msg)
+        return one, _wire_seeds() + _app_seeds()
 
     if target in ("blob", "blob_doc"):
         import zstandard
