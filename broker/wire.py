@@ -772,6 +772,8 @@ def _json_array(value: list, name: str, dtype: str) -> ArrayPayload:
             raise SchemaError(f"{name}: must hold whole numbers in [{info.min}, {info.max}]")
     if not np.isfinite(loose).all():
         raise SchemaError(f"{name}: holds a non-finite number")
+    if dtype.startswith("float") and loose.size and np.abs(loose).max() > np.finfo(dtype).max:
+        raise SchemaError(f"{name}: holds a number beyond {dtype}'s range")
     return ArrayPayload.from_numpy(loose.astype(dtype))
 
 

@@ -223,3 +223,39 @@ def test_labels_after_a_promotion_judge_each_model_by_what_it_predicted():
     assert now_target is branch and members["h0+"] is old_target and members["h0"] is served.member_ps["h0"]
     served.promotions = 1
     assert learner._as_now(served)[0] is old_target, "no promotion since it was served"
+
+
+@pytest.mark.parametrize(
+    ("payload", "match"),
+    [
+        (b'{"batch_id": 1, "y": [1.5]}', "whole numbers"),
+        (b'{"batch_id": 1, "y": [[1], [2, 3]]}', "rectangular"),
+        (b'{"batch_id": 1, "y": [true]}', "bool"),
+        (b'{"batch_id": 1, "y": ["1"]}', "str"),
+        (b'{"batch_id": 1, "y": [1e30]}', "whole numbers"),
+        (b'{"batch_id": 1, "y": []}', "no label"),
+        (b'{"batch_id": 1, "y": [1], "y": [2]}', "duplicate key"),
+        (b'{"batch_id": 1, "y": [1, 2], "indices": [0]}', "2 labels for 1 indices"),
+        (b'{"batch_id": 1, "y": ' + b"[" * 20 + b"1" + b"]" * 20 + b"}", "deeper"),
+        (b'{"batch_id": 1, "y": [NaN]}', "NaN"),
+        (b'{"batch_id": -1, "y": [1]}', "batch_id"),
+        (b'{"batch_id": 1, "y": [1], "extra": 2}', "extra"),
+        (b"[1, 2]", "neither|msgpack|map"),
+    ],
+)
+def test_json_labels_that_do_not_fit_are_refused_with_why(payload, match):
+    from broker.errors import WireError
+
+    with pytest.raises(WireError, match=match):
+        decode_app(payload, bare_type="labels")
+
+
+def test_a_json_batch_becomes_float32_samples_and_the_size_limit_comes_first():
+    from broker.errors import MessageTooLarge, WireError
+
+    batch = decode_app(b'{"batch_id": 2, "x": [[1, 2.5], [0, -1]], "top_k": 1}', bare_type="batch")
+    assert batch.x.dtype == "float32" and batch.x.shape == [2, 2] and batch.top_k == 1
+    with pytest.raises(MessageTooLarge):
+        decode_app(b'{"batch_id": 2, "x": [[' + b"0," * 1000 + b"0]]}", bare_type="batch", max_bytes=1024)
+    with pytest.raises(WireError, match="beyond float32's range"):
+        decode_app(b'{"batch_id": 2, "x": [[1e39]]}', bare_type="batch")
