@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,7 +146,7 @@ def check_batch(x: torch.Tensor, input_shape: tuple[int, ...], input_range: tupl
         raise ValueError(f"inputs span [{lowest:.4g}, {highest:.4g}], outside the declared input_range [{low:g}, {high:g}]")
 
 
-class BackboneEngine:
+class BackboneEngine(ABC):
     """Maps a batch ``(N, *input_shape)`` to the backbone's features ``(N, *feature_shape)``, float32, on ``device``."""
 
     #: The ``backbone_runtime`` value that picks it.
@@ -154,8 +155,9 @@ class BackboneEngine:
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
 
+    @abstractmethod
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The backbone's features of the batch ``x``."""
 
     def describe(self) -> str:
         """One line for the journal: the engine and what it runs on."""
