@@ -39,7 +39,6 @@ from agent.kt.helper_selection import CandidateInfo
 from agent.learner import BatchResult, Learner, Served
 from agent.malloc import retain_freed_memory
 from agent.metrics import AgentMetrics
-from agent.models import ModelError, build_from_spec, load_weights
 from agent.runtime import EnsembleRuntime, resolve_device
 from agent.served import LabelsRefused, ServedStore
 from agent.settings import (
@@ -47,6 +46,7 @@ from agent.settings import (
     DaemonKnobs,
     load_settings,
     merge_patch,
+    node_model,
     read_patches,
     reported_settings,
     split_patch,
@@ -145,15 +145,7 @@ class AgentDaemon(Daemon):
         torch.set_num_threads(settings.torch_threads)
         self.device = resolve_device(settings.device)
         spec = settings.model_spec()
-        try:
-            model = build_from_spec(spec, settings.num_classes, seed=settings.model_seed)
-        except ModelError as exc:
-            raise ConfigError(str(exc)) from exc
-        if settings.base_weights is not None:
-            try:
-                load_weights(settings.base_weights, model)
-            except ValueError as exc:
-                raise ConfigError(f"base_weights: {exc}") from exc
+        model = node_model(settings)
         # Split serving (agent.backbone): the learner gets the head; the backbone runs on its own engine.
         self.split, self.backbone = self._split_serving(settings, model, spec.sample_shape())
         learner_model = model if self.split is None else self.split.head
@@ -437,22 +429,17 @@ class AgentDaemon(Daemon):
 
     def _on_labels(self, item: Inbound, msg: Labels) -> None:
         """Labels of a batch served earlier: learn from them as if they had come with it."""
+        y = np.array(msg.y.to_numpy(), dtype=np.int64)
+        indices = np.array(msg.indices.to_numpy(), dtype=np.int64) if msg.indices is not None else None
         try:
-            y = torch.from_numpy(np.array(msg.y.to_numpy(), dtype=np.int64))
-            indices = np.array(msg.indices.to_numpy(), dtype=np.int64) if msg.indices is not None else None
-            served = self.served.lookup(msg.batch_id, int(y.shape[0]), indices)
-            result = self.learner.learn(served, y, torch.from_numpy(indices) if indices is not None else None)
+            result, pending = self.served.learn(self.learner, msg.batch_id, y, indices)
         except (LabelsRefused, ValueError, RuntimeError) as exc:
             self._reject(f"labels for batch {msg.batch_id}: {exc}", batch_id=msg.batch_id, context="labels")
             self._answer(item, ErrorReply(code="rejected", message=f"labels for batch {msg.batch_id}: {exc}"[:1000]))
             return
-        self.served.mark(msg.batch_id, indices)
         self._after_learning(msg.batch_id, result)
-        pending = 0
-        if msg.batch_id in self.served:
-            pending = int(served.x.shape[0]) - int(self.served.labelled_count(msg.batch_id))
         error = result.served_error if result.train_refused is None else None
-        self._answer(item, LabelsAck(batch_id=msg.batch_id, learnt=int(y.shape[0]), error=error, pending=pending))
+        self._answer(item, LabelsAck(batch_id=msg.batch_id, learnt=len(y), error=error, pending=pending))
 
     def _after_learning(self, batch_id: int, result: BatchResult) -> None:
         """What follows a batch served, learnt or both: events, the help coordinator, metadata."""

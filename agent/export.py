@@ -38,8 +38,7 @@ import torch
 
 from agent.backbone import BackboneEngine, LiteRtBackbone, OnnxBackbone, Split, TorchBackbone, split_model, write_sidecar
 from agent.errors import ClueError, ConfigError
-from agent.models import ModelError, build_from_spec, load_weights
-from agent.settings import load_settings
+from agent.settings import load_settings, node_model
 
 #: Default for how many points of head accuracy the int8 backbone may cost.
 MAX_ACCURACY_DROP = 1.0
@@ -261,15 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         if settings.backbone is None or settings.head is None:
             raise ConfigError(f"{args.config}: set backbone and head (the model's two submodules) to export the backbone")
         spec = settings.model_spec()
-        try:
-            model = build_from_spec(spec, settings.num_classes, seed=settings.model_seed)
-        except ModelError as exc:
-            raise ConfigError(str(exc)) from exc
-        if settings.base_weights is not None:
-            try:
-                load_weights(settings.base_weights, model)
-            except ValueError as exc:
-                raise ConfigError(f"base_weights: {exc}") from exc
+        model = node_model(settings)
         split = split_model(model, backbone=settings.backbone, head=settings.head, input_shape=spec.sample_shape())
         x, y = calibration_data(args.data, args.samples)
         if int(np.prod(x.shape[1:])) != int(np.prod(split.input_shape)):

@@ -7,7 +7,7 @@ several messages, in any order, or never. The store keeps each unlabelled batch 
 a batch pushed out before all its samples were labelled counts as expired (batches and samples),
 and labels that come for it later are refused as expired, not as unknown.
 
-Pure bookkeeping: no MQTT, no model; the daemon and the simulator's in-process fleet both use it.
+No MQTT: the daemon and the simulator's in-process fleet both learn late labels through ``learn``.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
-from agent.learner import Served
+from agent.learner import BatchResult, Learner, Served
 
 #: How many finished (expired or fully labelled) batch ids are remembered, to say why their labels are refused.
 REMEMBERED_IDS = 4096
@@ -104,9 +105,16 @@ class ServedStore:
             raise LabelsRefused(f"samples {indices[twice][:8].tolist()} of batch {batch_id} are labelled already")
         return entry.served
 
-    def labelled_count(self, batch_id: int) -> int:
-        """Samples of a waiting batch labelled so far."""
-        return int(self._entries[batch_id].labelled.sum())
+    def learn(self, learner: Learner, batch_id: int, y: np.ndarray, indices: np.ndarray | None) -> tuple[BatchResult, int]:
+        """``learner`` learns labels ``y`` of waiting batch ``batch_id`` (``indices``: which samples;
+        None: all) as if they had come with it; the result and the samples still unlabelled.
+
+        Raises LabelsRefused, or the learner's ValueError for labels that do not fit, changing nothing.
+        """
+        served = self.lookup(batch_id, len(y), indices)
+        result = learner.learn(served, torch.from_numpy(y), None if indices is None else torch.from_numpy(indices))
+        entry = self._entries[batch_id]
+        return result, 0 if self.mark(batch_id, indices) else int((~entry.labelled).sum())
 
     def mark(self, batch_id: int, indices: np.ndarray | None) -> bool:
         """Record that ``indices`` (None: all) of ``batch_id`` were labelled; True when that was its last."""

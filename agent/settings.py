@@ -15,11 +15,23 @@ from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
+from torch import nn
 
 from agent.config import LearnerConfig, patched
 from agent.errors import ConfigError
 from agent.fl import FlConfig
-from agent.models import ARCHITECTURES, InputShape, ModelArgs, ModelSpec, TrainablePrefixes, check_input_shape, check_model_name
+from agent.models import (
+    ARCHITECTURES,
+    InputShape,
+    ModelArgs,
+    ModelError,
+    ModelSpec,
+    TrainablePrefixes,
+    build_from_spec,
+    check_input_shape,
+    check_model_name,
+    load_weights,
+)
 from broker import topics
 from service.metrics import MetricsSettings
 from service.settings import BrokerSettings, LayeredSettings, problems
@@ -283,3 +295,17 @@ def _scalar(value: Any) -> bool:
 
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not allowed")
+
+
+def node_model(settings: AgentSettings) -> nn.Module:
+    """The model ``settings`` name, holding their base weights; ConfigError naming the field that does not fit."""
+    try:
+        model = build_from_spec(settings.model_spec(), settings.num_classes, seed=settings.model_seed)
+    except ModelError as exc:
+        raise ConfigError(str(exc)) from exc
+    if settings.base_weights is not None:
+        try:
+            load_weights(settings.base_weights, model)
+        except ValueError as exc:
+            raise ConfigError(f"base_weights: {exc}") from exc
+    return model

@@ -686,21 +686,27 @@ def decode_config(
         if not isinstance(obj, dict):
             raise WireError(neither)
         return from_obj(obj, expect=expect)
-    try:
-        obj = json.loads(
-            raw.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float, object_pairs_hook=_unique_map
-        )
-    except _DuplicateKey as exc:
-        raise SchemaError(f"duplicate key {exc.key[:64]!r} in the config message") from exc
-    except Exception as exc:  # JSONDecodeError, UnicodeDecodeError, RecursionError, …
-        raise WireError(f"not a JSON config message: {type(exc).__name__}: {str(exc)[:200]}") from exc
-    if not isinstance(obj, dict):
-        raise SchemaError("a JSON config message must be an object")
+    obj = _json_object(raw, "config message")
     if "v" in obj and "type" in obj:
         return from_obj(obj, expect=expect)
     if not _expects(ConfigPatch, expect):
         raise UnknownMessageType("bare JSON is shorthand for config.patch, which is not expected here")
     return from_obj({"v": WIRE_VERSION, "type": ConfigPatch.model_fields["type"].default, "values": obj}, expect=expect)
+
+
+def _json_object(raw: bytes, noun: str) -> dict[str, Any]:
+    """A JSON object from ``raw``: no NaN or infinity, no key twice at any depth; ``noun`` names it in errors."""
+    try:
+        obj = json.loads(
+            raw.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float, object_pairs_hook=_unique_map
+        )
+    except _DuplicateKey as exc:
+        raise SchemaError(f"duplicate key {exc.key[:64]!r} in the {noun}") from exc
+    except Exception as exc:  # JSONDecodeError, UnicodeDecodeError, RecursionError, …
+        raise WireError(f"not a JSON {noun}: {type(exc).__name__}: {str(exc)[:200]}") from exc
+    if not isinstance(obj, dict):
+        raise SchemaError(f"a JSON {noun} must be an object")
+    return obj
 
 
 def is_json(data: bytes) -> bool:
@@ -725,16 +731,7 @@ def decode_app(data: bytes, *, bare_type: str, max_bytes: int = DEFAULT_MAX_BYTE
         raise MessageTooLarge(f"message of {len(raw)} bytes exceeds {max_bytes}")
     if not is_json(raw):
         return decode(raw, max_bytes=max_bytes)
-    try:
-        obj = json.loads(
-            raw.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float, object_pairs_hook=_unique_map
-        )
-    except _DuplicateKey as exc:
-        raise SchemaError(f"duplicate key {exc.key[:64]!r} in the JSON message") from exc
-    except Exception as exc:  # JSONDecodeError, UnicodeDecodeError, RecursionError, …
-        raise WireError(f"not a JSON message: {type(exc).__name__}: {str(exc)[:200]}") from exc
-    if not isinstance(obj, dict):
-        raise SchemaError("a JSON message must be an object")
+    obj = _json_object(raw, "message")
     if "v" not in obj and "type" not in obj:
         obj = {"v": WIRE_VERSION, "type": bare_type, **obj}
     name = obj.get("type")

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+import torch
 
 from broker.client import ClientSettings, MqttClient
 from broker.launcher import PrivateMosquitto
@@ -98,3 +99,13 @@ def fleet(fresh_mosquitto: PrivateMosquitto, make_client: Callable[..., MqttClie
     fleet = Fleet(fresh_mosquitto, make_client, tmp_path)
     yield fleet
     fleet.close()
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """Torch on one thread for the test: tiny models run faster so, and far faster when other jobs
+    share the cores (100,000 tiny forward passes take 10 s on one)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -379,15 +379,6 @@ def _linear_accuracy(x, y, x_test, y_test) -> float:
         return float((model(torch.from_numpy(x_test)).argmax(1).numpy() == y_test).mean())
 
 
-@pytest.fixture
-def one_torch_thread():
-    # Tiny models train faster on one thread, and far faster when other jobs share the cores.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_synthetic_is_learnable_but_not_trivially(seed, one_torch_thread):
     x, y = make_synthetic_nslkdd(4000, seed=seed)

@@ -146,15 +146,6 @@ def test_the_store_keeps_to_its_byte_bound():
     assert len(store) == 5 and store.expired_batches == 15
 
 
-@pytest.fixture
-def one_torch_thread():
-    # A tiny model's forward pass is all thread start-up on more threads: 100,000 of them take 10 s on one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _rss() -> int:
     with open(f"/proc/{os.getpid()}/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

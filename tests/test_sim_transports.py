@@ -36,17 +36,22 @@ def _keys(value):
     return None
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """Every mode of TINY on each transport, from one seed's inputs (one base model for both)."""
-    inputs = prepare_seed(TINY, 0, load_dataset(TINY.dataset))
+def _on_both_transports(scenario: Scenario, tmp_path_factory) -> dict[str, list[ModeRun]]:
+    """Every mode of ``scenario`` on each transport, from one seed's inputs (one base model for both)."""
+    inputs = prepare_seed(scenario, 0, load_dataset(scenario.dataset))
     out = {}
     for transport in ("inprocess", "mqtt"):
-        scn = TINY.model_copy(update={"transport": transport})
+        scn = scenario.model_copy(update={"transport": transport})
         with open_transport(scn, workdir=tmp_path_factory.mktemp(transport)) as running:
             assert running.name == transport
             out[transport] = [running.run_mode(scn, mode, inputs) for mode in scn.modes]
     return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Every mode of TINY on each transport."""
+    return _on_both_transports(TINY, tmp_path_factory)
 
 
 @pytest.mark.integration
@@ -125,14 +130,8 @@ LATE = TINY.model_copy(update={"name": "late", "label_delay": 2, "label_fraction
 
 @pytest.fixture(scope="module")
 def late_runs(tmp_path_factory):
-    """LATE's modes on each transport: every node's labels two batches late, for half the samples."""
-    inputs = prepare_seed(LATE, 0, load_dataset(LATE.dataset))
-    out = {}
-    for transport in ("inprocess", "mqtt"):
-        scn = LATE.model_copy(update={"transport": transport})
-        with open_transport(scn, workdir=tmp_path_factory.mktemp(transport)) as running:
-            out[transport] = {mode: running.run_mode(scn, mode, inputs) for mode in scn.modes}
-    return out
+    """LATE's modes on each transport, by mode: every node's labels two batches late, for half the samples."""
+    return {transport: {run.mode: run for run in runs} for transport, runs in _on_both_transports(LATE, tmp_path_factory).items()}
 
 
 @pytest.mark.integration

@@ -263,12 +263,10 @@ class InProcessTransport:
 def _learn_late(learner: Learner, store: ServedStore, late: LateLabels, log: NodeLog, kt: InProcessHelp) -> int:
     """Labels of a batch ``learner`` served (its ``store`` keeps it): learn as the daemon does; the samples learnt."""
     try:
-        served = store.lookup(late.batch, len(late.y), late.indices)
+        result, _ = store.learn(learner, late.batch, late.y, late.indices)
     except LabelsRefused as exc:
         log.event("rejected", reason=str(exc), batch_id=late.batch, context="labels")
         return 0
-    result = learner.learn(served, torch.from_numpy(late.y), torch.from_numpy(late.indices))
-    store.mark(late.batch, late.indices)
     log.learnt(result)
     kt.after_batch(late.node, result)
     return len(late.y) if result.learnt else 0
